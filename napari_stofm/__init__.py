@@ -1,0 +1,41 @@
+"""napari-stofm: the SToFM spatial-transcriptomics foundation model, as a library and a napari plugin.
+
+The library is usable without a display::
+
+    import napari_stofm as st
+    adata = st.read_slice("slice.h5ad")
+    model = st.load_model()            # the bundled weights, offline
+    st.embed(adata, model)             # obsm['X_stofm'], obsm['X_stofm_cell']
+    st.predict(adata, model, n_regions=7)
+
+Heavy modules (torch, scanpy) are imported on first use, so importing the package (as
+napari does when it reads the plugin manifest) stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "napari_stofm.model.stofm",
+    "SToFM": "napari_stofm.model.stofm",
+    "embed": "napari_stofm.embedding",
+    "predict": "napari_stofm.predict",
+    "read_slice": "napari_stofm.slice_io",
+    "validate_slice": "napari_stofm.slice_io",
+    "export_h5ad": "napari_stofm.export",
+    "export_csv": "napari_stofm.export",
+    "export_spatialdata": "napari_stofm.export",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'napari_stofm' has no attribute {name!r}")
