@@ -1,0 +1,280 @@
+"""Micro- and macro-scale extraction: from cells with positions to SE(2) transformer input.
+
+* :func:`normalize_coordinates` centres positions on the bounding-box midpoint and scales
+  the bounding-box diagonal to 100 units.
+* :func:`split_subslices` cuts a slice into sub-slices of about ``split_num`` cells on a
+  grid of equal squares (``mode='published'`` reproduces the published order exactly,
+  including its index-order split of crowded squares; ``mode='spatial'`` splits crowded
+  squares spatially instead).
+* :func:`build_hypernodes` clusters cells into macro-scale virtual cells with Leiden.
+* :func:`subslice_distances` is the per-sub-slice distance matrix by the published rules.
+* :func:`build_subslice_inputs` / :func:`collate` assemble padded batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from scipy.spatial.distance import cdist
+
+from ..errors import StofmInputError
+
+NORM_TYPE, CLS_TYPE, HYPER_TYPE, PAD_TYPE = 0, 1, 2, 3
+
+#: distance given to token pairs that are not neighbours
+FAR_DISTANCE = 100.0
+#: neighbours per token in the distance matrix, the token itself counted (published: 50)
+NEIGHBOURS = 50
+
+
+def normalize_coordinates(xy: np.ndarray) -> np.ndarray:
+    """Centre (x, y) on the bounding-box midpoint; the bounding-box diagonal becomes 100."""
+    xy = np.asarray(xy, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] < 2 or xy.shape[0] == 0:
+        raise StofmInputError(f"expected cell coordinates of shape (n_cells, 2), got {xy.shape}")
+    xy = xy[:, :2]
+    if not np.isfinite(xy).all():
+        bad = int((~np.isfinite(xy)).any(axis=1).sum())
+        raise StofmInputError(
+            f"{bad} cells have missing or non-finite coordinates; drop them first, e.g. "
+            "adata = adata[np.isfinite(adata.obsm['spatial']).all(1)].copy()"
+        )
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    mid = (lo + hi) / 2
+    diag = float(np.hypot(*(hi - lo)))
+    if diag == 0.0:
+        return np.zeros_like(xy)
+    return (xy - mid) / diag * 100.0
+
+
+def split_subslices(normalized_xy: np.ndarray, split_num: int = 1000, mode: str = "published") -> List[np.ndarray]:
+    """Cell index arrays of the sub-slices, in the published order.
+
+    The bounding box is covered by squares of side ``sqrt(area / (n // split_num + 1))``,
+    visited column by column (x outer, y inner); empty squares are dropped. A square with
+    at least ``2 * split_num`` cells is split further into ``count // split_num`` parts:
+    by index order in ``'published'`` mode, by recursive halving along the longer axis in
+    ``'spatial'`` mode.
+    """
+    if mode not in ("published", "spatial"):
+        raise ValueError(f"mode must be 'published' or 'spatial', not {mode!r}")
+    if split_num < 1:
+        raise ValueError("split_num must be at least 1")
+    xy = np.asarray(normalized_xy, dtype=np.float64)
+    n = xy.shape[0]
+    if n <= split_num:
+        return [np.arange(n)]
+    min_x, min_y = xy[:, 0].min(), xy[:, 1].min()
+    x_len = xy[:, 0].max() - min_x
+    y_len = xy[:, 1].max() - min_y
+    side = np.sqrt(x_len * y_len / (n // split_num + 1))
+    if not np.isfinite(side) or side <= 0:
+        # A degenerate (line-shaped) slice has no area: fall back to chunks along its extent.
+        order = np.lexsort((xy[:, 1], xy[:, 0]))
+        return [np.sort(c) for c in np.array_split(order, n // split_num + 1)]
+    n_x = int(x_len / side) + 1
+    n_y = int(y_len // side) + 1
+    col = np.floor((xy[:, 0] - min_x) / side)
+    row = np.floor((xy[:, 1] - min_y) / side)
+    out: List[np.ndarray] = []
+    for i in range(n_x):
+        for j in range(n_y):
+            # Same half-open bounds as the published mask, computed the published way so
+            # that cells on a boundary land in the same square.
+            x0, x1 = min_x + i * side, min_x + (i + 1) * side
+            y0, y1 = min_y + j * side, min_y + (j + 1) * side
+            candidates = np.where((np.abs(col - i) <= 1) & (np.abs(row - j) <= 1))[0]
+            cx, cy = xy[candidates, 0], xy[candidates, 1]
+            idx = candidates[(cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)]
+            if idx.size == 0:
+                continue
+            parts = idx.size // split_num
+            if parts >= 2:
+                if mode == "published":
+                    out.extend(np.array_split(idx, parts))
+                else:
+                    out.extend(_spatial_split(xy, idx, parts))
+            else:
+                out.append(idx)
+    return out
+
+
+def _spatial_split(xy: np.ndarray, idx: np.ndarray, parts: int) -> List[np.ndarray]:
+    """Split ``idx`` into ``parts`` spatially compact groups of near-equal size."""
+    if parts <= 1:
+        return [np.sort(idx)]
+    pts = xy[idx]
+    axis = int(np.ptp(pts[:, 1]) > np.ptp(pts[:, 0]))
+    order = idx[np.argsort(pts[:, axis], kind="stable")]
+    left_parts = parts // 2
+    cut = int(round(idx.size * left_parts / parts))
+    return _spatial_split(xy, order[:cut], left_parts) + _spatial_split(xy, order[cut:], parts - left_parts)
+
+
+@dataclass
+class Hypernodes:
+    """Macro-scale virtual cells: mean position and mean embedding of each Leiden cluster."""
+
+    xy: np.ndarray  # (h, 2) normalised coordinates
+    embeddings: np.ndarray  # (h, d)
+    assignment: np.ndarray  # (n,) cluster of each cell
+    resolution: float
+
+
+def hypernodes_from_assignment(normalized_xy: np.ndarray, embeddings: np.ndarray, assignment: np.ndarray) -> Hypernodes:
+    """Virtual cells from a given grouping of cells (groups ordered by label)."""
+    labels, inverse = np.unique(assignment, return_inverse=True)
+    counts = np.bincount(inverse).astype(np.float64)[:, None]
+    xy = np.zeros((labels.size, 2))
+    emb = np.zeros((labels.size, embeddings.shape[1]))
+    np.add.at(xy, inverse, normalized_xy)
+    np.add.at(emb, inverse, embeddings)
+    return Hypernodes(xy / counts, emb / counts, inverse, float("nan"))
+
+
+def build_hypernodes(
+    normalized_xy: np.ndarray,
+    embeddings: np.ndarray,
+    *,
+    alpha: float = 0.2,
+    resolution: float = 1.0,
+    n_neighbors: int = 10,
+    max_hypernodes: int = 200,
+    seed: int = 0,
+) -> Hypernodes:
+    """Leiden clusters over ``alpha * position + (1 - alpha) * PCA-2 of embeddings``.
+
+    Each part is divided by its largest row norm. The graph is scanpy's 10-nearest-
+    neighbour UMAP connectivity (exact neighbours: the features are 2-D), clustered with
+    igraph's Leiden, seeded. If more than ``max_hypernodes`` clusters come out the
+    resolution is halved until they fit (as the published GPU path does), so a huge slice
+    cannot blow up the sequence length.
+    """
+    import anndata as ad
+    import scanpy as sc
+    from sklearn.decomposition import PCA
+
+    xy = np.asarray(normalized_xy, dtype=np.float64)
+    emb = np.asarray(embeddings, dtype=np.float64)
+    n = xy.shape[0]
+    if n < 3:
+        return hypernodes_from_assignment(xy, emb, np.zeros(n, dtype=int))
+    pos = xy / _max_row_norm(xy)
+    pca = PCA(n_components=2, random_state=seed).fit_transform(emb) if emb.shape[1] >= 2 else np.zeros((n, 2))
+    pca = pca / _max_row_norm(pca)
+    features = (alpha * pos + (1 - alpha) * pca).astype(np.float32)
+    graph = ad.AnnData(X=features)
+    sc.pp.neighbors(graph, n_neighbors=min(n_neighbors, n - 1), use_rep="X", transformer="sklearn", random_state=seed)
+    res = float(resolution)
+    while True:
+        sc.tl.leiden(graph, resolution=res, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
+        labels = graph.obs["leiden"].to_numpy().astype(int)
+        if labels.max() + 1 <= max_hypernodes or res < 1e-6:
+            break
+        res /= 2
+    hyper = hypernodes_from_assignment(xy, emb, labels)
+    hyper.resolution = res
+    return hyper
+
+
+def _max_row_norm(a: np.ndarray) -> float:
+    norm = float(np.sqrt(np.max(np.sum(a**2, axis=1))))
+    return norm if norm > 0 else 1.0
+
+
+def subslice_distances(token_xy: np.ndarray, token_types: np.ndarray) -> np.ndarray:
+    """The (L, L) distance matrix of one sub-slice, by the published rules.
+
+    Tokens are ``[CLS at (0, 0)] + virtual cells + cells``. Each token's nearest other
+    tokens (a query of ``min(50, L - 1)`` neighbours that counts the token itself, the CLS
+    token included in the search) get their Euclidean distance; every pair involving a
+    virtual cell gets its full distance; every other pair gets 100; a pair that is a
+    neighbour in one direction takes that distance both ways; a distance of exactly 0
+    between two different tokens becomes 100; the CLS row, CLS column and diagonal are 0.
+    """
+    xy = np.asarray(token_xy, dtype=np.float64)
+    types = np.asarray(token_types)
+    l = xy.shape[0]
+    dist = np.zeros((l, l), dtype=np.float32)
+    if l > 1:
+        k = min(NEIGHBOURS, l - 1)
+        d, j = cKDTree(xy).query(xy, k=k)
+        d, j = d.reshape(l, k), j.reshape(l, k)
+        i = np.repeat(np.arange(l), k)
+        j, d = j.ravel(), d.ravel()
+        keep = (i != j) & (i > 0) & (j > 0)
+        dist[i[keep], j[keep]] = d[keep]
+    hyper = np.flatnonzero(types == HYPER_TYPE)
+    if hyper.size:
+        full = cdist(xy[hyper], xy[1:]).astype(np.float32)
+        dist[hyper, 1:] = full
+        dist[1:, hyper] = full.T
+    dist[dist == 0] = FAR_DISTANCE
+    dist[:, 0] = 0.0
+    dist[0, :] = 0.0
+    one_way = (dist == FAR_DISTANCE) & (dist.T != FAR_DISTANCE)
+    dist[one_way] = dist.T[one_way]
+    np.fill_diagonal(dist, 0.0)
+    return dist
+
+
+@dataclass
+class SubsliceInput:
+    """One sub-slice as transformer tokens (unpadded)."""
+
+    token_embeddings: np.ndarray  # (L, D) float32
+    attn_bias: np.ndarray  # (L, L) float32 distances
+    token_types: np.ndarray  # (L,) int32
+    indices: np.ndarray  # (L,) int64, cell index or -1
+    spatial: np.ndarray  # (L, 2) float32
+
+    def __len__(self) -> int:
+        return self.token_types.shape[0]
+
+
+def build_subslice_inputs(
+    normalized_xy: np.ndarray,
+    embeddings: np.ndarray,
+    hypernodes: Hypernodes,
+    subslices: Sequence[np.ndarray],
+) -> Iterable[SubsliceInput]:
+    """Tokens ``[CLS (0, 0), zero embedding] + all virtual cells + the sub-slice's cells``."""
+    h = hypernodes.xy.shape[0]
+    d = embeddings.shape[1]
+    for cells in subslices:
+        cells = np.asarray(cells, dtype=np.int64)
+        xy = np.concatenate([np.zeros((1, 2)), hypernodes.xy, normalized_xy[cells]])
+        emb = np.concatenate([np.zeros((1, d)), hypernodes.embeddings, embeddings[cells]])
+        types = np.full(xy.shape[0], NORM_TYPE, dtype=np.int32)
+        types[0] = CLS_TYPE
+        types[1 : h + 1] = HYPER_TYPE
+        indices = np.concatenate([np.full(1 + h, -1, dtype=np.int64), cells])
+        yield SubsliceInput(
+            token_embeddings=emb.astype(np.float32),
+            attn_bias=subslice_distances(xy, types),
+            token_types=types,
+            indices=indices,
+            spatial=xy.astype(np.float32),
+        )
+
+
+def collate(items: Sequence[SubsliceInput], pad_to: Optional[int] = None) -> dict:
+    """Pad sub-slices to one batch: zeros everywhere, token type 3, index -1."""
+    l = max(pad_to or 0, max(len(it) for it in items))
+    b, d = len(items), items[0].token_embeddings.shape[1]
+    emb = torch.zeros(b, l, d)
+    bias = torch.zeros(b, l, l)
+    types = torch.full((b, l), PAD_TYPE, dtype=torch.long)
+    indices = torch.full((b, l), -1, dtype=torch.long)
+    spatial = torch.zeros(b, l, 2)
+    for k, it in enumerate(items):
+        m = len(it)
+        emb[k, :m] = torch.from_numpy(it.token_embeddings)
+        bias[k, :m, :m] = torch.from_numpy(it.attn_bias)
+        types[k, :m] = torch.from_numpy(it.token_types.astype(np.int64))
+        indices[k, :m] = torch.from_numpy(it.indices)
+        spatial[k, :m] = torch.from_numpy(it.spatial)
+    return {"token_embeddings": emb, "attn_bias": bias, "token_types": types, "indices": indices, "spatial": spatial}

@@ -1,0 +1,237 @@
+"""The SE(2) transformer of SToFM, with the published parameter names.
+
+Geometry enters only through pairwise distances: a distance matrix goes through the
+Gaussian basis kernel into a per-head additive attention bias. Each layer's pre-softmax
+attention logits (bias included, masked keys set to 0) become the next layer's bias, and
+the last layer's logits are the pair representation (Uni-Mol style).
+
+Numerics follow the published model (post-LayerNorm by default, exact-erf GELU, padding
+masked as keys only, ``encoder.final_layer_norm`` held but never applied). Two things
+differ in *how* the same numbers are computed:
+
+* the Gaussian kernel is evaluated on the distinct distances of a batch only and
+  scattered back (all non-neighbour pairs share one distance, CLS pairs and the diagonal
+  are 0), instead of on the dense (B, L, L, K) tensor;
+* attention logits are formed with one fused ``baddbmm`` (bias + q k^T).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SToFMConfig
+
+_ACT = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "tanh": torch.tanh,
+    "silu": F.silu,
+}
+
+_SQRT_2PI = math.sqrt(2.0 * math.pi)
+
+# Kernel rows evaluated at once on the distinct-distance path (bounds the K-wide scratch).
+_KERNEL_CHUNK = 1 << 16
+
+
+class GaussianKernel(nn.Module):
+    """Distance -> per-head attention bias: 1->1 linear map, K Gaussians, MLP to heads."""
+
+    def __init__(self, config: SToFMConfig):
+        super().__init__()
+        k = config.gaussian_hidden_dim
+        self.K = k
+        self.num_heads = config.num_attention_heads
+        self.linear = nn.Linear(1, 1)
+        self.means = nn.Embedding(1, k)
+        self.stds = nn.Embedding(1, k)
+        self.proj = nn.Sequential(nn.Linear(k, k), nn.ReLU(), nn.Linear(k, config.num_attention_heads))
+
+    def basis(self, d: torch.Tensor) -> torch.Tensor:
+        """The kernel on a vector of distances: (N,) -> (N, heads), before zero-masking."""
+        x = self.linear(d.unsqueeze(-1))  # (N, 1)
+        mean = self.means.weight.float().view(-1)
+        std = self.stds.weight.float().view(-1).abs() + 1e-5
+        g = torch.exp(-0.5 * ((x - mean) / std) ** 2) / (_SQRT_2PI * std)
+        return self.proj(g)
+
+    def forward(self, dist: torch.Tensor) -> torch.Tensor:
+        """(B, L, L) distances -> (B, heads, L, L) bias, zero wherever the distance is 0.
+
+        Evaluated on the distinct distance values only, then scattered.
+        """
+        b, l, _ = dist.shape
+        values, inverse = torch.unique(dist, return_inverse=True)
+        zero = values == 0
+        out = torch.empty(values.shape[0], self.num_heads, dtype=self.proj[0].weight.dtype, device=dist.device)
+        for start in range(0, values.shape[0], _KERNEL_CHUNK):
+            stop = start + _KERNEL_CHUNK
+            out[start:stop] = self.basis(values[start:stop])
+        out[zero] = 0.0
+        # (B, L, L, H) -> (B, H, L, L)
+        return out[inverse].permute(0, 3, 1, 2).contiguous()
+
+    def dense_forward(self, dist: torch.Tensor) -> torch.Tensor:
+        """The published dense evaluation over a (B, L, L, K) tensor (reference and benchmark)."""
+        zero_mask = dist.eq(0.0)
+        x = self.linear(dist.unsqueeze(-1)).expand(-1, -1, -1, self.K)
+        mean = self.means.weight.float().view(-1)
+        std = self.stds.weight.float().view(-1).abs() + 1e-5
+        x = torch.exp(-0.5 * (((x - mean) / std) ** 2)) / (_SQRT_2PI * std)
+        x = self.proj(x).permute(0, 3, 1, 2).contiguous()
+        return x.masked_fill(zero_mask.unsqueeze(1), 0.0)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with an additive bias that returns its logits."""
+
+    def __init__(self, config: SToFMConfig):
+        super().__init__()
+        e = config.embedding_dim
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim ** -0.5
+        self.k_proj = nn.Linear(e, e, bias=config.bias)
+        self.v_proj = nn.Linear(e, e, bias=config.bias)
+        self.q_proj = nn.Linear(e, e, bias=config.bias)
+        self.out_proj = nn.Linear(e, e, bias=config.bias)
+        self.dropout = nn.Dropout(config.attention_dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, l, _ = x.shape
+        return x.view(b, l, self.num_heads, self.head_dim).transpose(1, 2).reshape(b * self.num_heads, l, self.head_dim)
+
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor, key_padding_mask: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, L, E), bias (B, H, L, L), key_padding_mask (B, L) bool -> (out, logits).
+
+        ``logits`` (B, H, L, L) are the pre-softmax scores with masked keys set to 0.
+        """
+        b, l, e = x.shape
+        q = self._heads(self.q_proj(x) * self.scaling)
+        k = self._heads(self.k_proj(x))
+        v = self._heads(self.v_proj(x))
+        logits = torch.baddbmm(bias.reshape(b * self.num_heads, l, l), q, k.transpose(1, 2))
+        logits = logits.view(b, self.num_heads, l, l)
+        if key_padding_mask is not None:
+            key_mask = key_padding_mask[:, None, None, :]
+            logits = logits.masked_fill(key_mask, 0.0)
+            weights = torch.softmax(logits.masked_fill(key_mask, float("-inf")), dim=-1)
+        else:
+            weights = torch.softmax(logits, dim=-1)
+        weights = self.dropout(weights)
+        attn = torch.matmul(weights, v.view(b, self.num_heads, l, self.head_dim))
+        attn = attn.transpose(1, 2).reshape(b, l, e)
+        return self.out_proj(attn), logits
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: SToFMConfig):
+        super().__init__()
+        e = config.embedding_dim
+        self.pre_layernorm = config.pre_layernorm
+        self.self_attn = SelfAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(e)
+        self.fc1 = nn.Linear(e, config.ffn_embedding_dim)
+        self.fc2 = nn.Linear(config.ffn_embedding_dim, e)
+        self.final_layer_norm = nn.LayerNorm(e)
+        self.dropout = nn.Dropout(config.dropout)
+        self.activation_dropout = nn.Dropout(config.activation_dropout)
+        self.activation = _ACT[config.activation_fn]
+
+    def forward(self, x, bias, key_padding_mask):
+        residual = x
+        if self.pre_layernorm:
+            x = self.self_attn_layer_norm(x)
+        x, logits = self.self_attn(x, bias, key_padding_mask)
+        x = residual + self.dropout(x)
+        if not self.pre_layernorm:
+            x = self.self_attn_layer_norm(x)
+        residual = x
+        if self.pre_layernorm:
+            x = self.final_layer_norm(x)
+        x = self.fc2(self.activation_dropout(self.activation(self.fc1(x))))
+        x = residual + self.dropout(x)
+        if not self.pre_layernorm:
+            x = self.final_layer_norm(x)
+        return x, logits
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: SToFMConfig):
+        super().__init__()
+        if config.pre_layernorm:
+            # Present in published checkpoints; the published forward pass never applies it.
+            self.final_layer_norm = nn.LayerNorm(config.embedding_dim)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.dropout = nn.Dropout(config.dropout)
+        self.layerdrop = config.layerdrop
+
+    def forward(self, x, bias, key_padding_mask):
+        x = self.dropout(x)
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
+                continue
+            x, bias = layer(x, bias, key_padding_mask)
+        return x, bias
+
+
+class SE2Transformer(nn.Module):
+    """SToFM's SE(2)-invariant transformer over `[CLS] + virtual cells + cells` tokens."""
+
+    def __init__(self, config: SToFMConfig):
+        super().__init__()
+        self.config = config
+        self.embedding_layer = nn.Linear(config.input_dim, config.embedding_dim)
+        self.token_type_embeddings = nn.Embedding(4, config.embedding_dim)
+        self.gaussian = GaussianKernel(config)
+        self.encoder = Encoder(config)
+
+    def init_weights(self, seed: Optional[int] = None) -> "SE2Transformer":
+        """The published initialisation (normal(0, 0.02) linear/embedding weights, Gaussian
+        means and stds uniform in [0, 3], LayerNorm identity)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.02)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+                elif isinstance(module, nn.LayerNorm):
+                    module.weight.fill_(1.0)
+                    module.bias.zero_()
+            g = self.gaussian
+            g.means.weight.copy_(torch.rand(g.means.weight.shape, generator=gen) * 3)
+            g.stds.weight.copy_(torch.rand(g.stds.weight.shape, generator=gen) * 3)
+            g.linear.weight.fill_(1.0)
+            g.linear.bias.zero_()
+        return self
+
+    def forward(
+        self,
+        token_embeddings: torch.Tensor,
+        attn_bias: torch.Tensor,
+        token_types: torch.Tensor,
+        return_pair_rep: bool = True,
+        dense_kernel: bool = False,
+    ) -> Dict[str, torch.Tensor]:
+        """token_embeddings (B, L, D), attn_bias (B, L, L) distances, token_types (B, L).
+
+        Returns ``last_hidden_state`` (B, L, E) and, if asked, ``pair_rep`` (B, L, L, heads).
+        """
+        token_types = token_types.long()
+        x = self.embedding_layer(token_embeddings) + self.token_type_embeddings(token_types)
+        kernel = self.gaussian.dense_forward if dense_kernel else self.gaussian
+        bias = kernel(attn_bias.to(x.dtype))
+        padding = token_types.eq(self.config.pad_type_id)
+        x, logits = self.encoder(x, bias, padding)
+        out = {"last_hidden_state": x}
+        if return_pair_rep:
+            out["pair_rep"] = logits.permute(0, 2, 3, 1).contiguous()
+        return out

@@ -1,0 +1,128 @@
+"""Behaviour of the SE(2) transformer that needs no reference vectors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_stofm.errors import CheckpointError
+from napari_stofm.model import (
+    SE2Transformer,
+    SToFMConfig,
+    build_subslice_inputs,
+    collate,
+    hypernodes_from_assignment,
+    load_se2_transformer,
+    normalize_coordinates,
+    save_se2_transformer,
+    split_subslices,
+)
+
+
+def small_config(**kw):
+    base = dict(num_hidden_layers=2, input_dim=16, embedding_dim=32, ffn_embedding_dim=64,
+                num_attention_heads=4, gaussian_hidden_dim=8)
+    base.update(kw)
+    return SToFMConfig(**base)
+
+
+def random_slice(n=400, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 1000, size=(n, 2))
+    emb = rng.normal(size=(n, d))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    groups = (xy[:, 0] // 250).astype(int) * 4 + (xy[:, 1] // 250).astype(int)
+    return xy, emb, groups
+
+
+def batch_for(xy, emb, groups, split_num=150):
+    nxy = normalize_coordinates(xy)
+    hyper = hypernodes_from_assignment(nxy, emb, groups)
+    subs = split_subslices(nxy, split_num)
+    return collate(list(build_subslice_inputs(nxy, emb, hyper, subs)))
+
+
+@pytest.mark.parametrize("pre_layernorm", [False, True])
+def test_dense_and_distinct_distance_kernels_agree(pre_layernorm):
+    torch.manual_seed(0)
+    model = SE2Transformer(small_config(pre_layernorm=pre_layernorm)).init_weights(seed=1).eval()
+    batch = batch_for(*random_slice())
+    dist = batch["attn_bias"]
+    with torch.no_grad():
+        sparse = model.gaussian(dist)
+        dense = model.gaussian.dense_forward(dist)
+        assert sparse.shape == dense.shape == (dist.shape[0], 4, dist.shape[1], dist.shape[2])
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+        assert torch.all(sparse[dist.unsqueeze(1).expand_as(sparse) == 0] == 0)
+        a = model(batch["token_embeddings"], dist, batch["token_types"])
+        b = model(batch["token_embeddings"], dist, batch["token_types"], dense_kernel=True)
+    torch.testing.assert_close(a["last_hidden_state"], b["last_hidden_state"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a["pair_rep"], b["pair_rep"], rtol=1e-5, atol=1e-5)
+
+
+def test_output_invariant_to_rotation_and_translation():
+    """Rotate and translate every token (CLS included): same distances, same outputs."""
+    from dataclasses import replace
+
+    from napari_stofm.model import subslice_distances
+
+    model = SE2Transformer(small_config()).init_weights(seed=2).eval()
+    xy, emb, groups = random_slice(seed=3)
+    nxy = normalize_coordinates(xy)
+    hyper = hypernodes_from_assignment(nxy, emb, groups)
+    items = list(build_subslice_inputs(nxy, emb, hyper, split_subslices(nxy, 150)))
+    theta = 0.7
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    moved = []
+    for it in items:
+        pos = it.spatial.astype(np.float64) @ rot.T + np.array([13.0, -42.0])
+        moved.append(replace(it, spatial=pos.astype(np.float32), attn_bias=subslice_distances(pos, it.token_types)))
+        np.testing.assert_allclose(moved[-1].attn_bias, it.attn_bias, atol=1e-4)
+    with torch.no_grad():
+        ba, bb = collate(items), collate(moved)
+        oa = model(ba["token_embeddings"], ba["attn_bias"], ba["token_types"])
+        ob = model(bb["token_embeddings"], bb["attn_bias"], bb["token_types"])
+    torch.testing.assert_close(oa["last_hidden_state"], ob["last_hidden_state"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(oa["pair_rep"], ob["pair_rep"], rtol=1e-4, atol=1e-4)
+
+
+def test_padding_does_not_change_real_tokens():
+    model = SE2Transformer(small_config()).init_weights(seed=4).eval()
+    xy, emb, groups = random_slice(n=200)
+    nxy = normalize_coordinates(xy)
+    hyper = hypernodes_from_assignment(nxy, emb, groups)
+    items = list(build_subslice_inputs(nxy, emb, hyper, [np.arange(200)]))
+    with torch.no_grad():
+        tight = collate(items)
+        padded = collate(items, pad_to=len(items[0]) + 37)
+        a = model(tight["token_embeddings"], tight["attn_bias"], tight["token_types"])["last_hidden_state"]
+        b = model(padded["token_embeddings"], padded["attn_bias"], padded["token_types"])["last_hidden_state"]
+    torch.testing.assert_close(a, b[:, : a.shape[1]], rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_round_trip_and_config_keys_preserved(tmp_path):
+    cfg = small_config()
+    cfg.extra["transformers_version"] = "4.57.6"
+    model = SE2Transformer(cfg).init_weights(seed=5)
+    save_se2_transformer(model, tmp_path)
+    loaded = load_se2_transformer(tmp_path)
+    assert loaded.config.extra["transformers_version"] == "4.57.6"
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_wrong_checkpoint_shapes_name_the_tensor(tmp_path):
+    model = SE2Transformer(small_config()).init_weights(seed=6)
+    torch.save(model.state_dict(), tmp_path / "se2transformer.pth")
+    small_config(embedding_dim=64).to_json(tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match=r"embedding_layer\.weight.*\(32, 16\).*\(64, 16\)"):
+        load_se2_transformer(tmp_path)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    small_config().to_json(tmp_path / "config.json")
+    (tmp_path / "se2transformer.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_se2_transformer(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_se2_transformer(tmp_path / "nope")
