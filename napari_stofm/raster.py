@@ -358,14 +358,15 @@ def _voronoi(xy, pixel_size, max_radius, max_pixels) -> Territories:
     if pixel_size is None:
         pixel_size = spacing / PIXELS_PER_SPACING
         # keep the raster under max_pixels
-        min_px = float(np.sqrt(extent[0] * extent[1] / max_pixels))
-        pixel_size = max(pixel_size, min_px)
+        pixel_size = max(pixel_size, float(np.sqrt(extent[0] * extent[1] / max_pixels)))
+        while (np.ceil(extent[0] / pixel_size) + 1) * (np.ceil(extent[1] / pixel_size) + 1) > max_pixels:
+            pixel_size *= 1.01
     pixel_size = float(pixel_size)
     if not pixel_size > 0:
         raise StofmInputError(f"pixel_size must be positive, got {pixel_size}")
     width = int(np.ceil(extent[0] / pixel_size)) + 1
     height = int(np.ceil(extent[1] / pixel_size)) + 1
-    if width * height > max_pixels * 1.05:
+    if width * height > max_pixels:
         raise StofmInputError(
             f"a pixel size of {pixel_size:g} makes a {height} x {width} raster, over the cap of "
             f"{max_pixels} pixels; choose a larger pixel_size"
