@@ -34,9 +34,11 @@ _ACT = {
 }
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
+#: the distance the published rules give to non-neighbour pairs
+FAR = 100.0
 
-# Kernel rows evaluated at once on the distinct-distance path (bounds the K-wide scratch).
-_KERNEL_CHUNK = 1 << 16
+# Distances evaluated at once by the kernel (keeps the (chunk, K) scratch in cache).
+_KERNEL_CHUNK = 4096
 
 
 class GaussianKernel(nn.Module):
@@ -53,28 +55,41 @@ class GaussianKernel(nn.Module):
         self.proj = nn.Sequential(nn.Linear(k, k), nn.ReLU(), nn.Linear(k, config.num_attention_heads))
 
     def basis(self, d: torch.Tensor) -> torch.Tensor:
-        """The kernel on a vector of distances: (N,) -> (N, heads), before zero-masking."""
-        x = self.linear(d.unsqueeze(-1))  # (N, 1)
-        mean = self.means.weight.float().view(-1)
+        """The kernel on a vector of distances: (N,) -> (N, heads), before zero-masking.
+
+        Evaluated in cache-sized chunks with in-place operations (the dense formula, up to
+        float rounding).
+        """
         std = self.stds.weight.float().view(-1).abs() + 1e-5
-        g = torch.exp(-0.5 * ((x - mean) / std) ** 2) / (_SQRT_2PI * std)
-        return self.proj(g)
+        inv_std = 1.0 / std
+        scale = 1.0 / (_SQRT_2PI * std)
+        mean = self.means.weight.float().view(-1)
+        w, b = self.linear.weight.view(()), self.linear.bias.view(())
+        out = torch.empty(d.shape[0], self.num_heads, dtype=scale.dtype, device=d.device)
+        for start in range(0, d.shape[0], _KERNEL_CHUNK):
+            x = (d[start : start + _KERNEL_CHUNK] * w + b).unsqueeze(-1)
+            g = torch.exp((x - mean).mul_(inv_std).square_().mul_(-0.5)).mul_(scale)
+            out[start : start + _KERNEL_CHUNK] = self.proj(g)
+        return out
 
     def forward(self, dist: torch.Tensor) -> torch.Tensor:
         """(B, L, L) distances -> (B, heads, L, L) bias, zero wherever the distance is 0.
 
-        Evaluated on the distinct distance values only, then scattered.
+        Same numbers as :meth:`dense_forward`, evaluated on few values: every pair at the
+        far distance (100) shares one kernel value, pairs at distance 0 get 0, and only
+        the remaining (neighbour and virtual-cell) pairs are evaluated one by one.
         """
         b, l, _ = dist.shape
-        values, inverse = torch.unique(dist, return_inverse=True)
-        zero = values == 0
-        out = torch.empty(values.shape[0], self.num_heads, dtype=self.proj[0].weight.dtype, device=dist.device)
-        for start in range(0, values.shape[0], _KERNEL_CHUNK):
-            stop = start + _KERNEL_CHUNK
-            out[start:stop] = self.basis(values[start:stop])
-        out[zero] = 0.0
-        # (B, L, L, H) -> (B, H, L, L)
-        return out[inverse].permute(0, 3, 1, 2).contiguous()
+        dtype = self.proj[0].weight.dtype
+        far = dist == FAR
+        out = self.basis(torch.tensor([FAR], dtype=dtype, device=dist.device))[0]  # (H,)
+        out = (far.unsqueeze(1).to(dtype) * out.view(1, -1, 1, 1)).contiguous()
+        rest = ~far & (dist != 0)
+        bi, ii, jj = rest.nonzero(as_tuple=True)
+        if bi.numel():
+            values, inverse = torch.unique(dist[bi, ii, jj], return_inverse=True)
+            out[bi, :, ii, jj] = self.basis(values.to(dtype))[inverse]
+        return out
 
     def dense_forward(self, dist: torch.Tensor) -> torch.Tensor:
         """The published dense evaluation over a (B, L, L, K) tensor (reference and benchmark)."""
@@ -107,28 +122,38 @@ class SelfAttention(nn.Module):
         return x.view(b, l, self.num_heads, self.head_dim).transpose(1, 2).reshape(b * self.num_heads, l, self.head_dim)
 
     def forward(
-        self, x: torch.Tensor, bias: torch.Tensor, key_padding_mask: Optional[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor],
+        need_logits: bool = True,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x (B, L, E), bias (B, H, L, L), key_padding_mask (B, L) bool -> (out, logits).
 
-        ``logits`` (B, H, L, L) are the pre-softmax scores with masked keys set to 0.
+        ``logits`` (B, H, L, L) are the pre-softmax scores (bias included) with masked keys
+        set to 0: the next layer's bias and, after the last layer, the pair representation.
+        The attention itself runs through the fused ``scaled_dot_product_attention``.
         """
         b, l, e = x.shape
-        q = self._heads(self.q_proj(x) * self.scaling)
-        k = self._heads(self.k_proj(x))
-        v = self._heads(self.v_proj(x))
-        logits = torch.baddbmm(bias.reshape(b * self.num_heads, l, l), q, k.transpose(1, 2))
-        logits = logits.view(b, self.num_heads, l, l)
-        if key_padding_mask is not None:
-            key_mask = key_padding_mask[:, None, None, :]
-            logits = logits.masked_fill(key_mask, 0.0)
-            weights = torch.softmax(logits.masked_fill(key_mask, float("-inf")), dim=-1)
-        else:
-            weights = torch.softmax(logits, dim=-1)
-        weights = self.dropout(weights)
-        attn = torch.matmul(weights, v.view(b, self.num_heads, l, self.head_dim))
-        attn = attn.transpose(1, 2).reshape(b, l, e)
-        return self.out_proj(attn), logits
+        h, d = self.num_heads, self.head_dim
+        q = (self.q_proj(x) * self.scaling).view(b, l, h, d).transpose(1, 2)
+        k = self.k_proj(x).view(b, l, h, d).transpose(1, 2)
+        v = self.v_proj(x).view(b, l, h, d).transpose(1, 2)
+        has_padding = key_padding_mask is not None and bool(key_padding_mask.any())
+        mask = bias
+        if has_padding:
+            mask = bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.to(q.dtype), dropout_p=self.dropout.p if self.training else 0.0, scale=1.0
+        )
+        logits = None
+        if need_logits:
+            logits = torch.baddbmm(
+                bias.reshape(b * h, l, l), q.reshape(b * h, l, d), k.reshape(b * h, l, d).transpose(1, 2)
+            ).view(b, h, l, l)
+            if has_padding:
+                logits.masked_fill_(key_padding_mask[:, None, None, :], 0.0)
+        return self.out_proj(attn.transpose(1, 2).reshape(b, l, e)), logits
 
 
 class EncoderLayer(nn.Module):
@@ -145,11 +170,11 @@ class EncoderLayer(nn.Module):
         self.activation_dropout = nn.Dropout(config.activation_dropout)
         self.activation = _ACT[config.activation_fn]
 
-    def forward(self, x, bias, key_padding_mask):
+    def forward(self, x, bias, key_padding_mask, need_logits=True):
         residual = x
         if self.pre_layernorm:
             x = self.self_attn_layer_norm(x)
-        x, logits = self.self_attn(x, bias, key_padding_mask)
+        x, logits = self.self_attn(x, bias, key_padding_mask, need_logits)
         x = residual + self.dropout(x)
         if not self.pre_layernorm:
             x = self.self_attn_layer_norm(x)
@@ -173,13 +198,18 @@ class Encoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.layerdrop = config.layerdrop
 
-    def forward(self, x, bias, key_padding_mask):
+    def forward(self, x, bias, key_padding_mask, need_last_logits=True):
+        """Returns the last hidden states and the last layer's logits (None if not needed)."""
         x = self.dropout(x)
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        logits = None
+        for i, layer in enumerate(self.layers):
             if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
                 continue
-            x, bias = layer(x, bias, key_padding_mask)
-        return x, bias
+            x, logits = layer(x, bias, key_padding_mask, need_logits=need_last_logits or i < last)
+            if logits is not None:
+                bias = logits
+        return x, logits
 
 
 class SE2Transformer(nn.Module):
@@ -230,7 +260,7 @@ class SE2Transformer(nn.Module):
         kernel = self.gaussian.dense_forward if dense_kernel else self.gaussian
         bias = kernel(attn_bias.to(x.dtype))
         padding = token_types.eq(self.config.pad_type_id)
-        x, logits = self.encoder(x, bias, padding)
+        x, logits = self.encoder(x, bias, padding, need_last_logits=return_pair_rep)
         out = {"last_hidden_state": x}
         if return_pair_rep:
             out["pair_rep"] = logits.permute(0, 2, 3, 1).contiguous()
