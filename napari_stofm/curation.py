@@ -22,7 +22,7 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Sequence
 
 import numpy as np
 

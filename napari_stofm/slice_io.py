@@ -17,6 +17,7 @@ the fix; it warns (and reports) about cells without any counts.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 
 from .errors import StofmInputError
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, os.PathLike]
 
 SPATIALDATA_ELEMENT_GROUPS = ("images", "labels", "points", "shapes", "tables")
 _N_SHOWN = 5  # how many offending cell ids an error message lists
@@ -306,6 +307,12 @@ def _centroids_of_annotated(sdata, adata, regions, region_key, instance_key, tab
             where = index.astype(str).get_indexer(ids.astype(str))
         found = where >= 0
         xy[rows[found]] = centroids[["x", "y"]].to_numpy(dtype=float)[where[found]]
+        if not found.all():
+            warnings.warn(
+                f"{int((~found).sum())} rows of table '{table_name}' name {instance_key} values that "
+                f"element '{region}' does not have ({_show_ids(ids[~found])}); their positions are unknown.",
+                UserWarning, stacklevel=3,
+            )
     return xy, cs_used
 
 
