@@ -99,6 +99,13 @@ def split_subslices(normalized_xy: np.ndarray, split_num: int = 1000, mode: str 
                     out.extend(_spatial_split(xy, idx, parts))
             else:
                 out.append(idx)
+    covered = np.zeros(n, dtype=bool)
+    for part in out:
+        covered[part] = True
+    if not covered.all():
+        # Only float rounding at the far edge can leave a cell out; give it its own part
+        # rather than lose it (the published code would drop it).
+        out.append(np.flatnonzero(~covered))
     return out
 
 
@@ -147,14 +154,13 @@ def build_hypernodes(
 ) -> Hypernodes:
     """Leiden clusters over ``alpha * position + (1 - alpha) * PCA-2 of embeddings``.
 
-    Each part is divided by its largest row norm. The graph is scanpy's 10-nearest-
-    neighbour UMAP connectivity (exact neighbours: the features are 2-D), clustered with
-    igraph's Leiden, seeded. If more than ``max_hypernodes`` clusters come out the
-    resolution is halved until they fit (as the published GPU path does), so a huge slice
-    cannot blow up the sequence length.
+    Each part is divided by its largest row norm. As in the published code (scanpy's
+    ``neighbors`` + ``leiden(flavor='igraph')``), the graph is the UMAP fuzzy union of the
+    10-nearest-neighbour graph (the point itself counted) and Leiden optimises modularity
+    with igraph, seeded. If more than ``max_hypernodes`` clusters come out the resolution
+    is halved until they fit (as the published GPU path does), so a huge slice cannot blow
+    up the sequence length.
     """
-    import anndata as ad
-    import scanpy as sc
     from sklearn.decomposition import PCA
 
     xy = np.asarray(normalized_xy, dtype=np.float64)
@@ -163,21 +169,72 @@ def build_hypernodes(
     if n < 3:
         return hypernodes_from_assignment(xy, emb, np.zeros(n, dtype=int))
     pos = xy / _max_row_norm(xy)
-    pca = PCA(n_components=2, random_state=seed).fit_transform(emb) if emb.shape[1] >= 2 else np.zeros((n, 2))
+    if emb.shape[1] >= 2 and np.ptp(emb, axis=0).max() > 0:
+        pca = PCA(n_components=2, random_state=seed).fit_transform(emb)
+    else:
+        pca = np.zeros((n, 2))
     pca = pca / _max_row_norm(pca)
-    features = (alpha * pos + (1 - alpha) * pca).astype(np.float32)
-    graph = ad.AnnData(X=features)
-    sc.pp.neighbors(graph, n_neighbors=min(n_neighbors, n - 1), use_rep="X", transformer="sklearn", random_state=seed)
+    features = alpha * pos + (1 - alpha) * pca
+    graph = umap_connectivities(features, min(n_neighbors, n - 1))
     res = float(resolution)
     while True:
-        sc.tl.leiden(graph, resolution=res, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
-        labels = graph.obs["leiden"].to_numpy().astype(int)
+        labels = leiden(graph, resolution=res, seed=seed)
         if labels.max() + 1 <= max_hypernodes or res < 1e-6:
             break
         res /= 2
     hyper = hypernodes_from_assignment(xy, emb, labels)
     hyper.resolution = res
     return hyper
+
+
+def umap_connectivities(features: np.ndarray, n_neighbors: int):
+    """UMAP's fuzzy-union kNN graph (``n_neighbors`` counts the point itself), as scipy CSR."""
+    import scipy.sparse as sp
+
+    n = features.shape[0]
+    k = max(2, min(n_neighbors, n))
+    dist, idx = cKDTree(features).query(features, k=k)
+    dist, idx = dist[:, 1:], idx[:, 1:]  # drop the point itself
+    # smooth kNN distances: rho = nearest non-zero distance, sigma by bisection so that the
+    # weights of each row sum to log2(k)
+    rho = np.where(dist > 0, dist, np.inf).min(axis=1)
+    rho[~np.isfinite(rho)] = 0.0
+    target = np.log2(k)
+    lo, hi = np.zeros(n), np.full(n, np.inf)
+    sigma = np.ones(n)
+    gap = np.maximum(dist - rho[:, None], 0.0)
+    for _ in range(64):
+        total = np.exp(-gap / sigma[:, None]).sum(axis=1)
+        too_big = total > target
+        hi = np.where(too_big, sigma, hi)
+        lo = np.where(too_big, lo, sigma)
+        sigma = np.where(np.isinf(hi), sigma * 2, (lo + hi) / 2)
+    mean_dist = dist.mean()
+    sigma = np.maximum(sigma, np.where(rho > 0, 1e-3 * rho, 1e-3 * mean_dist))
+    weights = np.exp(-gap / sigma[:, None])
+    a = sp.csr_matrix((weights.ravel(), (np.repeat(np.arange(n), k - 1), idx.ravel())), shape=(n, n))
+    at = a.T.tocsr()
+    return (a + at - a.multiply(at)).tocsr()
+
+
+def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int = 2) -> np.ndarray:
+    """igraph's Leiden (modularity, weighted, undirected) on a symmetric CSR graph, seeded."""
+    import random
+
+    import igraph as ig
+    import scipy.sparse as sp
+
+    upper = sp.triu(graph, k=1).tocoo()
+    g = ig.Graph(n=graph.shape[0], edges=np.column_stack([upper.row, upper.col]).tolist(), directed=False)
+    g.es["weight"] = upper.data.tolist()
+    ig.set_random_number_generator(random.Random(seed))
+    try:
+        part = g.community_leiden(
+            objective_function="modularity", weights="weight", resolution=resolution, n_iterations=n_iterations
+        )
+    finally:
+        ig.set_random_number_generator(random)
+    return np.asarray(part.membership, dtype=np.int64)
 
 
 def _max_row_norm(a: np.ndarray) -> float:

@@ -1,0 +1,196 @@
+"""A loaded SToFM model: gene vocabulary + cell encoder + SE(2) transformer + settings.
+
+A checkpoint directory holds::
+
+    config.json                      SE(2) transformer configuration (published keys)
+    se2transformer.pth|.safetensors  SE(2) transformer weights
+    cell_encoder/cell_bert/          BERT cell encoder (Hugging Face BertModel layout)
+    cell_encoder/cell_proj.bin|.safetensors
+    vocabulary.tsv                   gene vocabulary + rank-value normalisation factors
+      or token_dictionary.{json,pkl} + gene_median_dictionary.{json,pkl} (Geneformer's)
+    stofm.json                       (optional) pipeline settings and provenance
+
+The published checkpoint loads unchanged; with it, the published sub-slice split is used.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..errors import CheckpointError
+from .cell_encoder import CellEncoder
+from .checkpoint import find_se2_weights, fingerprint_files, load_se2_transformer, save_se2_transformer
+from .se2_transformer import SE2Transformer
+from .vocabulary import GeneVocabulary
+
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+SETTINGS_NAME = "stofm.json"
+VOCABULARY_NAME = "vocabulary.tsv"
+
+
+@dataclass
+class PipelineSettings:
+    """How a slice is cut and summarised before the SE(2) stage (published defaults)."""
+
+    split_num: int = 1000
+    split_mode: str = "published"
+    hypernode_alpha: float = 0.2
+    hypernode_resolution: float = 1.0
+    max_hypernodes: int = 200
+    max_genes: int = 2047
+    name: str = "SToFM"
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "PipelineSettings":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class SToFM:
+    """Everything needed to embed a slice. Use :func:`load_model` to get one."""
+
+    def __init__(
+        self,
+        se2: SE2Transformer,
+        cell_encoder: CellEncoder,
+        vocabulary: GeneVocabulary,
+        settings: Optional[PipelineSettings] = None,
+        *,
+        source: str = "in memory",
+        fingerprint: Optional[str] = None,
+    ):
+        if cell_encoder.embedding_dim != se2.config.input_dim:
+            raise CheckpointError(
+                f"the cell encoder gives {cell_encoder.embedding_dim}-d embeddings but the SE(2) transformer "
+                f"takes input_dim={se2.config.input_dim}; use a cell encoder and transformer trained together"
+            )
+        self.se2 = se2.eval()
+        self.cell_encoder = cell_encoder.eval()
+        self.vocabulary = vocabulary
+        self.settings = settings or PipelineSettings()
+        self.source = source
+        self.fingerprint = fingerprint or _state_fingerprint(se2, cell_encoder)
+
+    def __repr__(self) -> str:
+        cfg = self.se2.config
+        return (
+            f"SToFM({self.settings.name!r}, {cfg.num_hidden_layers} layers, E={cfg.embedding_dim}, "
+            f"heads={cfg.num_attention_heads}, vocabulary={self.vocabulary.n_genes} genes, from {self.source})"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.se2.parameters()).device
+
+    def to(self, device) -> "SToFM":
+        self.se2.to(device)
+        self.cell_encoder.to(device)
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, device: Optional[str] = None) -> "SToFM":
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint directory {path} does not exist")
+        se2 = load_se2_transformer(path)
+        encoder = CellEncoder.from_pretrained(path)
+        vocabulary = _load_vocabulary(path)
+        settings_file = path / SETTINGS_NAME
+        settings = PipelineSettings()
+        if settings_file.is_file():
+            settings = PipelineSettings.from_dict(json.loads(settings_file.read_text()))
+        files = [find_se2_weights(path), path / "config.json"] + sorted((path / "cell_encoder").rglob("*.*"))
+        model = cls(se2, encoder, vocabulary, settings, source=str(path), fingerprint=fingerprint_files(files))
+        if device is not None:
+            model.to(resolve_device(device))
+        return model
+
+    def save(self, path: str | Path) -> Path:
+        """Write our layout (safetensors + config + vocabulary + settings)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_se2_transformer(self.se2, path)
+        self.cell_encoder.save_pretrained(path / "cell_encoder")
+        self.vocabulary.save(path / VOCABULARY_NAME)
+        (path / SETTINGS_NAME).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+        return path
+
+
+def _load_vocabulary(path: Path) -> GeneVocabulary:
+    for folder in (path, path / "cell_encoder"):
+        if (folder / VOCABULARY_NAME).is_file():
+            return GeneVocabulary.load(folder / VOCABULARY_NAME)
+        for ext in (".json", ".pkl"):
+            tokens = folder / f"token_dictionary{ext}"
+            medians = folder / f"gene_median_dictionary{ext}"
+            if tokens.is_file() and medians.is_file():
+                return GeneVocabulary.from_geneformer(tokens, medians)
+    raise CheckpointError(
+        f"{path} has no gene vocabulary: add {VOCABULARY_NAME}, or Geneformer's token_dictionary and "
+        "gene_median_dictionary (.json or .pkl) next to config.json"
+    )
+
+
+def _state_fingerprint(*modules: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    """``None``/``'auto'``: CUDA when available, else CPU. ``'cuda'`` without CUDA is an error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device 'cuda' was asked for but no CUDA GPU is available here: use device='cpu'")
+    return dev
+
+
+def load_model(path: Optional[str | Path] = None, device: Optional[str] = None) -> SToFM:
+    """Load a SToFM checkpoint directory; ``None`` loads the weights bundled with the package."""
+    if path is None:
+        if not (BUNDLED_DIR / "config.json").is_file():
+            raise CheckpointError(
+                "this installation has no bundled SToFM weights; pass the path of a checkpoint directory "
+                "(config.json + se2transformer.pth + cell_encoder/ + vocabulary)"
+            )
+        path = BUNDLED_DIR
+    return SToFM.load(path, device=device)
+
+
+def build_model(
+    vocabulary: GeneVocabulary,
+    *,
+    se2_config: Optional[Dict[str, Any]] = None,
+    encoder_config: Optional[Dict[str, Any]] = None,
+    settings: Optional[PipelineSettings] = None,
+    seed: int = 0,
+) -> SToFM:
+    """A randomly initialised SToFM for a vocabulary (the start of pretraining, and the
+    untrained baseline). Sizes default to a small CPU-friendly model."""
+    from .cell_encoder import BertConfig
+    from .config import SToFMConfig
+
+    torch.manual_seed(seed)
+    enc = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+               max_position_embeddings=(settings or PipelineSettings()).max_genes + 1)
+    enc.update(encoder_config or {})
+    enc["vocab_size"] = vocabulary.size
+    encoder = CellEncoder(BertConfig(**enc))
+    se2_kw = dict(num_hidden_layers=4, embedding_dim=128, ffn_embedding_dim=256, num_attention_heads=8,
+                  gaussian_hidden_dim=64)
+    se2_kw.update(se2_config or {})
+    se2_kw["input_dim"] = encoder.embedding_dim
+    se2 = SE2Transformer(SToFMConfig(**se2_kw)).init_weights(seed=seed)
+    return SToFM(se2, encoder, vocabulary, settings or PipelineSettings(split_mode="spatial"), source="random init")
