@@ -156,6 +156,12 @@ _EXTENSIONS: List[Callable] = []
 def main(argv: Optional[List[str]] = None) -> int:
     from .errors import StofmError
 
+    import warnings
+
+    # Library deprecation chatter (zarr, pandas, anndata) is not for the terminal user.
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*autosharding.*")
     _load_extensions()
     parser = build_parser()
     args = parser.parse_args(argv)

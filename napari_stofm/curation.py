@@ -433,7 +433,7 @@ class Annotation:
         confidence = adata.obs[f"{key}_confidence"].to_numpy() if f"{key}_confidence" in adata.obs else None
         curated = None
         if f"{key}_curated" in adata.obs:
-            curated = adata.obs[f"{key}_curated"].astype(object).fillna(False).astype(bool).to_numpy()
+            curated = adata.obs[f"{key}_curated"].astype("boolean").fillna(False).to_numpy(dtype=bool)
         colors = _colors_from_uns(adata, key, len(categories))
         stofm = adata.uns.get("stofm", {})
         prov = (stofm.get("provenance", {}) or {}).get(key, {}) if isinstance(stofm, Mapping) else {}

@@ -154,9 +154,18 @@ def embed(
         adata, model, gene_key=gene_key, layer=layer, batch_size=cell_batch_size,
         progress=progress, cancel=cancel, use_cache=use_cache,
     )
+    positions = np.ascontiguousarray(np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2])
+    run_key = "|".join([
+        adata.uns[UNS_KEY]["gene_scale_key"], hashlib.sha1(positions.tobytes()).hexdigest()[:16],
+        str(split_num), split_mode, str(seed),
+    ])
+    final = adata.obsm.get(STOFM_KEY)
+    if use_cache and final is not None and adata.uns[UNS_KEY].get("run_key") == run_key and final.shape[0] == adata.n_obs:
+        report(progress, adata.n_obs, adata.n_obs, "SE(2) transformer (cached)")
+        return adata
     check_cancelled(cancel)
     report(progress, 0, 1, "Macro scale: virtual cells")
-    xy = normalize_coordinates(np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2])
+    xy = normalize_coordinates(positions)
     hyper = build_hypernodes(
         xy, cell_emb, alpha=settings.hypernode_alpha, resolution=settings.hypernode_resolution,
         max_hypernodes=settings.max_hypernodes, seed=seed,
@@ -178,6 +187,7 @@ def embed(
         n_virtual_cells=int(hyper.xy.shape[0]),
         virtual_cell_resolution=float(hyper.resolution),
         seed=int(seed),
+        run_key=run_key,
         seconds=round(time.perf_counter() - t0, 3),
     )
     adata.uns[UNS_KEY] = meta

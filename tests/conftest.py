@@ -38,3 +38,21 @@ def parity_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"parity vectors not available ({path} is absent; set STOFM_SHARED_DIR)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A small randomly initialised SToFM (our safetensors layout) whose vocabulary covers
+    the generated sample slice's genes."""
+    from napari_stofm.model.stofm import build_model
+    from napari_stofm.model.vocabulary import build_vocabulary
+    from napari_stofm.sample_data import make_sample_slice
+
+    vocab = build_vocabulary([make_sample_slice(n_cells=500, seed=11)])
+    model = build_model(
+        vocab, se2_config=dict(num_hidden_layers=2, embedding_dim=32, ffn_embedding_dim=64, num_attention_heads=4,
+                               gaussian_hidden_dim=8),
+        encoder_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+        seed=0,
+    )
+    return model.save(tmp_path_factory.mktemp("tiny_checkpoint"))
