@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import StofmInputError
 
-__all__ = ["Territories", "rasterize_territories", "spacing_of"]
+__all__ = ["Territories", "rasterize_territories", "spacing_of", "territories_for_slice"]
 
 #: Default cap on the size of the territory raster (pixels).
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -93,6 +93,7 @@ class Territories:
     n_cells: int
     source: str = "voronoi"
     max_radius: Optional[float] = None
+    note: str = ""
     _areas: np.ndarray = field(default=None, repr=False)
     _bboxes: np.ndarray = field(default=None, repr=False)
 
@@ -150,6 +151,16 @@ class Territories:
         if not (0 <= r < h and 0 <= c < w):
             return -1
         return int(self.instance_map[r, c]) - 1
+
+    def as_spatialdata_labels(self) -> dict:
+        """The instance map as :func:`napari_stofm.export.export_spatialdata` takes it.
+
+        ``offset`` is the (x, y) of the top-left corner of pixel (0, 0) (SpatialData's
+        pixel convention), i.e. half a pixel before the centre napari uses.
+        """
+        dy, dx = self.scale
+        y0, x0 = self.translate
+        return {"image": self.instance_map, "scale": (dy, dx), "offset": (x0 - dx / 2, y0 - dy / 2)}
 
     # ------------------------------------------------------------------ rendering
     def _lut(self, codes) -> np.ndarray:
@@ -453,3 +464,94 @@ def _from_masks(xy, masks, mask_ids, mask_scale, mask_translate, max_pixels) -> 
     hit = (sorted_ids[pos_c] == flat) & (flat != 0)
     inst = np.where(hit, order[pos_c] + 1, 0).astype(np.int32).reshape(masks.shape)
     return Territories(inst, tuple(scale), tuple(translate), n, source="masks")
+
+
+# ----------------------------------------------------------------------------- slices
+
+
+def territories_for_slice(adata, *, spatial_key: str = "spatial", max_pixels: int = DEFAULT_MAX_PIXELS,
+                          use_masks: bool = True) -> Territories:
+    """Territories of the cells of an AnnData read by :func:`napari_stofm.slice_io.read_slice`.
+
+    When ``adata.uns['stofm_source']`` names a SpatialData labels element (real cell
+    masks), the masks are the territories: through the table's ``instance_key`` when the
+    table annotates that element, else by the mask id under each cell's position. A store
+    that cannot be read, or masks with a rotation, fall back to Voronoi territories (the
+    reason is kept in ``Territories.note``).
+    """
+    xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
+    source = adata.uns.get("stofm_source", {}) if hasattr(adata, "uns") else {}
+    note = ""
+    if use_masks and isinstance(source, dict) and source.get("labels_element") and source.get("path"):
+        try:
+            terr = _territories_from_spatialdata(adata, xy, source, max_pixels)
+            if terr is not None:
+                return terr
+            note = "the cell masks match no cell; showing Voronoi territories"
+        except StofmInputError as err:
+            note = f"cell masks not used ({err}); showing Voronoi territories"
+    terr = rasterize_territories(xy, max_pixels=max_pixels)
+    terr.note = note
+    return terr
+
+
+def _territories_from_spatialdata(adata, xy, source, max_pixels) -> Optional[Territories]:
+    try:
+        import spatialdata as sd
+        from spatialdata.transformations import get_transformation
+    except ImportError as err:
+        raise StofmInputError("the 'spatialdata' package is not installed") from err
+    name = source["labels_element"]
+    try:
+        sdata = sd.read_zarr(source["path"], selection=("labels",))
+        element = sdata.labels[name]
+    except Exception as err:  # a moved or damaged store
+        raise StofmInputError(f"could not read labels '{name}' from {source['path']}: {type(err).__name__}: {err}") from err
+    image, level_scale = _finest_level_under(element, max_pixels)
+    cs = source.get("coordinate_system", "global")
+    transforms = get_transformation(element, get_all=True)
+    transform = transforms.get(cs) or transforms.get("global") or next(iter(transforms.values()), None)
+    if transform is None:
+        matrix = np.eye(3)
+    else:
+        matrix = np.asarray(transform.to_affine_matrix(input_axes=("y", "x"), output_axes=("y", "x")), dtype=float)
+    if abs(matrix[0, 1]) > 1e-9 or abs(matrix[1, 0]) > 1e-9:
+        raise StofmInputError(f"labels '{name}' are rotated or sheared relative to the cells")
+    scale = np.array([matrix[0, 0], matrix[1, 1]]) * level_scale
+    # SpatialData pixel (i, j) spans [i, i + 1): its centre is half a pixel in.
+    translate = matrix[:2, 2] + 0.5 * scale
+    if (scale <= 0).any():
+        raise StofmInputError(f"labels '{name}' are flipped relative to the cells")
+    instance_key = source.get("instance_key")
+    if source.get("labels_annotated") and instance_key and instance_key in adata.obs:
+        ids = np.asarray(adata.obs[instance_key].to_numpy(), dtype=np.int64)
+    else:
+        rc = np.round((xy[:, ::-1] - translate) / scale).astype(np.int64)
+        inside = (rc >= 0).all(axis=1) & (rc[:, 0] < image.shape[0]) & (rc[:, 1] < image.shape[1])
+        ids = np.zeros(len(xy), dtype=np.int64)
+        ids[inside] = image[rc[inside, 0], rc[inside, 1]]
+        # a mask id claimed by several cells is given to none of them but the first
+    if not (ids > 0).any():
+        return None
+    terr = rasterize_territories(xy, masks=image, mask_ids=ids, mask_scale=tuple(scale),
+                                 mask_translate=tuple(translate), max_pixels=max_pixels)
+    terr.note = f"cell masks from labels '{name}'"
+    return terr
+
+
+def _finest_level_under(element, max_pixels):
+    """(2-D numpy image, scale factor of that level) of a labels element (multiscale or not)."""
+    if hasattr(element, "children") and not hasattr(element, "dims"):  # a multiscale DataTree
+        levels = sorted(element.children)
+        first = None
+        for level in levels:
+            node = element[level]
+            arr = next(iter(node.data_vars.values())) if hasattr(node, "data_vars") else node
+            if first is None:
+                first = arr
+            if arr.shape[-2] * arr.shape[-1] <= max_pixels or level == levels[-1]:
+                factor = first.shape[-1] / arr.shape[-1]
+                return np.asarray(arr.data if hasattr(arr, "data") else arr).squeeze(), float(factor)
+    arr = element
+    data = arr.data if hasattr(arr, "data") else arr
+    return np.asarray(data).squeeze(), 1.0

@@ -1,0 +1,512 @@
+"""The review-and-correct loop on one slice, as a Python object (no napari, no Qt).
+
+:class:`SliceSession` ties together what the napari widgets show and edit, so that every
+step of the GUI is also a plain library call::
+
+    from napari_stofm.session import SliceSession
+    s = SliceSession.open("slice.h5ad")         # read + autosave restored if any
+    s.run(n_regions=7, label_source=("reference", "ref.h5ad", "cell_type"))
+    s.recluster(9)                                # new region count, no model re-run
+    terr = s.territories                          # pixel territories of the cells
+    s.apply_edit("stofm_region", edited_image, bbox)   # a brush stroke -> curated cells
+    s.refine("stofm_cell_type")                   # retrain the head on the corrections
+    s.export("curated.h5ad")
+
+Long steps take ``progress=`` / ``cancel=`` (see :mod:`napari_stofm.progress`). The
+computing part of a run (:meth:`SliceSession.compute`) does not change the session, so a
+GUI can run it in a worker thread and :meth:`SliceSession.apply` the result on its own
+thread.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .curation import Annotation, CurationStore, PreviousState
+from .errors import StofmInputError
+from .progress import CancelToken, ProgressCallback, check_cancelled, report
+
+REGION_KEY = "stofm_region"
+CELL_TYPE_KEY = "stofm_cell_type"
+#: obs columns shown as editable label layers when a slice is opened (key, display name).
+KNOWN_COLUMNS = (
+    (REGION_KEY, "tissue regions"),
+    (CELL_TYPE_KEY, "cell types"),
+    ("region", "region"),
+    ("cell_type", "cell_type"),
+)
+DISPLAY_NAMES = {REGION_KEY: "tissue regions", CELL_TYPE_KEY: "cell types"}
+
+
+def display_name(key: str) -> str:
+    return DISPLAY_NAMES.get(key, key)
+
+
+def cache_dir() -> Path:
+    """The per-user cache folder of napari-stofm (autosaves of slices that have no folder)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "napari-stofm"
+
+
+@dataclass
+class EditResult:
+    """What one edit of a class image did to an annotation."""
+
+    key: str
+    cells: np.ndarray  # cells whose class changed
+    codes: np.ndarray  # their new codes
+    touched: np.ndarray  # every cell with an edited pixel
+    touched_codes: np.ndarray  # class of every touched cell after the edit
+    previous: PreviousState  # codes and curated flags of ``cells`` before the edit
+    after: PreviousState  # the same cells after the edit (for redo)
+
+    @property
+    def changed(self) -> bool:
+        return self.cells.size > 0
+
+
+@dataclass
+class RunResult:
+    """Output of :meth:`SliceSession.compute`: annotations and the reusable region clusterer."""
+
+    annotations: Dict[str, Annotation] = field(default_factory=dict)
+    clusterer: object = None
+    embedding_reused: bool = False
+    messages: List[str] = field(default_factory=list)
+
+
+class SliceSession:
+    """One slice under review: the AnnData, its territories, its annotations, autosave."""
+
+    def __init__(self, adata, path=None, *, name: Optional[str] = None, spatial_key: str = "spatial",
+                 autosave_dir=None):
+        self.adata = adata
+        if path is None:
+            src = adata.uns.get("stofm_source", {}) if hasattr(adata, "uns") else {}
+            path = src.get("path") if isinstance(src, dict) else None
+        self.path: Optional[Path] = Path(path) if path else None
+        self.name = name or (self.path.name.split(".")[0] if self.path else "slice")
+        self.spatial_key = spatial_key
+        self.annotations: Dict[str, Annotation] = {}
+        self._territories = None
+        self._territory_lock = threading.Lock()
+        self.clusterer = None
+        self.run_params: dict = {}
+        self._listeners: List[Callable[[str, str], None]] = []
+        if autosave_dir is not None:
+            self.store: Optional[CurationStore] = CurationStore(self.path or self.name, directory=autosave_dir)
+        elif self.path is not None:
+            self.store = CurationStore(self.path)
+        else:
+            self.store = CurationStore(f"{self.name}.h5ad", directory=cache_dir() / "curation")
+        self.restored_from: Optional[Path] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def open(cls, path, *, restore: bool = True, **kwargs) -> "SliceSession":
+        """Read a slice (``.h5ad`` / SpatialData ``.zarr``), pick up its labels and autosave."""
+        from .slice_io import read_slice
+
+        adata = read_slice(path)
+        session = cls(adata, path, **kwargs)
+        session.load_existing_labels(restore=restore)
+        return session
+
+    def load_existing_labels(self, *, restore: bool = True) -> List[str]:
+        """Annotations from the slice's obs columns, then the autosave on top (when it fits).
+
+        Returns the keys loaded. An autosave made for other cells is ignored (and the
+        reason recorded in ``self.restore_error``).
+        """
+        self.restore_error = None
+        for key, _name in KNOWN_COLUMNS:
+            if key in self.adata.obs and key not in self.annotations:
+                try:
+                    self.annotations[key] = Annotation.from_obs(self.adata, key)
+                except StofmInputError:
+                    continue
+        # a column of ground truth next to a prediction of the same kind stays a column
+        if restore and self.store is not None and self.store.exists():
+            try:
+                saved = self.store.load(self.adata.obs_names)
+            except StofmInputError as err:
+                self.restore_error = str(err)
+                saved = {}
+            if saved:
+                self.annotations.update(saved)
+                self.restored_from = self.store.path
+        return list(self.annotations)
+
+    # ------------------------------------------------------------------ observers
+    def subscribe(self, callback: Callable[[str, str], None]) -> None:
+        """``callback(key, what)`` after an annotation changes; ``what`` is one of
+        ``'replaced'`` (new annotation object), ``'codes'`` (cells changed class),
+        ``'classes'`` (renamed / recoloured / added) or ``'merged'`` (codes renumbered)."""
+        if callback not in self._listeners:
+            self._listeners.append(callback)
+
+    def unsubscribe(self, callback) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def _notify(self, key: str, what: str) -> None:
+        for callback in list(self._listeners):
+            callback(key, what)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def xy(self) -> np.ndarray:
+        return np.asarray(self.adata.obsm[self.spatial_key], dtype=np.float64)
+
+    @property
+    def territories(self):
+        """Pixel territories of the cells (built on first use, then cached)."""
+        with self._territory_lock:
+            if self._territories is None:
+                from .raster import territories_for_slice
+
+                self._territories = territories_for_slice(self.adata, spatial_key=self.spatial_key)
+            return self._territories
+
+    @territories.setter
+    def territories(self, value) -> None:
+        with self._territory_lock:
+            self._territories = value
+
+    def class_image(self, key: str) -> np.ndarray:
+        return self.territories.class_image(self.annotations[key].codes)
+
+    # ------------------------------------------------------------------ running the model
+    def compute(self, *, model=None, weights=None, n_regions: Optional[int] = 7, resolution=None,
+                label_source=None, device=None, progress: Optional[ProgressCallback] = None,
+                cancel: CancelToken = None) -> RunResult:
+        """Embed the slice (unless a cached embedding of the same weights exists), find
+        tissue regions and, with ``label_source``, cell types. Leaves the session unchanged
+        except for the embedding cache in ``adata.obsm``.
+
+        ``label_source`` is ``None``, ``('reference', path_or_adata, label_key)`` or
+        ``('column', obs_key)`` (the slice's own partial labels).
+        """
+        from .regions import RegionClusterer
+
+        result = RunResult()
+        check_cancelled(cancel)
+        embeddings, reused = self._ensure_embedding(model=model, weights=weights, device=device,
+                                                    progress=progress, cancel=cancel)
+        result.embedding_reused = reused
+        check_cancelled(cancel)
+        report(progress, 0, 1, "tissue regions")
+        clusterer = RegionClusterer(embeddings, self.xy, progress=_stage(progress, "regions: "), cancel=cancel)
+        pred = clusterer.regions(n_regions=n_regions, resolution=resolution if n_regions is None else None)
+        result.clusterer = clusterer
+        result.annotations[REGION_KEY] = Annotation.from_prediction(
+            REGION_KEY, pred.categories, pred.codes, pred.confidence, pred.colors,
+            provenance=self._provenance(n_regions=n_regions, resolution=resolution),
+        )
+        if label_source is not None:
+            check_cancelled(cancel)
+            report(progress, 0, 1, "cell types")
+            pred = self._transfer(label_source, embeddings, model=model, weights=weights, device=device,
+                                  progress=progress, cancel=cancel)
+            result.annotations[CELL_TYPE_KEY] = Annotation.from_prediction(
+                CELL_TYPE_KEY, pred.categories, pred.codes, pred.confidence, pred.colors,
+                provenance=self._provenance(label_source=_describe_source(label_source)),
+            )
+        check_cancelled(cancel)
+        report(progress, 0, 1, "cell territories")
+        _ = self.territories  # rasterised here, off the caller's (GUI) thread
+        report(progress, 1, 1, "done")
+        return result
+
+    def apply(self, result: RunResult) -> None:
+        """Install the annotations of a run (replacing earlier predictions) and autosave."""
+        if result.clusterer is not None:
+            self.clusterer = result.clusterer
+        for key, ann in result.annotations.items():
+            self.annotations[key] = ann
+            ann.to_obs(self.adata)
+            self._notify(key, "replaced")
+        self.autosave()
+
+    def run(self, **kwargs) -> RunResult:
+        """:meth:`compute` then :meth:`apply` (the headless path)."""
+        result = self.compute(**kwargs)
+        self.apply(result)
+        return result
+
+    def _provenance(self, **params) -> dict:
+        prov = {"model": "SToFM", **{k: v for k, v in params.items() if v is not None}}
+        meta = self.adata.uns.get("stofm", {}) if hasattr(self.adata, "uns") else {}
+        if isinstance(meta, dict):
+            for k in ("model", "weights", "fingerprint", "split_num", "split_mode", "seed"):
+                if isinstance(meta.get(k), (str, int, float, bool)):
+                    prov[k if k != "fingerprint" else "weights_fingerprint"] = meta[k]
+        return prov
+
+    def _ensure_embedding(self, *, model, weights, device, progress, cancel) -> Tuple[np.ndarray, bool]:
+        """``obsm['X_stofm']``: reused when made by the same weights from the same expression
+        data, else computed by :func:`napari_stofm.embedding.embed`."""
+        from .embedding import embed
+
+        if model is None:
+            from . import load_model
+
+            report(progress, 0, 1, "loading weights")
+            model = load_model(weights)
+        cached = cached_embedding(self.adata, model)
+        if cached is not None:
+            report(progress, 1, 1, "embedding (cached)")
+            return cached, True
+        check_cancelled(cancel)
+        embed(self.adata, model, device=device, spatial_key=self.spatial_key, progress=progress, cancel=cancel)
+        return np.asarray(self.adata.obsm["X_stofm"]), False
+
+    def _transfer(self, label_source, embeddings, *, model, weights, device, progress, cancel):
+        from .classifier import complete_labels, transfer_labels
+
+        kind = label_source[0]
+        if kind == "column":
+            key = label_source[1]
+            if key not in self.adata.obs:
+                raise StofmInputError(f"the slice has no obs column '{key}' to learn cell types from.")
+            # cell types are a property of the cell itself: no spatial context
+            return complete_labels(embeddings, self.adata.obs[key], None)
+        if kind == "reference":
+            ref = label_source[1]
+            label_key = label_source[2]
+            if isinstance(ref, (str, os.PathLike)):
+                from .slice_io import read_slice
+
+                ref = read_slice(ref)
+            if label_key not in ref.obs:
+                cols = [str(c) for c in ref.obs.columns]
+                raise StofmInputError(f"the reference slice has no obs column '{label_key}' (its columns: {cols[:12]}).")
+            if model is None:
+                from . import load_model
+
+                model = load_model(weights)
+            ref_session = SliceSession(ref, name="reference")
+            ref_emb, _ = ref_session._ensure_embedding(model=model, weights=weights, device=device,
+                                                       progress=_stage(progress, "reference: "), cancel=cancel)
+            check_cancelled(cancel)
+            return transfer_labels(ref_emb, ref.obs[label_key], embeddings)
+        raise StofmInputError(f"unknown cell-type source {kind!r}: use ('reference', path, key) or ('column', key).")
+
+    # ------------------------------------------------------------------ regions
+    def recluster(self, n_regions: Optional[int] = None, resolution: Optional[float] = None, *,
+                  discard_curated: bool = False) -> Annotation:
+        """New tissue regions from the cached clusterer (no model run); replaces ``stofm_region``."""
+        self.check_recluster(discard_curated=discard_curated)
+        ann = self.compute_regions(n_regions, resolution)
+        self.install(REGION_KEY, ann)
+        return ann
+
+    def check_recluster(self, *, discard_curated: bool = False) -> None:
+        """Raise when re-clustering would throw away hand-corrected region labels."""
+        old = self.annotations.get(REGION_KEY)
+        if old is not None and old.curated.any() and not discard_curated:
+            raise StofmInputError(
+                f"{int(old.curated.sum())} region labels were corrected by hand; re-clustering replaces "
+                "them. Export them first, or pass discard_curated=True."
+            )
+
+    def compute_regions(self, n_regions: Optional[int] = None, resolution: Optional[float] = None) -> Annotation:
+        """Regions at another count / resolution from the cached clusterer (session unchanged
+        unless the clusterer has to be built from ``obsm['X_stofm']``)."""
+        if self.clusterer is None:
+            from .regions import RegionClusterer
+
+            if "X_stofm" not in self.adata.obsm:
+                raise StofmInputError("run SToFM first: there is no embedding to cluster.")
+            self.clusterer = RegionClusterer(np.asarray(self.adata.obsm["X_stofm"]), self.xy)
+        pred = self.clusterer.regions(n_regions=n_regions, resolution=resolution if n_regions is None else None)
+        return Annotation.from_prediction(REGION_KEY, pred.categories, pred.codes, pred.confidence, pred.colors,
+                                          provenance=self._provenance(n_regions=n_regions, resolution=resolution))
+
+    def install(self, key: str, annotation: Annotation) -> None:
+        """Make ``annotation`` the labels ``key`` (obs columns too), tell listeners, autosave."""
+        self.annotations[key] = annotation
+        annotation.to_obs(self.adata)
+        self._notify(key, "replaced")
+        self.autosave()
+
+    # ------------------------------------------------------------------ editing
+    def apply_edit(self, key: str, new_image: np.ndarray, bbox=None) -> EditResult:
+        """Map an edited class image (values ``code + 1``) back to cells and mark them curated.
+
+        Each cell with an edited pixel takes the class covering most of its territory
+        (:meth:`napari_stofm.raster.Territories.cells_touched`).
+        """
+        ann = self._annotation(key)
+        touched, tcodes = self.territories.cells_touched(ann.codes, new_image, bbox)
+        if touched.size and tcodes.max(initial=-1) >= ann.n_classes:
+            bad = int(tcodes.max()) + 1
+            raise StofmInputError(
+                f"label value {bad} is not a class of '{display_name(key)}' (it has {ann.n_classes}); "
+                "add a class first or pick one of the existing labels."
+            )
+        changed = tcodes != ann.codes[touched]
+        cells, codes = touched[changed], tcodes[changed]
+        previous = PreviousState(cells.copy(), ann.codes[cells].copy(), ann.curated[cells].copy())
+        if cells.size:
+            ann.codes[cells] = codes
+            ann.curated[cells] = True
+            ann._touch()
+            self._notify(key, "codes")
+        after = PreviousState(cells.copy(), ann.codes[cells].copy(), ann.curated[cells].copy())
+        return EditResult(key, cells, codes, touched, tcodes, previous, after)
+
+    def assign(self, key: str, cells, code: int) -> PreviousState:
+        previous = self._annotation(key).assign(cells, code)
+        self._notify(key, "codes")
+        return previous
+
+    def restore(self, key: str, state: PreviousState) -> None:
+        """Set cells back to a recorded state (undo / redo of an edit)."""
+        if state.cell_indices.size:
+            self._annotation(key).restore(*state)
+            self._notify(key, "codes")
+
+    def rename(self, key: str, code: int, name: str) -> None:
+        self._annotation(key).rename(code, name)
+        self._notify(key, "classes")
+
+    def recolor(self, key: str, code: int, color) -> None:
+        self._annotation(key).recolor(code, color)
+        self._notify(key, "classes")
+
+    def add_class(self, key: str, name: str, color=None) -> int:
+        code = self._annotation(key).add_class(name, color)
+        self._notify(key, "classes")
+        return code
+
+    def merge(self, key: str, src: int, dst: int) -> dict:
+        mapping = self._annotation(key).merge(src, dst)
+        self._notify(key, "merged")
+        return mapping
+
+    def refine(self, key: str, *, progress: Optional[ProgressCallback] = None, cancel: CancelToken = None) -> np.ndarray:
+        """Retrain the label head on the curated cells; update only the cells nobody corrected.
+
+        Returns the indices of the cells whose class changed.
+        """
+        pred = self.compute_refinement(key, progress=progress, cancel=cancel)
+        return self.apply_refinement(key, pred)
+
+    def compute_refinement(self, key: str, *, progress=None, cancel=None):
+        from .classifier import refine_from_corrections
+
+        ann = self._annotation(key)
+        if not ann.curated.any():
+            raise StofmInputError(
+                f"no cell of '{display_name(key)}' has been corrected yet: paint, fill or erase some cells first."
+            )
+        if "X_stofm" not in self.adata.obsm:
+            raise StofmInputError("refining needs the SToFM embedding of the slice: run SToFM first.")
+        check_cancelled(cancel)
+        report(progress, 0, 1, "refining")
+        conf = np.nan_to_num(ann.confidence, nan=0.0)
+        # regions are neighbourhoods (spatial context); cell types belong to the cell itself
+        xy = self.xy if _is_region_key(key) else None
+        pred = refine_from_corrections(np.asarray(self.adata.obsm["X_stofm"]), xy, ann.codes.copy(),
+                                       ann.curated.copy(), list(ann.categories), conf)
+        report(progress, 1, 1, "refined")
+        return pred
+
+    def apply_refinement(self, key: str, pred) -> np.ndarray:
+        ann = self._annotation(key)
+        free = ~ann.curated
+        codes = np.asarray(pred.codes, dtype=np.int32)
+        if codes.shape != ann.codes.shape:
+            raise StofmInputError("the refined prediction does not cover every cell of the slice.")
+        if codes.max(initial=-1) >= ann.n_classes:
+            raise StofmInputError("the refined prediction uses classes this annotation does not have.")
+        changed = np.flatnonzero(free & (codes != ann.codes))
+        ann.codes[free] = codes[free]
+        ann.predicted_codes[free] = codes[free]
+        ann.confidence[free] = np.asarray(pred.confidence, dtype=np.float32)[free]
+        ann.provenance["n_refinements"] = int(ann.provenance.get("n_refinements", 0)) + 1
+        ann._touch()
+        self._notify(key, "codes")
+        self.autosave()
+        return changed
+
+    def _annotation(self, key: str) -> Annotation:
+        if key not in self.annotations:
+            raise StofmInputError(f"no labels '{display_name(key)}' on this slice yet: run SToFM first.")
+        return self.annotations[key]
+
+    # ------------------------------------------------------------------ saving
+    def autosave(self) -> Optional[Path]:
+        """Write every annotation to the autosave file; returns it (None without annotations)."""
+        if self.store is None or not self.annotations:
+            return None
+        return self.store.save(self.annotations, self.adata.obs_names)
+
+    def export(self, path, *, fmt: Optional[str] = None, overwrite: bool = False, keys: Optional[Sequence[str]] = None) -> Path:
+        """Export the annotations as ``.h5ad``, ``.csv`` or SpatialData ``.zarr`` (by suffix or ``fmt``)."""
+        from . import export as export_module
+
+        if not self.annotations:
+            raise StofmInputError("there are no labels to export yet: run SToFM or open labelled data first.")
+        anns = {k: a for k, a in self.annotations.items() if keys is None or k in keys}
+        fmt = fmt or export_format_of(path)
+        if fmt == "h5ad":
+            return export_module.export_h5ad(self.adata, anns, path, overwrite=overwrite)
+        if fmt == "csv":
+            return export_module.export_csv(self.adata, anns, path, overwrite=overwrite)
+        if fmt == "spatialdata":
+            return export_module.export_spatialdata(self.adata, anns, path, overwrite=overwrite,
+                                                    labels=self.territories.as_spatialdata_labels())
+        raise StofmInputError(f"unknown export format {fmt!r}: use h5ad, csv or spatialdata (.zarr).")
+
+
+def export_format_of(path) -> str:
+    suffix = Path(str(path).rstrip("/")).suffix.lower()
+    formats = {".h5ad": "h5ad", ".csv": "csv", ".zarr": "spatialdata"}
+    if suffix not in formats:
+        raise StofmInputError(
+            f"cannot tell the export format of '{Path(str(path)).name}': end the name in .h5ad, .csv or .zarr."
+        )
+    return formats[suffix]
+
+
+def _describe_source(label_source) -> str:
+    if label_source is None:
+        return "none"
+    if label_source[0] == "reference":
+        ref = label_source[1]
+        return f"reference {ref if isinstance(ref, (str, os.PathLike)) else 'AnnData'}:{label_source[2]}"
+    return f"column {label_source[1]}"
+
+
+def _stage(progress: Optional[ProgressCallback], prefix: str) -> Optional[ProgressCallback]:
+    if progress is None:
+        return None
+    return lambda done, total, message="": progress(done, total, prefix + (message or ""))
+
+
+def _is_region_key(key: str) -> bool:
+    return "region" in key.lower()
+
+
+def cached_embedding(adata, model) -> Optional[np.ndarray]:
+    """``obsm['X_stofm']`` when :func:`~napari_stofm.embedding.embed` made it with ``model``'s
+    weights from the slice's current expression data; None otherwise."""
+    emb = adata.obsm.get("X_stofm") if "X_stofm" in adata.obsm else None
+    if emb is None or np.shape(emb)[0] != adata.n_obs:
+        return None
+    meta = adata.uns.get("stofm", {})
+    if not isinstance(meta, dict) or meta.get("fingerprint") != getattr(model, "fingerprint", None):
+        return None
+    from .embedding import expression_fingerprint
+
+    parts = str(meta.get("gene_scale_key", "")).split(":")
+    if len(parts) < 2 or parts[0] != model.fingerprint or parts[1] != expression_fingerprint(adata):
+        return None
+    return np.asarray(emb)

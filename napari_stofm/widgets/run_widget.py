@@ -1,0 +1,394 @@
+""""Run SToFM" dock widget: parameters in, Labels layers out; the work happens in the library.
+
+The run (:meth:`napari_stofm.session.SliceSession.compute`) goes to a worker thread with
+a napari progress bar fed by the library's ``progress`` callback and a Cancel button
+that sets the ``cancel`` Event. Changing the number of regions after a run re-cuts the
+cached region tree (:meth:`~napari_stofm.session.SliceSession.compute_regions`) without
+running the model again.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Optional
+
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import StofmInputError
+from ..session import REGION_KEY
+from ._binding import bind_viewer
+from ._common import ProgressRelay, SliceCombo, report_failure, show_error, show_info, start_worker
+from ._layers import add_or_update_labels
+
+WEIGHTS_BUNDLED = "bundled"
+WEIGHTS_CHECKPOINT = "checkpoint folder"
+SOURCE_NONE = "none"
+SOURCE_REFERENCE = "reference slice"
+SOURCE_COLUMN = "labels column of this slice"
+RECLUSTER_DELAY_MS = 400
+
+
+def _path_row(line: QLineEdit, button: QPushButton) -> QWidget:
+    row = QWidget()
+    lay = QHBoxLayout(row)
+    lay.setContentsMargins(0, 0, 0, 0)
+    lay.addWidget(line)
+    lay.addWidget(button)
+    return row
+
+
+class RunWidget(QWidget):
+    """Run SToFM on a slice: weights, number of regions, cell-type source, device."""
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.worker = None
+        self.cancel_event: Optional[threading.Event] = None
+        self._pbar = None
+        self._recluster_worker = None
+        self.last_error: Optional[str] = None
+        self.last_result = None
+        bind_viewer(napari_viewer)
+
+        self.slice_combo = SliceCombo(napari_viewer)
+        self.slice_combo.currentIndexChanged.connect(self._on_slice_changed)
+
+        self.weights_combo = QComboBox()
+        self.weights_combo.addItems([WEIGHTS_BUNDLED, WEIGHTS_CHECKPOINT])
+        self.weights_path = QLineEdit()
+        self.weights_path.setPlaceholderText("published or saved checkpoint folder")
+        self.weights_browse = QPushButton("Browse…")
+        self.weights_browse.clicked.connect(self._browse_weights)
+        self.weights_combo.currentTextChanged.connect(self._update_enabled)
+
+        self.regions_spin = QSpinBox()
+        self.regions_spin.setRange(0, 60)
+        self.regions_spin.setValue(7)
+        self.regions_spin.setSpecialValueText("auto (Leiden)")
+        self.regions_spin.setToolTip("Number of tissue regions; changing it after a run re-clusters without re-running the model.")
+        self._recluster_timer = QTimer(self)
+        self._recluster_timer.setSingleShot(True)
+        self._recluster_timer.timeout.connect(self.recluster)
+        self.regions_spin.valueChanged.connect(self._on_regions_changed)
+
+        self.source_combo = QComboBox()
+        self.source_combo.addItems([SOURCE_NONE, SOURCE_REFERENCE, SOURCE_COLUMN])
+        self.source_combo.currentTextChanged.connect(self._update_enabled)
+        self.reference_path = QLineEdit()
+        self.reference_path.setPlaceholderText("labelled reference slice (.h5ad)")
+        self.reference_path.editingFinished.connect(self._fill_reference_keys)
+        self.reference_browse = QPushButton("Browse…")
+        self.reference_browse.clicked.connect(self._browse_reference)
+        self.label_key = QComboBox()
+        self.label_key.setEditable(True)
+        self.label_key.setToolTip("obs column holding the cell types (reference) or this slice's partial labels")
+
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(available_devices())
+
+        self.run_button = QPushButton("Run SToFM")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel)
+        self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Slice", self.slice_combo)
+        form.addRow("Weights", self.weights_combo)
+        form.addRow("", _path_row(self.weights_path, self.weights_browse))
+        form.addRow("Regions", self.regions_spin)
+        form.addRow("Cell types", self.source_combo)
+        form.addRow("", _path_row(self.reference_path, self.reference_browse))
+        form.addRow("Label column", self.label_key)
+        form.addRow("Device", self.device_combo)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        self._on_slice_changed()
+        self._update_enabled()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def session(self):
+        return self.slice_combo.current_session()
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def _update_enabled(self, *_):
+        checkpoint = self.weights_combo.currentText() == WEIGHTS_CHECKPOINT
+        self.weights_path.setEnabled(checkpoint)
+        self.weights_browse.setEnabled(checkpoint)
+        source = self.source_combo.currentText()
+        self.reference_path.setEnabled(source == SOURCE_REFERENCE)
+        self.reference_browse.setEnabled(source == SOURCE_REFERENCE)
+        self.label_key.setEnabled(source != SOURCE_NONE)
+        if source == SOURCE_COLUMN:
+            self._fill_column_keys()
+        elif source == SOURCE_REFERENCE:
+            self._fill_reference_keys()
+        running = self.running
+        self.run_button.setEnabled(not running and self.session is not None)
+        self.cancel_button.setEnabled(running)
+
+    def _on_slice_changed(self, *_):
+        if self.source_combo.currentText() == SOURCE_COLUMN:
+            self._fill_column_keys()
+        self._update_enabled()
+
+    def _fill_column_keys(self):
+        session = self.session
+        self.label_key.clear()
+        if session is None:
+            return
+        import pandas as pd
+
+        obs = session.adata.obs
+        cols = [str(c) for c in obs.columns
+                if isinstance(obs[c].dtype, pd.CategoricalDtype) and not str(c).startswith("stofm_")]
+        self.label_key.addItems(cols)
+        if "cell_type" in cols:
+            self.label_key.setCurrentText("cell_type")
+
+    def _fill_reference_keys(self):
+        path = self.reference_path.text().strip()
+        if not path or not Path(path).is_file():
+            return
+        cols = _obs_columns(path)
+        current = self.label_key.currentText()
+        self.label_key.clear()
+        self.label_key.addItems(cols)
+        if current in cols:
+            self.label_key.setCurrentText(current)
+        elif "cell_type" in cols:
+            self.label_key.setCurrentText("cell_type")
+
+    def _browse_weights(self):
+        folder = QFileDialog.getExistingDirectory(self, "SToFM checkpoint folder")
+        if folder:
+            self.weights_path.setText(folder)
+
+    def _browse_reference(self):
+        path, _ = QFileDialog.getOpenFileName(self, "Labelled reference slice", "", "AnnData (*.h5ad)")
+        if path:
+            self.reference_path.setText(path)
+            self._fill_reference_keys()
+
+    # ------------------------------------------------------------------ parameters
+    def parameters(self) -> dict:
+        """The keyword arguments of :meth:`SliceSession.compute` from the form (raises on bad input)."""
+        params = {"device": self.device_combo.currentText()}
+        if self.weights_combo.currentText() == WEIGHTS_CHECKPOINT:
+            folder = self.weights_path.text().strip()
+            if not folder:
+                raise StofmInputError("choose the checkpoint folder (or pick the bundled weights).")
+            if not Path(folder).is_dir():
+                raise StofmInputError(f"the checkpoint folder {folder} does not exist.")
+            params["weights"] = folder
+        n = self.regions_spin.value()
+        params["n_regions"] = n if n > 0 else None
+        source = self.source_combo.currentText()
+        key = self.label_key.currentText().strip()
+        if source == SOURCE_REFERENCE:
+            ref = self.reference_path.text().strip()
+            if not ref:
+                raise StofmInputError("choose a labelled reference slice (.h5ad) for the cell types, or pick 'none'.")
+            if not Path(ref).is_file():
+                raise StofmInputError(f"the reference slice {ref} does not exist.")
+            if not key:
+                raise StofmInputError("name the reference's obs column that holds the cell types.")
+            params["label_source"] = ("reference", ref, key)
+        elif source == SOURCE_COLUMN:
+            if not key:
+                raise StofmInputError("this slice has no categorical obs column to learn cell types from.")
+            params["label_source"] = ("column", key)
+        return params
+
+    # ------------------------------------------------------------------ run
+    def run(self):
+        """Start a run in a worker thread (returns the worker, or None when refused)."""
+        self.last_error = None
+        session = self.session
+        if session is None:
+            self._fail("open a slice first (File > Open, or File > Open Sample > SToFM sample slice).")
+            return None
+        if self.running:
+            return None
+        try:
+            params = self.parameters()
+        except StofmInputError as err:
+            self._fail(str(err))
+            return None
+        self.cancel_event = threading.Event()
+        relay = ProgressRelay(self)
+        relay.progressed.connect(self._on_progress)
+        self._start_progress(f"SToFM on {session.name}")
+        self.status.setText("running…")
+        self.worker = start_worker(
+            session.compute, **params, progress=relay, cancel=self.cancel_event,
+            on_return=lambda result, s=session: self._on_result(s, result),
+            on_error=self._on_error, on_finish=self._on_finished,
+        )
+        self._relay = relay
+        self._update_enabled()
+        return self.worker
+
+    def cancel(self):
+        if self.cancel_event is not None:
+            self.cancel_event.set()
+            self.status.setText("cancelling…")
+
+    def _on_progress(self, done: int, total: int, message: str):
+        total = max(int(total), 1)
+        self.progress_bar.setRange(0, total)
+        self.progress_bar.setValue(min(done, total))
+        if message:
+            self.status.setText(message)
+        if self._pbar is not None:
+            try:
+                if self._pbar.total != total:
+                    self._pbar.total = total
+                self._pbar.n = min(done, total)
+                if message:
+                    self._pbar.set_description(message)
+                self._pbar.refresh()
+            except Exception:
+                pass
+
+    def _start_progress(self, description: str):
+        from napari.utils import progress
+
+        self._close_progress()
+        self._pbar = progress(total=1, desc=description)
+
+    def _close_progress(self):
+        if self._pbar is not None:
+            try:
+                self._pbar.close()
+            except Exception:
+                pass
+            self._pbar = None
+
+    def _on_result(self, session, result):
+        self.last_result = result
+        try:
+            session.apply(result)
+            layers = []
+            for key in result.annotations:
+                layers.append(add_or_update_labels(self.viewer, session, key))
+            bind_viewer(self.viewer)
+            if layers:
+                self.viewer.layers.selection.active = layers[0]
+            note = " (embedding reused)" if result.embedding_reused else ""
+            self.status.setText(f"done{note}: " + ", ".join(
+                f"{len(a.categories)} {('regions' if k == REGION_KEY else 'classes')}" for k, a in result.annotations.items()))
+        except Exception as err:  # never leave the UI half-updated without a word
+            self.last_error = report_failure(err, "Showing the SToFM result")
+
+    def _on_error(self, err):
+        self.last_error = report_failure(err, "SToFM")
+        self.status.setText(self.last_error)
+
+    def _on_finished(self):
+        self.worker = None
+        self.cancel_event = None
+        self._close_progress()
+        self._update_enabled()
+
+    def _fail(self, message: str):
+        self.last_error = message
+        self.status.setText(message)
+        show_error(message)
+
+    # ------------------------------------------------------------------ re-clustering
+    def _on_regions_changed(self, *_):
+        session = self.session
+        if session is None or session.clusterer is None or self.running:
+            return
+        self._recluster_timer.start(RECLUSTER_DELAY_MS)
+
+    def recluster(self):
+        """Re-cut the regions at the spinbox's count with the cached clusterer (no model run)."""
+        session = self.session
+        if session is None or session.clusterer is None:
+            return None
+        try:
+            session.check_recluster()
+        except StofmInputError as err:
+            answer = QMessageBox.question(self, "Replace corrected regions?", f"{err}\n\nRe-cluster anyway?")
+            if answer != QMessageBox.StandardButton.Yes:
+                return None
+        n = self.regions_spin.value() or None
+        self.status.setText(f"re-clustering into {n or 'auto'} regions…")
+        self._recluster_worker = start_worker(
+            session.compute_regions, n,
+            on_return=lambda ann, s=session: self._on_regions(s, ann),
+            on_error=lambda err: setattr(self, "last_error", report_failure(err, "Re-clustering")),
+            on_finish=lambda: setattr(self, "_recluster_worker", None),
+        )
+        return self._recluster_worker
+
+    def _on_regions(self, session, annotation):
+        session.install(REGION_KEY, annotation)
+        add_or_update_labels(self.viewer, session, REGION_KEY)
+        bind_viewer(self.viewer)
+        self.status.setText(f"{len(annotation.categories)} regions (re-clustered, model not re-run)")
+
+
+def available_devices():
+    devices = ["cpu"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            devices.append("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            devices.append("mps")
+    except Exception:
+        pass
+    return devices
+
+
+def _obs_columns(path: str):
+    """Categorical / string obs columns of an .h5ad without loading its matrix."""
+    try:
+        import anndata as ad
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            read_elem = getattr(getattr(ad, "io", None), "read_elem", None) or ad.experimental.read_elem
+            obs = read_elem(f["obs"])
+    except Exception as err:
+        show_info(f"could not list the columns of {path}: {err}")
+        return []
+    import pandas as pd
+
+    return [str(c) for c in obs.columns
+            if isinstance(obs[c].dtype, pd.CategoricalDtype) or pd.api.types.is_object_dtype(obs[c])]

@@ -1,0 +1,478 @@
+"""The plugin in a real napari viewer (Qt + OpenGL; run under Xvfb on a headless machine).
+
+The model is a small randomly initialised SToFM written to a checkpoint folder by the
+tests themselves; the sample slice's embedding is computed once per module and then found
+in the slice's cache (same weights, same expression data), as the run widget does for a
+user who runs twice.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("napari")
+pytestmark = pytest.mark.gui
+
+RUN_TIMEOUT_MS = 120_000
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Autosaves of generated samples go to a per-test cache folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from napari_stofm.model.stofm import build_model
+    from napari_stofm.model.vocabulary import build_vocabulary
+    from napari_stofm.sample_data import make_sample_slice
+
+    path = tmp_path_factory.mktemp("ckpt") / "small_stofm"
+    build_model(build_vocabulary([make_sample_slice()]), seed=0).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sample_embedding(checkpoint):
+    """The sample slice embedded by the test checkpoint (obsm + uns to put in its cache)."""
+    from napari_stofm.embedding import embed
+    from napari_stofm.model.stofm import SToFM
+    from napari_stofm.sample_data import make_sample_slice
+
+    adata = make_sample_slice()
+    embed(adata, SToFM.load(checkpoint), device="cpu")
+    return {"obsm": {k: adata.obsm[k].copy() for k in ("X_stofm", "X_stofm_cell")},
+            "uns": dict(adata.uns["stofm"]), "obs": adata.obs[["stofm_empty", "stofm_virtual_cell"]].copy()}
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    """Every error / info message the plugin shows in napari."""
+    import napari.utils.notifications as notifications
+
+    shown = []
+    real_error, real_info = notifications.show_error, notifications.show_info
+
+    def error(message):
+        shown.append(("error", str(message)))
+        real_error(message)
+
+    def info(message):
+        shown.append(("info", str(message)))
+        real_info(message)
+
+    monkeypatch.setattr(notifications, "show_error", error)
+    monkeypatch.setattr(notifications, "show_info", info)
+    return shown
+
+
+def _open_sample(viewer):
+    layers = viewer.open_sample("napari-stofm", "sample_slice")
+    cells = layers[0]
+    assert cells.metadata["stofm_role"] == "cells"
+    return cells, cells.metadata["stofm_session"]
+
+
+def _inject(session, emb):
+    for k, v in emb["obsm"].items():
+        session.adata.obsm[k] = v.copy()
+    session.adata.uns["stofm"] = dict(emb["uns"])
+
+
+def _run(viewer, qtbot, checkpoint, *, source=None, label_key=None, n_regions=6):
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-stofm", "Run SToFM")
+    widget.weights_combo.setCurrentText("checkpoint folder")
+    widget.weights_path.setText(str(checkpoint))
+    widget.regions_spin.blockSignals(True)
+    widget.regions_spin.setValue(n_regions)
+    widget.regions_spin.blockSignals(False)
+    if source is not None:
+        widget.source_combo.setCurrentText(source)
+        widget.label_key.setCurrentText(label_key)
+    worker = widget.run()
+    assert worker is not None, widget.last_error
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert widget.last_error is None, widget.last_error
+    return widget
+
+
+def _labels(viewer, name):
+    found = [l for l in viewer.layers if l.name == name]
+    assert found, [l.name for l in viewer.layers]
+    return found[0]
+
+
+def _partial_cell_types(session, keep=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    partial = session.adata.obs["cell_type"].copy()
+    partial[rng.random(session.adata.n_obs) > keep] = np.nan
+    session.adata.obs["partial_cell_type"] = partial
+
+
+# ----------------------------------------------------------------------------- open + run
+
+
+def test_sample_opens_through_the_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    cells, session = _open_sample(viewer)
+    assert cells.data.shape == (session.adata.n_obs, 2)
+    # napari shows (y, x); obsm['spatial'] is (x, y)
+    np.testing.assert_allclose(cells.data, session.xy[:, ::-1])
+    assert "cell_type" in cells.features and "cell_id" in cells.features
+    assert cells.metadata["adata"] is session.adata
+    # the sample's own labels are editable Labels layers over the territories
+    region = _labels(viewer, "region")
+    assert region.metadata["stofm_key"] == "region"
+    terr = session.territories
+    assert region.data.shape == terr.shape
+    np.testing.assert_allclose(region.scale, terr.scale)
+    np.testing.assert_allclose(region.translate, terr.translate)
+    codes = session.annotations["region"].codes
+    np.testing.assert_array_equal(region.data, terr.class_image(codes))
+
+
+def test_run_widget_produces_two_labels_layers(make_napari_viewer, qtbot, checkpoint, messages):
+    viewer = make_napari_viewer()
+    cells, session = _open_sample(viewer)
+    _partial_cell_types(session)
+    widget = _run(viewer, qtbot, checkpoint, source="labels column of this slice", label_key="partial_cell_type")
+    assert widget.last_result.embedding_reused is False  # the model really ran
+    assert session.adata.obsm["X_stofm"].shape[0] == session.adata.n_obs
+
+    regions = _labels(viewer, "tissue regions")
+    types = _labels(viewer, "cell types")
+    ann_r = session.annotations["stofm_region"]
+    ann_t = session.annotations["stofm_cell_type"]
+    assert ann_r.n_classes == 6 and ann_r.categories[0] == "Region 1"
+    assert set(ann_t.categories) == set(session.adata.obs["cell_type"].cat.categories)
+    for layer, ann in ((regions, ann_r), (types, ann_t)):
+        terr = session.territories
+        np.testing.assert_array_equal(layer.data, terr.class_image(ann.codes))
+        np.testing.assert_allclose(layer.scale, terr.scale)
+        np.testing.assert_allclose(layer.translate, terr.translate)
+        for code, hex_color in enumerate(ann.colors):
+            expected = [int(hex_color[i: i + 2], 16) / 255 for i in (1, 3, 5)]
+            np.testing.assert_allclose(layer.colormap.color_dict[code + 1][:3], expected, atol=1e-6)
+        feats = layer.features.set_index("index")
+        assert list(feats.loc[1:, "class"]) == ann.categories
+        assert feats.loc[1:, "n_cells"].sum() == (ann.codes >= 0).sum()
+    # the labelled cells keep their given cell type
+    given = session.adata.obs["partial_cell_type"].notna().to_numpy()
+    names = np.array(ann_t.categories, dtype=object)[ann_t.codes[given]]
+    assert (names == session.adata.obs["partial_cell_type"][given].astype(str).to_numpy()).all()
+    # predictions written to obs as well (what a script would read)
+    assert "stofm_region" in session.adata.obs and "stofm_cell_type_confidence" in session.adata.obs
+    assert not [m for m in messages if m[0] == "error"]
+
+
+def test_changing_region_count_reclusters_without_the_model(make_napari_viewer, qtbot, checkpoint,
+                                                            sample_embedding, monkeypatch):
+    viewer = make_napari_viewer()
+    cells, session = _open_sample(viewer)
+    _inject(session, sample_embedding)
+    widget = _run(viewer, qtbot, checkpoint, n_regions=5)
+    assert widget.last_result.embedding_reused is True
+    layer = _labels(viewer, "tissue regions")
+
+    import napari_stofm.embedding as embedding
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not run again")
+
+    monkeypatch.setattr(embedding, "embed", no_model)
+    widget.regions_spin.setValue(8)  # debounced re-clustering in a worker
+    qtbot.waitUntil(lambda: session.annotations["stofm_region"].n_classes == 8, timeout=20_000)
+    qtbot.waitUntil(lambda: layer.features.shape[0] == 9, timeout=5_000)
+    ann = session.annotations["stofm_region"]
+    np.testing.assert_array_equal(layer.data, session.territories.class_image(ann.codes))
+    assert len([l for l in viewer.layers if l.name == "tissue regions"]) == 1
+
+
+def test_cancel_leaves_the_slice_unchanged(make_napari_viewer, qtbot, checkpoint, messages):
+    viewer = make_napari_viewer()
+    cells, session = _open_sample(viewer)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-stofm", "Run SToFM")
+    widget.weights_combo.setCurrentText("checkpoint folder")
+    widget.weights_path.setText(str(checkpoint))
+    layer_names = [l.name for l in viewer.layers]
+    widget.run()
+    widget.cancel()  # before the first cancellation point
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert "cancelled" in (widget.last_error or "")
+    assert [l.name for l in viewer.layers] == layer_names
+    assert "stofm_region" not in session.annotations
+    assert any("cancelled" in m for _, m in messages)
+
+
+# ----------------------------------------------------------------------------- edits
+
+
+@pytest.fixture
+def predicted(make_napari_viewer, qtbot, checkpoint, sample_embedding):
+    viewer = make_napari_viewer()
+    cells, session = _open_sample(viewer)
+    _inject(session, sample_embedding)
+    _partial_cell_types(session)
+    widget = _run(viewer, qtbot, checkpoint, source="labels column of this slice", label_key="partial_cell_type")
+    assert widget.last_result.embedding_reused is True
+    return viewer, session
+
+
+def _cell_pixel(session, cell):
+    terr = session.territories
+    rows, cols = np.nonzero(terr.instance_map == cell + 1)
+    k = len(rows) // 2
+    return int(rows[k]), int(cols[k])
+
+
+def test_paint_changes_cells_and_undo_redo_restore_them(predicted):
+    viewer, session = predicted
+    layer = _labels(viewer, "tissue regions")
+    ann = session.annotations["stofm_region"]
+    terr = session.territories
+    before_codes, before_curated = ann.codes.copy(), ann.curated.copy()
+    cell = int(np.flatnonzero(ann.codes == 0)[len(ann.codes) // 10])
+    target = 2
+    layer.brush_size = 9
+    layer.paint(_cell_pixel(session, cell), target + 1)  # napari's own brush API
+
+    assert ann.codes[cell] == target and ann.curated[cell]
+    changed = np.flatnonzero(ann.codes != before_codes)
+    assert cell in changed
+    assert ann.curated[changed].all() and not ann.curated[ann.codes == before_codes].any()
+    # every territory shows one class: the image is the annotation rendered again
+    np.testing.assert_array_equal(layer.data, terr.class_image(ann.codes))
+    assert layer.features.set_index("index").loc[target + 1, "n_curated"] == changed.size
+
+    layer.undo()
+    np.testing.assert_array_equal(ann.codes, before_codes)
+    np.testing.assert_array_equal(ann.curated, before_curated)
+    np.testing.assert_array_equal(layer.data, terr.class_image(before_codes))
+
+    layer.redo()
+    assert ann.codes[cell] == target and ann.curated[cell]
+    np.testing.assert_array_equal(layer.data, terr.class_image(ann.codes))
+
+
+def test_fill_data_setitem_and_erase(predicted, qtbot):
+    viewer, session = predicted
+    layer = _labels(viewer, "cell types")
+    ann = session.annotations["stofm_cell_type"]
+    terr = session.territories
+
+    # data_setitem over the whole territory of one cell
+    cell = int(np.flatnonzero(ann.codes == 1)[0])
+    rows, cols = np.nonzero(terr.instance_map == cell + 1)
+    layer.data_setitem((rows, cols), 4)
+    qtbot.waitUntil(lambda: ann.codes[cell] == 3, timeout=5_000)
+    assert ann.curated[cell]
+
+    # erase (label 0) one cell: it becomes unassigned
+    other = int(np.flatnonzero((ann.codes == 0) & ~ann.curated)[0])
+    layer.selected_label = 0
+    rows, cols = np.nonzero(terr.instance_map == other + 1)
+    layer.data_setitem((rows, cols), 0)
+    qtbot.waitUntil(lambda: ann.codes[other] == -1, timeout=5_000)
+    assert ann.curated[other]
+
+    # fill: a non-contiguous fill turns every cell of class 5 into class 6
+    layer.contiguous = False
+    victims = np.flatnonzero(ann.codes == 5)
+    assert victims.size
+    layer.fill(_cell_pixel(session, int(victims[0])), 7)
+    assert (ann.codes[victims] == 6).all() and ann.curated[victims].all()
+    np.testing.assert_array_equal(layer.data, terr.class_image(ann.codes))
+    layer.undo()
+    assert (ann.codes[victims] == 5).all() and not ann.curated[victims].any()
+
+
+def test_painting_a_class_that_does_not_exist_is_refused(predicted, messages):
+    viewer, session = predicted
+    layer = _labels(viewer, "tissue regions")
+    ann = session.annotations["stofm_region"]
+    before = ann.codes.copy()
+    layer.brush_size = 9
+    layer.paint(_cell_pixel(session, 10), ann.n_classes + 5)
+    np.testing.assert_array_equal(ann.codes, before)
+    np.testing.assert_array_equal(layer.data, session.territories.class_image(before))
+    assert any(kind == "error" and "not a class" in m for kind, m in messages)
+
+
+def test_hover_shows_cell_class_and_confidence(predicted):
+    viewer, session = predicted
+    layer = _labels(viewer, "tissue regions")
+    ann = session.annotations["stofm_region"]
+    cell = 42
+    status = layer.get_status(session.xy[cell][::-1], world=True)
+    text = status["coordinates"]
+    assert str(session.adata.obs_names[cell]) in text
+    assert ann.categories[ann.codes[cell]] in text
+    assert f"{ann.confidence[cell]:.2f}" in text
+    tooltip = layer._get_tooltip_text(np.asarray(session.xy[cell][::-1]), world=True)
+    assert str(session.adata.obs_names[cell]) in tooltip
+
+
+def test_review_widget_classes_navigation_and_refine(predicted, qtbot):
+    viewer, session = predicted
+    layer = _labels(viewer, "cell types")
+    viewer.layers.selection.active = layer
+    dock, review = viewer.window.add_plugin_dock_widget("napari-stofm", "Review labels")
+    review.select_layer(layer)
+    ann = session.annotations["stofm_cell_type"]
+    assert review.table.rowCount() == ann.n_classes
+    assert review.table.item(0, 1).text() == ann.categories[0]
+
+    review.rename(0, "Glutamatergic")
+    assert ann.categories[0] == "Glutamatergic"
+    assert layer.features.set_index("index").loc[1, "class"] == "Glutamatergic"
+    review.recolor(1, "#123456")
+    np.testing.assert_allclose(layer.colormap.color_dict[2][:3], [0x12 / 255, 0x34 / 255, 0x56 / 255], atol=1e-6)
+    code = review.add_class("Doublet")
+    assert ann.categories[code] == "Doublet" and review.table.rowCount() == ann.n_classes
+    assert layer.selected_label == code + 1
+    n_before = ann.n_classes
+    moved = np.flatnonzero(ann.codes == n_before - 2)
+    review.merge(n_before - 2, 0)
+    assert ann.n_classes == n_before - 1 and (ann.codes[moved] == 0).all()
+    np.testing.assert_array_equal(layer.data, session.territories.class_image(ann.codes))
+
+    cell = review.next_least_confident()
+    assert cell == int(ann.least_confident(1)[0])
+    np.testing.assert_allclose(viewer.camera.center[-2:], session.xy[cell][::-1], atol=1e-6)
+    assert review.next_least_confident() != cell
+
+    # correct a few cells, then refine: only the others may change
+    terr = session.territories
+    for c in np.flatnonzero(ann.codes == 2)[:15]:
+        rows, cols = np.nonzero(terr.instance_map == c + 1)
+        layer.data_setitem((rows, cols), 4)
+    qtbot.waitUntil(lambda: ann.curated.sum() >= 15, timeout=5_000)
+    curated = ann.curated.copy()
+    codes_before = ann.codes.copy()
+    conf_before = ann.confidence.copy()
+    review.refine()
+    qtbot.waitUntil(lambda: review.refine_worker is None, timeout=60_000)
+    assert review.last_error is None, review.last_error
+    np.testing.assert_array_equal(ann.codes[curated], codes_before[curated])
+    np.testing.assert_array_equal(ann.confidence[curated], conf_before[curated])
+    changed = ann.codes != codes_before
+    assert not (changed & curated).any()
+    assert (~np.isclose(ann.confidence, conf_before) & ~curated).any()  # the head really retrained
+    np.testing.assert_array_equal(layer.data, terr.class_image(ann.codes))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _curated_equal(ann, column, curated_column):
+    names = np.array(ann.categories + [None], dtype=object)[ann.codes]
+    mask = ann.curated
+    got = np.asarray(column.astype(object))
+    assert np.asarray(curated_column, dtype=bool).tolist() == mask.tolist()
+    assert [str(x) for x in got[mask]] == [str(x) for x in names[mask]]
+
+
+def test_export_widget_writes_and_rereads(predicted, qtbot, tmp_path, messages):
+    import anndata as ad
+
+    from napari_stofm.slice_io import read_slice
+
+    viewer, session = predicted
+    layer = _labels(viewer, "cell types")
+    ann = session.annotations["stofm_cell_type"]
+    terr = session.territories
+    for c in np.flatnonzero(ann.codes == 1)[:7]:
+        rows, cols = np.nonzero(terr.instance_map == c + 1)
+        layer.data_setitem((rows, cols), 3)
+    qtbot.waitUntil(lambda: ann.curated.sum() >= 7, timeout=5_000)
+
+    answers = []
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-stofm", "Export labels")
+    widget.confirm_overwrite = lambda path: answers.append(path) or False
+
+    outputs = {"h5ad": tmp_path / "curated.h5ad", "csv": tmp_path / "curated.csv",
+               "spatialdata": tmp_path / "curated.zarr"}
+    for fmt, path in outputs.items():
+        assert widget.export(path, fmt=fmt) is not None, widget.last_error
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+        assert widget.last_error is None, widget.last_error
+        assert path.exists()
+
+    h5 = ad.read_h5ad(outputs["h5ad"])
+    _curated_equal(ann, h5.obs["stofm_cell_type"], h5.obs["stofm_cell_type_curated"])
+    assert list(h5.uns["stofm_cell_type_colors"]) == ann.colors
+    csv = pd.read_csv(outputs["csv"])
+    curated_col = [c for c in csv.columns if c.startswith("stofm_cell_type") and c.endswith("curated")][0]
+    _curated_equal(ann, csv["stofm_cell_type"], csv[curated_col])
+    sdata_adata = read_slice(outputs["spatialdata"])
+    _curated_equal(ann, sdata_adata.obs["stofm_cell_type"], sdata_adata.obs["stofm_cell_type_curated"])
+
+    # an existing file is kept when the user says no
+    stamp = outputs["h5ad"].stat().st_mtime_ns
+    assert widget.export(outputs["h5ad"], fmt="h5ad") is None
+    assert answers == [outputs["h5ad"]] and outputs["h5ad"].stat().st_mtime_ns == stamp
+
+    # the napari writer (File > Save Selected Layers) writes the selected labels
+    viewer.layers.selection = {layer}
+    saved = viewer.layers.save(str(tmp_path / "by_writer.h5ad"), selected=True, plugin="napari-stofm")
+    assert saved
+    w = ad.read_h5ad(tmp_path / "by_writer.h5ad")
+    _curated_equal(ann, w.obs["stofm_cell_type"], w.obs["stofm_cell_type_curated"])
+    # the autosave beside nothing (a generated sample) went to the user cache, and restores
+    cells2, session2 = _open_sample(viewer)
+    assert session2.restored_from is not None
+    np.testing.assert_array_equal(session2.annotations["stofm_cell_type"].curated, ann.curated)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_gives_messages_not_crashes(make_napari_viewer, qtbot, tmp_path, messages, checkpoint):
+    viewer = make_napari_viewer()
+    broken = tmp_path / "broken.h5ad"
+    broken.write_bytes(b"this is not HDF5")
+    with pytest.raises(Exception) as info:
+        viewer.open(str(broken), plugin="napari-stofm")
+    assert "not an HDF5 file" in str(info.value)
+    assert len(viewer.layers) == 0
+
+    # run without any slice
+    dock, run = viewer.window.add_plugin_dock_widget("napari-stofm", "Run SToFM")
+    assert run.run() is None and "open a slice" in run.last_error
+
+    cells, session = _open_sample(viewer)
+    run.slice_combo.refresh()
+    run.weights_combo.setCurrentText("checkpoint folder")
+    run.weights_path.setText(str(tmp_path / "no_such_checkpoint"))
+    assert run.run() is None and "does not exist" in run.last_error
+
+    # a folder that is not a checkpoint: fails in the worker, reported, nothing added
+    empty = tmp_path / "empty_ckpt"
+    empty.mkdir()
+    run.weights_path.setText(str(empty))
+    names = [l.name for l in viewer.layers]
+    assert run.run() is not None
+    qtbot.waitUntil(lambda: run.worker is None, timeout=60_000)
+    assert run.last_error and "SToFM failed" in run.last_error
+    assert [l.name for l in viewer.layers] == names
+
+    # reference source without a file
+    run.weights_path.setText(str(checkpoint))
+    run.source_combo.setCurrentText("reference slice")
+    run.reference_path.setText("")
+    assert run.run() is None and "reference" in run.last_error
+
+    # export into a folder that does not exist: message, no file
+    dock, export = viewer.window.add_plugin_dock_widget("napari-stofm", "Export labels")
+    target = tmp_path / "missing" / "out.h5ad"
+    assert export.export(target, fmt="h5ad") is None
+    assert export.last_error and not target.exists()
+    # wrong suffix
+    assert export.export(tmp_path / "out.txt", fmt="csv") is None and "end in .csv" in export.last_error
+    assert not (tmp_path / "out.txt").exists()
+    assert sum(kind == "error" for kind, _ in messages) >= 5
