@@ -1,0 +1,89 @@
+"""Throughput of ``embed`` (and ``predict``) on a real slice, with peak memory.
+
+Stages are timed separately in one process: gene scale (tokenize + cell encoder), macro
+scale (virtual cells), SE(2) stage, and (with ``--predict``) region clustering. The
+gene-scale cache is measured too (a second ``embed`` on the same data and weights).
+
+Run:
+    python benchmarks/bench_embed.py ../shared/data/seqfish_mouse_embryo/embryo2_z2.h5ad
+    python benchmarks/bench_embed.py SLICE --checkpoint DIR --predict
+Without a bundled model and without ``--checkpoint``, a randomly initialised model of the
+bundled size is used (same cost).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import numpy as np
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("slice", help=".h5ad or SpatialData .zarr")
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--predict", action="store_true", help="also predict regions (K = true region count or 7)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from napari_stofm.embedding import embed, embed_cells
+    from napari_stofm.model.stofm import build_model, load_model
+    from napari_stofm.model.vocabulary import build_vocabulary
+    from napari_stofm.slice_io import read_slice
+
+    adata = read_slice(args.slice)
+    try:
+        model = load_model(args.checkpoint)
+        which = model.source
+    except Exception:  # noqa: BLE001 - no bundled weights: same-size random model
+        model = build_model(build_vocabulary([adata]), seed=0)
+        which = "random init (bundled size)"
+    print(f"slice: {args.slice}: {adata.n_obs} cells x {adata.n_vars} genes; model: {which}; threads {torch.get_num_threads()}")
+
+    t0 = time.perf_counter()
+    embed_cells(adata, model)
+    t_gene = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    embed(adata, model)  # gene scale cached: virtual cells + SE(2)
+    t_rest = time.perf_counter() - t0
+    meta = adata.uns["stofm"]
+    t0 = time.perf_counter()
+    embed(adata.copy(), model)  # whole-run cache
+    t_cached = time.perf_counter() - t0
+    total = t_gene + t_rest
+    n = adata.n_obs
+    rows = [
+        ("gene scale (tokenize + encoder)", t_gene),
+        ("virtual cells + SE(2) stage", t_rest),
+        ("embed total", total),
+        ("embed again (cached)", t_cached),
+    ]
+    if args.predict:
+        from napari_stofm.regions import RegionClusterer
+
+        k = int(adata.obs["region"].nunique()) if "region" in adata.obs else 7
+        t0 = time.perf_counter()
+        clusterer = RegionClusterer(adata.obsm["X_stofm"], np.asarray(adata.obsm["spatial"])[:, :2])
+        clusterer.regions(n_regions=k)
+        rows.append((f"regions fit + K={k}", time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        clusterer.regions(n_regions=k + 2)
+        rows.append((f"re-cluster at K={k + 2}", time.perf_counter() - t0))
+    print(f"{'stage':<34}{'seconds':>9}{'cells/s':>10}")
+    for name, sec in rows:
+        print(f"{name:<34}{sec:>9.2f}{n / sec if sec > 0 else float('inf'):>10.0f}")
+    print(f"sub-slices {meta['n_subslices']}, virtual cells {meta['n_virtual_cells']}, "
+          f"genes in vocabulary {meta['genes_matched']}/{meta['genes_total']}; peak RSS {peak_rss_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
