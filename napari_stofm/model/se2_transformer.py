@@ -68,7 +68,10 @@ class GaussianKernel(nn.Module):
         out = torch.empty(d.shape[0], self.num_heads, dtype=scale.dtype, device=d.device)
         for start in range(0, d.shape[0], _KERNEL_CHUNK):
             x = (d[start : start + _KERNEL_CHUNK] * w + b).unsqueeze(-1)
-            g = torch.exp((x - mean).mul_(inv_std).square_().mul_(-0.5)).mul_(scale)
+            if torch.is_grad_enabled():  # training: autograd needs the intermediate values
+                g = torch.exp(((x - mean) * inv_std).square() * -0.5) * scale
+            else:
+                g = torch.exp((x - mean).mul_(inv_std).square_().mul_(-0.5)).mul_(scale)
             out[start : start + _KERNEL_CHUNK] = self.proj(g)
         return out
 
@@ -255,7 +258,11 @@ class SE2Transformer(nn.Module):
 
         Returns ``last_hidden_state`` (B, L, E) and, if asked, ``pair_rep`` (B, L, L, heads).
         """
-        token_types = token_types.long()
+        dtype = self.embedding_layer.weight.dtype
+        device = self.embedding_layer.weight.device
+        token_embeddings = torch.as_tensor(token_embeddings, device=device).to(dtype)
+        attn_bias = torch.as_tensor(attn_bias, device=device)
+        token_types = torch.as_tensor(token_types, device=device).long()
         x = self.embedding_layer(token_embeddings) + self.token_type_embeddings(token_types)
         kernel = self.gaussian.dense_forward if dense_kernel else self.gaussian
         bias = kernel(attn_bias.to(x.dtype))
