@@ -88,6 +88,7 @@ def sample_slice(n_cells: int = 3000, seed: int = 0):
     session = SliceSession(adata, name="SToFM sample")
     session.store = _sample_store(name)
     session.load_existing_labels()
+    session.load_embedding_cache()
     _tell_restored(session)
     return slice_layer_data(session)
 

@@ -41,6 +41,7 @@ KNOWN_COLUMNS = (
     ("cell_type", "cell_type"),
 )
 DISPLAY_NAMES = {REGION_KEY: "tissue regions", CELL_TYPE_KEY: "cell types"}
+EMBEDDING_SUFFIX = ".stofm-embedding.npz"
 
 
 def display_name(key: str) -> str:
@@ -115,6 +116,7 @@ class SliceSession:
         adata = read_slice(path)
         session = cls(adata, path, **kwargs)
         session.load_existing_labels(restore=restore)
+        session.load_embedding_cache()
         return session
 
     def load_existing_labels(self, *, restore: bool = True) -> List[str]:
@@ -227,6 +229,11 @@ class SliceSession:
         """Install the annotations of a run (replacing earlier predictions) and autosave."""
         if result.clusterer is not None:
             self.clusterer = result.clusterer
+        if not result.embedding_reused:
+            try:
+                self.save_embedding_cache()
+            except OSError as err:  # a cache is a convenience: never fail a run over it
+                result.messages.append(f"the embedding was not cached ({err})")
         for key, ann in result.annotations.items():
             self.annotations[key] = ann
             ann.to_obs(self.adata)
@@ -296,6 +303,66 @@ class SliceSession:
             check_cancelled(cancel)
             return transfer_labels(ref_emb, ref.obs[label_key], embeddings)
         raise StofmInputError(f"unknown cell-type source {kind!r}: use ('reference', path, key) or ('column', key).")
+
+    # ------------------------------------------------------------------ embedding cache
+    @property
+    def embedding_cache_path(self) -> Optional[Path]:
+        """``<slice>.stofm-embedding.npz`` next to the autosave (None without one)."""
+        if self.store is None:
+            return None
+        target = self.store.path
+        return target.with_name(target.name.replace(CurationStore.SUFFIX, EMBEDDING_SUFFIX))
+
+    def save_embedding_cache(self) -> Optional[Path]:
+        """Keep ``obsm['X_stofm']`` / ``['X_stofm_cell']`` beside the slice, so reopening it
+        with the same weights does not run the model again."""
+        import io
+        import json
+
+        from .curation import atomic_write_bytes
+
+        path = self.embedding_cache_path
+        meta = self.adata.uns.get("stofm", {})
+        if path is None or "X_stofm" not in self.adata.obsm or not isinstance(meta, dict):
+            return None
+        keep = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
+        arrays = {"X_stofm": np.asarray(self.adata.obsm["X_stofm"], dtype=np.float32),
+                  "meta": np.frombuffer(json.dumps(keep).encode("utf-8"), dtype=np.uint8)}
+        if "X_stofm_cell" in self.adata.obsm:
+            arrays["X_stofm_cell"] = np.asarray(self.adata.obsm["X_stofm_cell"], dtype=np.float32)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    def load_embedding_cache(self) -> bool:
+        """Put a cached embedding back into the AnnData when it fits these cells and this
+        expression data (which weights made it is checked when a run asks for it)."""
+        import json
+
+        path = self.embedding_cache_path
+        if path is None or not path.is_file() or "X_stofm" in self.adata.obsm:
+            return False
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(bytes(data["meta"]).decode("utf-8"))
+                arrays = {k: data[k] for k in data.files if k != "meta"}
+        except Exception:
+            return False
+        from .embedding import expression_fingerprint
+
+        parts = str(meta.get("gene_scale_key", "")).split(":")
+        if (arrays["X_stofm"].shape[0] != self.adata.n_obs or len(parts) < 2
+                or parts[1] != expression_fingerprint(self.adata)):
+            return False
+        for key in ("X_stofm", "X_stofm_cell"):
+            if key in arrays:
+                self.adata.obsm[key] = arrays[key]
+        stofm = dict(self.adata.uns.get("stofm", {}) or {})
+        stofm.update(meta)
+        self.adata.uns["stofm"] = stofm
+        return True
 
     # ------------------------------------------------------------------ regions
     def recluster(self, n_regions: Optional[int] = None, resolution: Optional[float] = None, *,

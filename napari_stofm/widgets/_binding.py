@@ -241,9 +241,9 @@ class LabelsBinding:
             item.append(_EditAtom((rows, cols), old, new, edit))
             self.last_edit = edit
             if rows.size:
-                self.layer.refresh()
+                _show_pixels(self.layer, rows, cols, new)
             if edit is not None and edit.changed:
-                self._update_classes()
+                self._update_features()
                 self._schedule_autosave()
         finally:
             self._busy = False
@@ -264,7 +264,7 @@ class LabelsBinding:
                 self.session.restore(self.key, edit.previous if undoing else edit.after)
         finally:
             self._busy = False
-        self._update_classes()
+        self._update_features()
         self._schedule_autosave()
 
     def resync(self) -> int:
@@ -293,7 +293,7 @@ class LabelsBinding:
         finally:
             self._busy = False
         self.layer.refresh()
-        self._update_classes()
+        self._update_features()
         if edit is not None and edit.changed:
             self._schedule_autosave()
             return int(edit.cells.size)
@@ -314,6 +314,10 @@ class LabelsBinding:
         ann = self.annotation
         self.layer.colormap = labels_colormap(ann)
         self.layer.features = labels_features(ann)
+
+    def _update_features(self) -> None:
+        """Cell counts per class changed; names and colours did not."""
+        self.layer.features = labels_features(self.annotation)
 
     # ------------------------------------------------------------------ autosave
     def _schedule_autosave(self) -> None:
@@ -381,6 +385,23 @@ def _union(a, b):
         return a
     return (slice(min(a[0].start, b[0].start), max(a[0].stop, b[0].stop)),
             slice(min(a[1].start, b[1].start), max(a[1].stop, b[1].stop)))
+
+
+def _show_pixels(layer, rows, cols, values) -> None:
+    """Show pixels written straight into ``layer.data``: the same partial texture update
+    napari's ``data_setitem`` makes (a full refresh costs ~0.1 s per 5 Mpx); a full
+    refresh where that path is not available."""
+    try:
+        image = layer._slice.image
+        if layer.ndim != 2 or not isinstance(layer.data, np.ndarray) or not np.shares_memory(layer.data, image.raw):
+            raise AttributeError("not a 2-D numpy layer")
+        if layer.contour == 0:
+            image.view[rows, cols] = layer.colormap._data_to_texture(np.asarray(values, dtype=layer.data.dtype))
+        layer._accumulate_updated_slice((slice(int(rows.min()), int(rows.max()) + 1),
+                                         slice(int(cols.min()), int(cols.max()) + 1)))
+        layer._partial_labels_refresh()
+    except Exception:  # another napari version or data backend
+        layer.refresh()
 
 
 def _call_soon(func) -> None:
