@@ -130,12 +130,16 @@ class SelfAttention(nn.Module):
         bias: torch.Tensor,
         key_padding_mask: Optional[torch.Tensor],
         need_logits: bool = True,
+        logits_out: Optional[torch.Tensor] = None,
+        bias_writable: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x (B, L, E), bias (B, H, L, L), key_padding_mask (B, L) bool -> (out, logits).
 
         ``logits`` (B, H, L, L) are the pre-softmax scores (bias included) with masked keys
         set to 0: the next layer's bias and, after the last layer, the pair representation.
         The attention itself runs through the fused ``scaled_dot_product_attention``.
+        ``logits_out`` (inference only) is a spare (B, H, L, L) buffer to write them into;
+        ``bias_writable`` says ``bias`` is scratch that may be changed in place.
         """
         b, l, e = x.shape
         h, d = self.num_heads, self.head_dim
@@ -145,14 +149,18 @@ class SelfAttention(nn.Module):
         has_padding = key_padding_mask is not None and bool(key_padding_mask.any())
         mask = bias
         if has_padding:
-            mask = bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+            key_mask = key_padding_mask[:, None, None, :]
+            # A consumed scratch bias may take the -inf in place: the logits below get 0 at
+            # those keys either way.
+            mask = bias.masked_fill_(key_mask, float("-inf")) if bias_writable else bias.masked_fill(key_mask, float("-inf"))
         attn = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask.to(q.dtype), dropout_p=self.dropout.p if self.training else 0.0, scale=1.0
         )
         logits = None
         if need_logits:
+            out = None if logits_out is None else logits_out.view(b * h, l, l)
             logits = torch.baddbmm(
-                bias.reshape(b * h, l, l), q.reshape(b * h, l, d), k.reshape(b * h, l, d).transpose(1, 2)
+                bias.reshape(b * h, l, l), q.reshape(b * h, l, d), k.reshape(b * h, l, d).transpose(1, 2), out=out
             ).view(b, h, l, l)
             if has_padding:
                 logits.masked_fill_(key_padding_mask[:, None, None, :], 0.0)
@@ -173,11 +181,11 @@ class EncoderLayer(nn.Module):
         self.activation_dropout = nn.Dropout(config.activation_dropout)
         self.activation = _ACT[config.activation_fn]
 
-    def forward(self, x, bias, key_padding_mask, need_logits=True):
+    def forward(self, x, bias, key_padding_mask, need_logits=True, logits_out=None, bias_writable=False):
         residual = x
         if self.pre_layernorm:
             x = self.self_attn_layer_norm(x)
-        x, logits = self.self_attn(x, bias, key_padding_mask, need_logits)
+        x, logits = self.self_attn(x, bias, key_padding_mask, need_logits, logits_out, bias_writable)
         x = residual + self.dropout(x)
         if not self.pre_layernorm:
             x = self.self_attn_layer_norm(x)
@@ -201,16 +209,27 @@ class Encoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.layerdrop = config.layerdrop
 
-    def forward(self, x, bias, key_padding_mask, need_last_logits=True):
+    def forward(self, x, bias, key_padding_mask, need_last_logits=True, bias_is_scratch=False):
         """Returns the last hidden states and the last layer's logits (None if not needed)."""
         x = self.dropout(x)
         last = len(self.layers) - 1
         logits = None
+        # Inference: the (B, H, L, L) logits ping-pong between two buffers instead of a
+        # fresh allocation per layer (a consumed bias becomes the next output buffer; the
+        # input bias only when the caller says it is scratch).
+        reuse = not torch.is_grad_enabled()
+        spare = None
         for i, layer in enumerate(self.layers):
             if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
                 continue
-            x, logits = layer(x, bias, key_padding_mask, need_logits=need_last_logits or i < last)
+            need = need_last_logits or i < last
+            writable = reuse and (i > 0 or bias_is_scratch)
+            x, logits = layer(
+                x, bias, key_padding_mask, need_logits=need, logits_out=spare if need else None, bias_writable=writable
+            )
             if logits is not None:
+                if writable:
+                    spare = bias
                 bias = logits
         return x, logits
 
@@ -267,7 +286,7 @@ class SE2Transformer(nn.Module):
         kernel = self.gaussian.dense_forward if dense_kernel else self.gaussian
         bias = kernel(attn_bias.to(x.dtype))
         padding = token_types.eq(self.config.pad_type_id)
-        x, logits = self.encoder(x, bias, padding, need_last_logits=return_pair_rep)
+        x, logits = self.encoder(x, bias, padding, need_last_logits=return_pair_rep, bias_is_scratch=True)
         out = {"last_hidden_state": x}
         if return_pair_rep:
             out["pair_rep"] = logits.permute(0, 2, 3, 1).contiguous()
