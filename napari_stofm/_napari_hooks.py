@@ -54,7 +54,23 @@ def read_slice_layers(path: PathOrPaths):
         path = path[0]
     session = SliceSession.open(path)  # raises StofmInputError with the fix
     _tell_restored(session)
+    _bind_when_added()
     return slice_layer_data(session)
+
+
+def _bind_when_added() -> None:
+    """Once napari has added the layers, map paint/fill/erase on them to cells even
+    before any of the plugin's widgets is opened."""
+    try:
+        import napari
+        from qtpy.QtCore import QTimer
+
+        from .widgets._binding import bind_viewer
+    except Exception:  # headless use of the reader
+        return
+    viewer = napari.current_viewer()
+    if viewer is not None:
+        QTimer.singleShot(0, lambda: bind_viewer(viewer))
 
 
 def _tell_restored(session) -> None:
@@ -90,6 +106,7 @@ def sample_slice(n_cells: int = 3000, seed: int = 0):
     session.load_existing_labels()
     session.load_embedding_cache()
     _tell_restored(session)
+    _bind_when_added()
     return slice_layer_data(session)
 
 

@@ -36,7 +36,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 #: Pixels per median cell spacing when the pixel size is chosen automatically.
 PIXELS_PER_SPACING = 4.0
 #: Territory radius as a multiple of the median cell spacing.
-RADIUS_PER_SPACING = 1.25
+RADIUS_PER_SPACING = 1.5
 
 BBox = Tuple[slice, slice]
 
@@ -327,7 +327,7 @@ def rasterize_territories(
         Physical size of one pixel; default: the median nearest-neighbour spacing / 4,
         enlarged if needed so the raster stays under ``max_pixels``.
     max_radius
-        Largest distance from a cell to a pixel of its territory; default 1.25 x the
+        Largest distance from a cell to a pixel of its territory; default 1.5 x the
         median spacing.
     masks
         An instance image (H, W) of real cell masks. Its values are the cells' mask ids:

@@ -34,7 +34,7 @@ def test_pixel_size_and_radius_follow_spacing_and_cap():
     assert spacing_of(xy) == pytest.approx(10.0)
     terr = rasterize_territories(xy)
     assert terr.scale == pytest.approx((2.5, 2.5))
-    assert terr.max_radius == pytest.approx(12.5)
+    assert terr.max_radius == pytest.approx(15.0)
     capped = rasterize_territories(xy, max_pixels=2_000)
     assert capped.instance_map.size <= 2_000
     assert capped.scale[0] > 2.5

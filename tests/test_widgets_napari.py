@@ -136,6 +136,22 @@ def test_sample_opens_through_the_manifest(make_napari_viewer):
     np.testing.assert_array_equal(region.data, terr.class_image(codes))
 
 
+def test_edits_are_mapped_without_any_widget_open(make_napari_viewer, qtbot):
+    from napari_stofm.widgets._binding import binding_of
+
+    viewer = make_napari_viewer()
+    cells, session = _open_sample(viewer)
+    layer = _labels(viewer, "region")
+    qtbot.waitUntil(lambda: binding_of(layer) is not None, timeout=5_000)
+    ann = session.annotations["region"]
+    cell = int(np.flatnonzero(ann.codes == 1)[5])
+    rows, cols = np.nonzero(session.territories.instance_map == cell + 1)
+    layer.data_setitem((rows, cols), 1)
+    assert ann.codes[cell] == 0 and ann.curated[cell]
+    # the sample has no folder: the autosave goes to the user cache, debounced
+    qtbot.waitUntil(lambda: session.store.exists(), timeout=10_000)
+
+
 def test_run_widget_produces_two_labels_layers(make_napari_viewer, qtbot, checkpoint, messages):
     viewer = make_napari_viewer()
     cells, session = _open_sample(viewer)

@@ -173,10 +173,10 @@ def slice_layer_data(session: SliceSession):
     """Everything a slice shows when opened: its cells, then one Labels layer per annotation."""
     layers = [cells_layer_data(session)]
     keys = list(session.annotations)
-    has_prediction = any(k.startswith("stofm_") for k in keys)
+    # one Labels layer visible (a prediction first): stacked label images hide each other
+    shown = next((k for k in keys if k.startswith("stofm_")), keys[0] if keys else None)
     for key in keys:
-        visible = key.startswith("stofm_") or not has_prediction
-        layers.append(labels_layer_data(session, key, visible=visible and key == keys[-1] or visible and len(keys) == 1))
+        layers.append(labels_layer_data(session, key, visible=key == shown))
     return layers
 
 

@@ -39,7 +39,7 @@ from ._binding import bind, bind_viewer, binding_of
 from ._common import report_failure, show_error, start_worker
 from ._layers import ROLE_LABELS, session_of
 
-COLUMNS = ("colour", "class", "cells", "mean confidence", "curated")
+COLUMNS = ("", "class", "cells", "confidence", "curated")
 
 
 class ReviewWidget(QWidget):
@@ -66,6 +66,13 @@ class ReviewWidget(QWidget):
         self.table.itemChanged.connect(self._on_item_changed)
         self.table.cellClicked.connect(self._on_cell_clicked)
         self.table.itemSelectionChanged.connect(self._on_selection)
+        self.table.setMinimumHeight(200)
+        header = self.table.horizontalHeader()
+        for col in (2, 3, 4):
+            header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Fixed)
+        self.table.setColumnWidth(0, 24)
+        self.table.horizontalHeaderItem(3).setToolTip("mean confidence of the class's cells")
 
         self.add_button = QPushButton("Add class")
         self.add_button.clicked.connect(self._ask_add_class)

@@ -32,7 +32,7 @@ from ..errors import StofmInputError
 from ..session import REGION_KEY
 from ._binding import bind_viewer
 from ._common import ProgressRelay, SliceCombo, report_failure, show_error, show_info, start_worker
-from ._layers import add_or_update_labels
+from ._layers import ROLE_LABELS, add_or_update_labels, session_of
 
 WEIGHTS_BUNDLED = "bundled"
 WEIGHTS_CHECKPOINT = "checkpoint folder"
@@ -129,7 +129,6 @@ class RunWidget(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.status)
-        layout.addStretch(1)
         self._on_slice_changed()
         self._update_enabled()
 
@@ -304,7 +303,10 @@ class RunWidget(QWidget):
             for key in result.annotations:
                 layers.append(add_or_update_labels(self.viewer, session, key))
             bind_viewer(self.viewer)
-            if layers:
+            if layers:  # show the first result; the other label images stay one click away
+                for layer in self.viewer.layers:
+                    if (layer.metadata or {}).get("stofm_role") == ROLE_LABELS and session_of(layer) is session:
+                        layer.visible = layer is layers[0]
                 self.viewer.layers.selection.active = layers[0]
             note = " (embedding reused)" if result.embedding_reused else ""
             self.status.setText(f"done{note}: " + ", ".join(
