@@ -167,3 +167,17 @@ def test_mismatched_cell_encoder_is_a_clear_error(published_checkpoint, tmp_path
     torch.save({"weight": torch.zeros(256, 48), "bias": torch.zeros(256)}, bad / "cell_encoder" / "cell_proj.bin")
     with pytest.raises(CheckpointError, match="cell_proj.weight"):
         load_model(bad)
+
+
+def test_real_mouse_slice_embeds_through_the_human_vocabulary(shared_data_dir, tiny_checkpoint):
+    """A real MERFISH mouse slice: mouse symbols meet the human-symbol vocabulary by the
+    case rule, and every cell gets a finite representation."""
+    from napari_stofm.slice_io import read_slice
+
+    adata = read_slice(shared_data_dir / "merfish_mouse_poa" / "animal1_bregma-0.29.h5ad")[:1500].copy()
+    model = load_model(tiny_checkpoint)
+    embed(adata, model, split_num=500)
+    assert adata.uns["stofm"]["species"] == "mouse"
+    assert adata.uns["stofm"]["genes_matched"] >= 10
+    assert np.isfinite(adata.obsm["X_stofm"]).all()
+    assert adata.uns["stofm"]["n_subslices"] >= 3
