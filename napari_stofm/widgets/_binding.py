@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import StofmError
 from ..session import EditResult, SliceSession, display_name
-from ._layers import labels_colormap, labels_features, refresh_labels_layer
+from ._layers import labels_colormap, labels_features, refresh_labels_layer, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,12 @@ class _EditAtom(tuple):
 
 
 def binding_of(layer) -> Optional["LabelsBinding"]:
-    return _BINDINGS.get(layer)
+    return _BINDINGS.get(unwrap(layer)) if layer is not None else None
 
 
 def bind(layer, session: SliceSession, key: str) -> "LabelsBinding":
     """The binding of ``layer`` (created on first call)."""
+    layer = unwrap(layer)
     binding = _BINDINGS.get(layer)
     if binding is None or binding.session is not session or binding.key != key:
         if binding is not None:
@@ -60,6 +61,8 @@ def bind(layer, session: SliceSession, key: str) -> "LabelsBinding":
 def bind_viewer(viewer) -> list:
     """Bind every SToFM Labels layer of a viewer (and the ones added later)."""
     from ._layers import ROLE_LABELS, session_of
+
+    viewer = unwrap(viewer)
 
     def _bind(layer):
         meta = layer.metadata or {}
@@ -80,7 +83,8 @@ def bind_viewer(viewer) -> list:
 
 class LabelsBinding:
     def __init__(self, layer, session: SliceSession, key: str):
-        self.layer = layer
+        layer = unwrap(layer)
+        self._layer_ref = weakref.ref(layer)
         self.session = session
         self.key = key
         self._pending: list = []
@@ -95,21 +99,32 @@ class LabelsBinding:
         self.resync()
 
     # ------------------------------------------------------------------ lifecycle
+    @property
+    def layer(self):
+        """The Labels layer (None once napari has deleted it)."""
+        return self._layer_ref()
+
     def detach(self) -> None:
+        self.session.unsubscribe(self._on_session_change)
+        layer = self.layer
+        if layer is None:
+            return
         try:
-            self.layer.events.paint.disconnect(self._on_paint)
-            self.layer.events.labels_update.disconnect(self._on_labels_update)
+            layer.events.paint.disconnect(self._on_paint)
+            layer.events.labels_update.disconnect(self._on_labels_update)
         except Exception:
             pass
-        self.session.unsubscribe(self._on_session_change)
         for name in ("undo", "redo", "get_status", "_get_tooltip_text"):
-            self.layer.__dict__.pop(name, None)
+            layer.__dict__.pop(name, None)
 
     @property
     def annotation(self):
         return self.session.annotations[self.key]
 
     def _wrap_layer_methods(self) -> None:
+        """Wrap this layer's undo/redo (to replay the annotation with the pixels) and its
+        status/tooltip text (to add the cell under the cursor). napari has no event for
+        undo/redo, and its status text comes from these methods."""
         layer = self.layer
         cls = type(layer)
         ref = weakref.ref(self)
@@ -301,6 +316,9 @@ class LabelsBinding:
 
     # ------------------------------------------------------------------ session changes
     def _on_session_change(self, key: str, what: str) -> None:
+        if self.layer is None:  # the layer was deleted
+            self.session.unsubscribe(self._on_session_change)
+            return
         if key != self.key or self._busy:
             return
         if what == "classes":

@@ -24,6 +24,11 @@ _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # ----------------------------------------------------------------------------- registry
 
 
+def unwrap(obj):
+    """The napari object behind the public-only proxy napari hands plugin widgets."""
+    return getattr(obj, "__wrapped__", obj) if obj is not None else None
+
+
 def session_of(layer) -> Optional[SliceSession]:
     """The slice session a layer belongs to (registry first, then the layer's metadata).
 
@@ -32,6 +37,7 @@ def session_of(layer) -> Optional[SliceSession]:
     """
     if layer is None:
         return None
+    layer = unwrap(layer)
     try:
         found = _SESSIONS.get(layer)
     except TypeError:
@@ -185,7 +191,7 @@ def add_or_update_labels(viewer, session: SliceSession, key: str):
     layer = labels_layer_for(viewer, session, key)
     data, kwargs, _ = labels_layer_data(session, key)
     if layer is None:
-        layer = viewer.add_labels(data, **kwargs)
+        layer = unwrap(viewer.add_labels(data, **kwargs))
         _SESSIONS[layer] = session
     else:
         refresh_labels_layer(layer, session, key, data=data)

@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import StofmError
+from ..raster import PIXELS_PER_SPACING
 from ..session import display_name
 from ._binding import bind, bind_viewer, binding_of
 from ._common import report_failure, show_error, start_worker
@@ -275,12 +276,9 @@ class ReviewWidget(QWidget):
         y, x = self._session.xy[cell, 1], self._session.xy[cell, 0]
         terr = self._session.territories
         self.viewer.camera.center = (y, x)
-        spacing = max(terr.scale) * 4 * 12
-        try:  # about a dozen cells across the view
-            size = min(self.viewer._canvas_size) if hasattr(self.viewer, "_canvas_size") else 600
-            self.viewer.camera.zoom = max(size / spacing, self.viewer.camera.zoom)
-        except Exception:
-            pass
+        # zoom in to about a dozen cells across a ~600 px view (never zoom out)
+        span = max(terr.scale) * PIXELS_PER_SPACING * 12
+        self.viewer.camera.zoom = max(600.0 / span, self.viewer.camera.zoom)
         if self.layer is not None:
             self.viewer.layers.selection.active = self.layer
         code = int(ann.codes[cell])
