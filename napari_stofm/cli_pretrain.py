@@ -1,0 +1,92 @@
+"""``stofm pretrain``: train SToFM weights on your own slices (see ``stofm pretrain --help``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cli import _EXTENSIONS, command
+
+_DESCRIPTION = """\
+Train SToFM weights from spatial-transcriptomics slices (.h5ad files with cell positions in
+obsm['spatial'] and expression in X), on the CPU. Two stages, as in the SToFM paper: first the
+gene-scale cell encoder learns to fill in hidden genes of each cell (plus a contrastive term),
+then the SE(2) transformer learns to fill in hidden cells and jittered cell distances from the
+spatial context, with the cell encoder frozen. The result is a checkpoint folder that
+`stofm embed/predict --checkpoint OUT` and napari_stofm.load_model(OUT) read, with a loss curve
+(loss_curve.png) and the full loss history (training_log.json).
+
+Slices that the shared data README keeps for evaluation (held out) are skipped when found in a
+--data folder and refused when named directly.
+
+Example (about 40 minutes on 2 CPU cores):
+  stofm pretrain --data ../shared/data -o my_weights --minutes 40
+
+Stopped early? Run the same command again with --resume: training continues from the last
+periodic checkpoint in OUT/state/.
+"""
+
+
+def _add_parser(sub) -> None:
+    from .model.pretrain import PretrainConfig
+
+    d = PretrainConfig()
+    p = sub.add_parser("pretrain", help="train SToFM weights on slices (CPU, resumable)",
+                       description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR_OR_FILE",
+                   help="slice files (.h5ad) and/or folders searched for them (recursively)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="folder for the trained checkpoint (created; its state/ subfolder allows --resume)")
+    p.add_argument("--exclude-held-out", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip / refuse the evaluation slices listed in the data README (default: on)")
+    p.add_argument("--stage1-steps", type=int, default=d.stage1_steps,
+                   help=f"training steps of the gene-scale encoder (default: {d.stage1_steps})")
+    p.add_argument("--stage2-steps", type=int, default=d.stage2_steps,
+                   help=f"training steps of the SE(2) transformer (default: {d.stage2_steps})")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget for this call; stage 1 may use --stage1-share of it and each stage stops "
+                   "early when its share is spent (default: no limit, the step counts decide)")
+    p.add_argument("--stage1-share", type=float, default=d.stage1_share,
+                   help=f"part of --minutes given to stage 1 (default: {d.stage1_share})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/state/")
+    p.add_argument("--threads", type=int, default=d.threads, help=f"CPU threads for torch (default: {d.threads})")
+    p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes,
+                   help=f"save a resumable checkpoint this often (default: {d.checkpoint_minutes})")
+    p.add_argument("--name", default=d.name, help=f"model name written into stofm.json (default: {d.name})")
+    g = p.add_argument_group("sizes and batches (defaults suit a CPU)")
+    g.add_argument("--max-genes", type=int, default=d.max_genes,
+                   help=f"genes per cell, top of the rank order, in training and later embedding (default: {d.max_genes})")
+    g.add_argument("--batch-cells", type=int, default=d.batch_cells, help=f"cells per stage-1 step (default: {d.batch_cells})")
+    g.add_argument("--train-split-num", type=int, default=d.train_split_num,
+                   help=f"cells per training sub-slice in stage 2 (default: {d.train_split_num})")
+    g.add_argument("--batch-subslices", type=int, default=d.batch_subslices,
+                   help=f"sub-slices per stage-2 step (default: {d.batch_subslices})")
+    g.add_argument("--bert-hidden", type=int, default=d.bert_hidden, help=f"cell encoder width (default: {d.bert_hidden})")
+    g.add_argument("--bert-layers", type=int, default=d.bert_layers, help=f"cell encoder layers (default: {d.bert_layers})")
+    g.add_argument("--se2-dim", type=int, default=d.se2_dim, help=f"SE(2) transformer width E (default: {d.se2_dim})")
+    g.add_argument("--se2-layers", type=int, default=d.se2_layers, help=f"SE(2) transformer layers (default: {d.se2_layers})")
+    g.add_argument("--se2-heads", type=int, default=d.se2_heads, help=f"SE(2) attention heads (default: {d.se2_heads})")
+    g.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight,
+                   help=f"weight of the stage-1 contrastive term, 0 to switch it off (default: {d.contrastive_weight})")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+_EXTENSIONS.append(_add_parser)
+
+
+@command("pretrain")
+def cmd_pretrain(args) -> int:
+    from .model.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(
+        seed=args.seed, threads=args.threads, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+        minutes=args.minutes, stage1_share=args.stage1_share, checkpoint_minutes=args.checkpoint_minutes,
+        max_genes=args.max_genes, batch_cells=args.batch_cells, train_split_num=args.train_split_num,
+        batch_subslices=args.batch_subslices, bert_hidden=args.bert_hidden, bert_layers=args.bert_layers,
+        se2_dim=args.se2_dim, se2_layers=args.se2_layers, se2_heads=args.se2_heads,
+        contrastive_weight=args.contrastive_weight, name=args.name,
+    )
+    out = pretrain(args.data, args.output, cfg, resume=args.resume, exclude_held_out=args.exclude_held_out,
+                   show_progress=not args.quiet)
+    print(f"weights written to {out} (loss curve: {out / 'loss_curve.png'})", file=sys.stderr)
+    return 0

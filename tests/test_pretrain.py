@@ -1,0 +1,102 @@
+"""The pretraining recipe on small generated slices (no shared data needed)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_stofm.errors import StofmInputError
+from napari_stofm.model import pretrain as pt
+from napari_stofm.sample_data import make_sample_slice
+
+TINY = dict(bert_hidden=32, bert_layers=1, bert_heads=2, bert_intermediate=64, se2_layers=2, se2_dim=32, se2_ffn=64,
+            se2_heads=4, se2_gaussians=16, batch_cells=16, train_split_num=100, batch_subslices=2, warmup_steps=3,
+            min_cells_per_gene=1, max_genes=63, threads=1, checkpoint_minutes=0.0)
+
+
+@pytest.fixture(scope="module")
+def slices():
+    return [("generated/a", make_sample_slice(n_cells=400, seed=1)), ("generated/b", make_sample_slice(n_cells=400, seed=2))]
+
+
+@pytest.fixture(scope="module")
+def run(slices, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain") / "weights"
+    cfg = pt.PretrainConfig(stage1_steps=6, stage2_steps=5, **TINY)
+    pt.pretrain([], out, cfg, adatas=slices, show_progress=False)
+    return out
+
+
+def test_run_writes_a_loadable_checkpoint(run, slices):
+    from napari_stofm.embedding import embed
+    from napari_stofm.model.checkpoint import load_se2_transformer
+    from napari_stofm.model.stofm import load_model
+
+    log = json.loads((run / pt.LOG_NAME).read_text())
+    rows = log["history"]["stage1"] + log["history"]["stage2"]
+    assert len(log["history"]["stage1"]) == 6 and len(log["history"]["stage2"]) == 5
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    model = load_model(run)
+    assert model.settings.split_mode == "spatial" and model.settings.max_genes == 63
+    assert model.settings.info["training_slices"] == ["generated/a", "generated/b"]
+    _, heads = load_se2_transformer(run, return_heads=True)
+    assert any(k.startswith("lm_head.") for k in heads) and any(k.startswith("pair_head.") for k in heads)
+    adata = slices[0][1].copy()
+    embed(adata, model)
+    assert np.isfinite(adata.obsm["X_stofm"]).all() and adata.obsm["X_stofm"].shape == (400, 32)
+    pytest.importorskip("matplotlib")
+    assert (run / pt.CURVE_NAME).stat().st_size > 0
+
+
+def test_resume_continues_from_saved_step(run, slices):
+    cfg = pt.PretrainConfig(stage1_steps=6, stage2_steps=8, **TINY)
+    pt.pretrain([], run, cfg, adatas=slices, resume=True, show_progress=False)
+    log = json.loads((run / pt.LOG_NAME).read_text())
+    assert len(log["history"]["stage1"]) == 6  # stage 1 was finished: not rerun
+    assert [r["step"] for r in log["history"]["stage2"]] == list(range(1, 9))
+    state = json.loads((run / pt.STATE_DIR / "state.json").read_text())
+    assert state["stage"] == 2 and state["step"] == 8
+
+
+def test_new_run_refuses_existing_state(run, slices):
+    with pytest.raises(StofmInputError, match="--resume"):
+        pt.pretrain([], run, pt.PretrainConfig(**TINY), adatas=slices, show_progress=False)
+
+
+def test_stage2_loss_decreases_on_a_fixed_batch(slices):
+    import torch
+
+    from napari_stofm.model.multiscale import normalize_coordinates
+    from napari_stofm.model.tokenizer import tokenize_adata
+    from napari_stofm.model.vocabulary import build_vocabulary
+
+    cfg = pt.PretrainConfig(stage2_steps=40, **{**TINY, "warmup_steps": 1, "lr2": 2e-3})
+    adatas = [a for _, a in slices]
+    vocab = build_vocabulary(adatas, min_cells=1)
+    tr = pt.Trainer("unused", cfg, vocab, ["generated/a"])
+    tok = tokenize_adata(adatas[0], vocab, max_genes=cfg.max_genes)[0]
+    emb = tr.encoder.encode(tok)
+    xy = np.asarray(adatas[0].obsm["spatial"], dtype=float)
+    assign = (normalize_coordinates(xy)[:, 0] // 10).astype(int)
+    sl = pt.SpatialSlice("generated/a", xy, emb, assign)
+    batch = pt.make_training_batch(sl, np.random.default_rng(0), cfg)
+    torch.manual_seed(0)
+    losses = [tr.train_on_batch(batch)["loss"] for _ in range(40)]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_held_out_slices_are_refused(tmp_path, slices):
+    folder = tmp_path / "st_human_her2st"
+    folder.mkdir()
+    held, other = folder / "G2.h5ad", folder / "A1.h5ad"
+    slices[0][1].write_h5ad(held)
+    slices[1][1].write_h5ad(other)
+    with pytest.raises(StofmInputError, match="held out"):
+        pt.find_slices([held])
+    used, skipped = pt.find_slices([tmp_path])
+    assert used == [other] and skipped == [held]
+    with pytest.raises(StofmInputError, match="held-out"):
+        pt.pretrain([], tmp_path / "out", pt.PretrainConfig(**TINY), adatas=[("st_human_her2st/G2", slices[0][1])])
+    assert len(pt.HELD_OUT_SLICES) == 6
