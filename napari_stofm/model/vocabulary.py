@@ -28,6 +28,7 @@ import scipy.sparse as sp
 
 from ..errors import CheckpointError, StofmInputError
 from ..progress import CancelToken, ProgressCallback, check_cancelled, report
+from .expression import as_csr, normalize_expression
 from .genes import (HUMAN, canonical_gene_ids, control_probe_mask, default_gene_names, detect_species,
                     expression_values_kind, normalize_species)
 
@@ -326,7 +327,6 @@ def build_vocabulary(adatas: Sequence, min_cells: int = 10, gene_key: Optional[s
     its non-zero expression / cell total * 10,000 over all corpus cells (control probes
     are neither genes nor part of the totals). Genes are ordered by canonical id.
     """
-    from .tokenizer import as_csr, normalize_expression
 
     if not len(adatas):
         raise StofmInputError("build_vocabulary needs at least one slice")
