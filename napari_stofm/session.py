@@ -20,6 +20,7 @@ thread.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,7 @@ class SliceSession:
         self._territory_lock = threading.Lock()
         self.clusterer = None
         self.run_params: dict = {}
+        self.seed = 0  # seeds the region clustering and the label head, as predict() does
         self._listeners: List[Callable[[str, str], None]] = []
         if autosave_dir is not None:
             self.store: Optional[CurationStore] = CurationStore(self.path or self.name, directory=autosave_dir)
@@ -203,7 +205,8 @@ class SliceSession:
         result.embedding_reused = reused
         check_cancelled(cancel)
         report(progress, 0, 1, "tissue regions")
-        clusterer = RegionClusterer(embeddings, self.xy, progress=_stage(progress, "regions: "), cancel=cancel)
+        clusterer = RegionClusterer(embeddings, self.xy, seed=self.seed, progress=_stage(progress, "regions: "),
+                                    cancel=cancel)
         pred = clusterer.regions(n_regions=n_regions, resolution=resolution if n_regions is None else None)
         result.clusterer = clusterer
         result.annotations[REGION_KEY] = Annotation.from_prediction(
@@ -281,8 +284,8 @@ class SliceSession:
             key = label_source[1]
             if key not in self.adata.obs:
                 raise StofmInputError(f"the slice has no obs column '{key}' to learn cell types from.")
-            # cell types are a property of the cell itself: no spatial context
-            return complete_labels(embeddings, self.adata.obs[key], None)
+            # the same head and inputs as napari_stofm.predict.predict (GUI == CLI)
+            return complete_labels(embeddings, self.adata.obs[key], self.xy, seed=self.seed)
         if kind == "reference":
             ref = label_source[1]
             label_key = label_source[2]
@@ -301,17 +304,23 @@ class SliceSession:
             ref_emb, _ = ref_session._ensure_embedding(model=model, weights=weights, device=device,
                                                        progress=_stage(progress, "reference: "), cancel=cancel)
             check_cancelled(cancel)
-            return transfer_labels(ref_emb, ref.obs[label_key], embeddings)
+            return transfer_labels(ref_emb, ref.obs[label_key], embeddings, ref_xy=ref_session.xy,
+                                   query_xy=self.xy, seed=self.seed)
         raise StofmInputError(f"unknown cell-type source {kind!r}: use ('reference', path, key) or ('column', key).")
 
     # ------------------------------------------------------------------ embedding cache
     @property
     def embedding_cache_path(self) -> Optional[Path]:
-        """``<slice>.stofm-embedding.npz`` next to the autosave (None without one)."""
+        """Where this slice's embedding is cached: the user cache folder (embeddings are
+        large, so they stay out of the data folder), one file per slice path."""
+        import hashlib
+
         if self.store is None:
             return None
-        target = self.store.path
-        return target.with_name(target.name.replace(CurationStore.SUFFIX, EMBEDDING_SUFFIX))
+        source = str(self.path.absolute()) if self.path is not None else str(self.store.slice_path)
+        tag = hashlib.sha256(source.encode("utf-8")).hexdigest()[:12]
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name)
+        return cache_dir() / "embeddings" / f"{tag}-{safe}{EMBEDDING_SUFFIX}"
 
     def save_embedding_cache(self) -> Optional[Path]:
         """Keep ``obsm['X_stofm']`` / ``['X_stofm_cell']`` beside the slice, so reopening it
@@ -390,7 +399,7 @@ class SliceSession:
 
             if "X_stofm" not in self.adata.obsm:
                 raise StofmInputError("run SToFM first: there is no embedding to cluster.")
-            self.clusterer = RegionClusterer(np.asarray(self.adata.obsm["X_stofm"]), self.xy)
+            self.clusterer = RegionClusterer(np.asarray(self.adata.obsm["X_stofm"]), self.xy, seed=self.seed)
         pred = self.clusterer.regions(n_regions=n_regions, resolution=resolution if n_regions is None else None)
         return Annotation.from_prediction(REGION_KEY, pred.categories, pred.codes, pred.confidence, pred.colors,
                                           provenance=self._provenance(n_regions=n_regions, resolution=resolution))
@@ -478,10 +487,9 @@ class SliceSession:
         check_cancelled(cancel)
         report(progress, 0, 1, "refining")
         conf = np.nan_to_num(ann.confidence, nan=0.0)
-        # regions are neighbourhoods (spatial context); cell types belong to the cell itself
-        xy = self.xy if _is_region_key(key) else None
-        pred = refine_from_corrections(np.asarray(self.adata.obsm["X_stofm"]), xy, ann.codes.copy(),
-                                       ann.curated.copy(), list(ann.categories), conf)
+        # spatial context as predict() uses for its label head
+        pred = refine_from_corrections(np.asarray(self.adata.obsm["X_stofm"]), self.xy, ann.codes.copy(),
+                                       ann.curated.copy(), list(ann.categories), conf, seed=self.seed)
         report(progress, 1, 1, "refined")
         return pred
 
@@ -556,10 +564,6 @@ def _stage(progress: Optional[ProgressCallback], prefix: str) -> Optional[Progre
     if progress is None:
         return None
     return lambda done, total, message="": progress(done, total, prefix + (message or ""))
-
-
-def _is_region_key(key: str) -> bool:
-    return "region" in key.lower()
 
 
 def cached_embedding(adata, model) -> Optional[np.ndarray]:

@@ -8,6 +8,12 @@ from napari_stofm.errors import StofmInputError
 from napari_stofm.session import CELL_TYPE_KEY, REGION_KEY, SliceSession, export_format_of
 
 
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Embedding caches and folder-less autosaves go to a per-test cache folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from napari_stofm.model.stofm import build_model
