@@ -7,6 +7,8 @@ user who runs twice.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -454,6 +456,25 @@ def test_export_widget_writes_and_rereads(predicted, qtbot, tmp_path, messages):
     stamp = outputs["h5ad"].stat().st_mtime_ns
     assert widget.export(outputs["h5ad"], fmt="h5ad") is None
     assert answers == [outputs["h5ad"]] and outputs["h5ad"].stat().st_mtime_ns == stamp
+
+    # a write that fails half-way (disk full) leaves the old file intact and no debris
+    import anndata
+
+    old_bytes = outputs["h5ad"].read_bytes()
+
+    def disk_full(self, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(anndata.AnnData, "write_h5ad", disk_full)
+        widget.confirm_overwrite = lambda path: True
+        assert widget.export(outputs["h5ad"], fmt="h5ad") is not None
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.last_error and "No space left" in widget.last_error
+    assert outputs["h5ad"].read_bytes() == old_bytes
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert any(kind == "error" and "Export failed" in m for kind, m in messages)
 
     # the napari writer (File > Save Selected Layers) writes the selected labels
     viewer.layers.selection = {layer}
