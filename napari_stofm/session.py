@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -100,7 +101,7 @@ class SliceSession:
         self.clusterer = None
         self.run_params: dict = {}
         self.seed = 0  # seeds the region clustering and the label head, as predict() does
-        self._listeners: List[Callable[[str, str], None]] = []
+        self._listeners: list = []  # weak references to callbacks
         if autosave_dir is not None:
             self.store: Optional[CurationStore] = CurationStore(self.path or self.name, directory=autosave_dir)
         elif self.path is not None:
@@ -151,16 +152,25 @@ class SliceSession:
         """``callback(key, what)`` after an annotation changes; ``what`` is one of
         ``'replaced'`` (new annotation object), ``'codes'`` (cells changed class),
         ``'classes'`` (renamed / recoloured / added) or ``'merged'`` (codes renumbered)."""
-        if callback not in self._listeners:
-            self._listeners.append(callback)
+        ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else (lambda cb=callback: cb)
+        if callback not in self._callbacks():
+            self._listeners.append(ref)
 
     def unsubscribe(self, callback) -> None:
-        if callback in self._listeners:
-            self._listeners.remove(callback)
+        self._listeners = [r for r in self._listeners if r() is not None and r() != callback]
+
+    def _callbacks(self) -> list:
+        return [cb for cb in (r() for r in self._listeners) if cb is not None]
 
     def _notify(self, key: str, what: str) -> None:
-        for callback in list(self._listeners):
-            callback(key, what)
+        """Tell listeners (held weakly when they are methods, so a closed widget drops out)."""
+        for callback in self._callbacks():
+            try:
+                callback(key, what)
+            except RuntimeError as err:  # a Qt widget deleted while its Python object lives on
+                if "deleted" not in str(err):
+                    raise
+                self.unsubscribe(callback)
 
     # ------------------------------------------------------------------ geometry
     @property
