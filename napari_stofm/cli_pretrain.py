@@ -57,10 +57,11 @@ def _add_parser(sub) -> None:
     g.add_argument("--max-genes", type=int, default=d.max_genes,
                    help=f"genes per cell, top of the rank order, in training and later embedding (default: {d.max_genes})")
     g.add_argument("--batch-cells", type=int, default=d.batch_cells, help=f"cells per stage-1 step (default: {d.batch_cells})")
-    g.add_argument("--train-split-num", type=int, default=d.train_split_num,
-                   help=f"cells per training sub-slice in stage 2 (default: {d.train_split_num})")
-    g.add_argument("--batch-subslices", type=int, default=d.batch_subslices,
-                   help=f"sub-slices per stage-2 step (default: {d.batch_subslices})")
+    g.add_argument("--train-split-num", type=int, default=None,
+                   help=f"cells per training sub-slice in stage 2 (default: {d.train_split_num}; may be changed "
+                   "on --resume)")
+    g.add_argument("--batch-subslices", type=int, default=None,
+                   help=f"sub-slices per stage-2 step (default: {d.batch_subslices}; may be changed on --resume)")
     g.add_argument("--bert-hidden", type=int, default=d.bert_hidden, help=f"cell encoder width (default: {d.bert_hidden})")
     g.add_argument("--bert-layers", type=int, default=d.bert_layers, help=f"cell encoder layers (default: {d.bert_layers})")
     g.add_argument("--se2-dim", type=int, default=d.se2_dim, help=f"SE(2) transformer width E (default: {d.se2_dim})")
@@ -78,15 +79,19 @@ _EXTENSIONS.append(_add_parser)
 def cmd_pretrain(args) -> int:
     from .model.pretrain import PretrainConfig, pretrain
 
+    d = PretrainConfig()
+    given = [k for k in ("train_split_num", "batch_subslices") if getattr(args, k) is not None]
     cfg = PretrainConfig(
         seed=args.seed, threads=args.threads, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
         minutes=args.minutes, stage1_share=args.stage1_share, checkpoint_minutes=args.checkpoint_minutes,
-        max_genes=args.max_genes, batch_cells=args.batch_cells, train_split_num=args.train_split_num,
-        batch_subslices=args.batch_subslices, bert_hidden=args.bert_hidden, bert_layers=args.bert_layers,
+        max_genes=args.max_genes, batch_cells=args.batch_cells,
+        train_split_num=args.train_split_num if args.train_split_num is not None else d.train_split_num,
+        batch_subslices=args.batch_subslices if args.batch_subslices is not None else d.batch_subslices,
+        bert_hidden=args.bert_hidden, bert_layers=args.bert_layers,
         se2_dim=args.se2_dim, se2_layers=args.se2_layers, se2_heads=args.se2_heads,
         contrastive_weight=args.contrastive_weight, name=args.name,
     )
     out = pretrain(args.data, args.output, cfg, resume=args.resume, exclude_held_out=args.exclude_held_out,
-                   show_progress=not args.quiet)
+                   show_progress=not args.quiet, resume_overrides=given)
     print(f"weights written to {out} (loss curve: {out / 'loss_curve.png'})", file=sys.stderr)
     return 0

@@ -73,6 +73,9 @@ HELD_OUT_SLICES = (
 )
 
 STATE_DIR = "state"
+#: settings a resumed run may change (the model's shapes and the vocabulary stay)
+RESUME_OVERRIDABLE = ("train_split_num", "batch_subslices", "batch_cells", "stage1_share", "crop_prob",
+                      "subsample_min", "contrastive_weight", "pair_weight")
 LOG_NAME = "training_log.json"
 CURVE_NAME = "loss_curve.png"
 MASK_VALUE = -100.0
@@ -731,13 +734,16 @@ def pretrain(
     exclude_held_out: bool = True,
     show_progress: bool = True,
     adatas: Optional[Sequence[Tuple[str, object]]] = None,
+    resume_overrides: Sequence[str] = (),
 ) -> Path:
     """Pretrain SToFM on slices and write a checkpoint directory to ``out``.
 
     ``data`` are slice files or folders (searched for ``*.h5ad``); ``adatas`` may instead
     give ``(name, AnnData)`` pairs already in memory. With ``resume=True`` the run
     continues from ``out/state`` (the stored configuration is used, except the step
-    counts, the time budget and the thread count given in ``config``).
+    counts, the time budget and the thread count given in ``config``, and the fields named
+    in ``resume_overrides``, e.g. the stage-2 batch settings ``train_split_num`` and
+    ``batch_subslices``).
     """
     from .tokenizer import tokenize_adata
     from .vocabulary import build_vocabulary
@@ -763,6 +769,7 @@ def pretrain(
     if resume:
         overrides = {k: getattr(cfg, k) for k in ("stage1_steps", "stage2_steps", "minutes", "threads",
                                                   "checkpoint_minutes")}
+        overrides.update({k: getattr(cfg, k) for k in resume_overrides if k in RESUME_OVERRIDABLE})
         tr = Trainer.resume(out, overrides)
         if sorted(tr.slices) != sorted(names):
             raise StofmInputError(
