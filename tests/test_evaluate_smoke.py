@@ -72,8 +72,9 @@ def test_means_and_card_section(ev, sample, tmp_path):
     summary = ev.means(res.rows, ["stofm", "pca"])
     assert summary["regions-unsup:ari"]["means"] == {"stofm": 0.5, "pca": 0.4}
     card = tmp_path / "MODEL_CARD.md"
-    card.write_text("# Card\n\ntext\n")
+    card.write_text("# Card\n\n## Evaluation\n\nintro\n\n## Known limits\n\nnone\n")
     ev.write_section(card, "first")
     ev.write_section(card, "second")
     text = card.read_text()
     assert text.count(ev.START) == 1 and "second" in text and "first" not in text and text.startswith("# Card")
+    assert text.index("intro") < text.index(ev.START) < text.index("## Known limits")
