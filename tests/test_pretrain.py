@@ -50,13 +50,15 @@ def test_run_writes_a_loadable_checkpoint(run, slices):
 
 
 def test_resume_continues_from_saved_step(run, slices):
-    cfg = pt.PretrainConfig(stage1_steps=6, stage2_steps=8, **TINY)
-    pt.pretrain([], run, cfg, adatas=slices, resume=True, show_progress=False)
+    cfg = pt.PretrainConfig(stage1_steps=6, stage2_steps=8, **{**TINY, "train_split_num": 80, "se2_dim": 64})
+    pt.pretrain([], run, cfg, adatas=slices, resume=True, show_progress=False, resume_overrides=["train_split_num"])
     log = json.loads((run / pt.LOG_NAME).read_text())
     assert len(log["history"]["stage1"]) == 6  # stage 1 was finished: not rerun
     assert [r["step"] for r in log["history"]["stage2"]] == list(range(1, 9))
     state = json.loads((run / pt.STATE_DIR / "state.json").read_text())
     assert state["stage"] == 2 and state["step"] == 8
+    # the batch setting asked for is taken, the model's shape is not
+    assert state["config"]["train_split_num"] == 80 and state["config"]["se2_dim"] == 32
 
 
 def test_new_run_refuses_existing_state(run, slices):
