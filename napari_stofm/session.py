@@ -269,22 +269,22 @@ class SliceSession:
         return prov
 
     def _ensure_embedding(self, *, model, weights, device, progress, cancel) -> Tuple[np.ndarray, bool]:
-        """``obsm['X_stofm']``: reused when made by the same weights from the same expression
-        data, else computed by :func:`napari_stofm.embedding.embed`."""
-        from .embedding import embed
+        """``obsm['X_stofm']`` from :func:`napari_stofm.embedding.embed`, which reuses it when
+        the same weights, expression data, positions and settings made it; returns whether
+        it was reused."""
+        from .embedding import STOFM_KEY, UNS_KEY, embed
 
         if model is None:
             from . import load_model
 
             report(progress, 0, 1, "loading weights")
             model = load_model(weights)
-        cached = cached_embedding(self.adata, model)
-        if cached is not None:
-            report(progress, 1, 1, "embedding (cached)")
-            return cached, True
         check_cancelled(cancel)
+        had = STOFM_KEY in self.adata.obsm
+        key_before = (self.adata.uns.get(UNS_KEY) or {}).get("run_key")
         embed(self.adata, model, device=device, spatial_key=self.spatial_key, progress=progress, cancel=cancel)
-        return np.asarray(self.adata.obsm["X_stofm"]), False
+        reused = had and key_before is not None and self.adata.uns[UNS_KEY].get("run_key") == key_before
+        return np.asarray(self.adata.obsm[STOFM_KEY]), reused
 
     def _transfer(self, label_source, embeddings, *, model, weights, device, progress, cancel):
         from .classifier import complete_labels, transfer_labels
@@ -574,20 +574,3 @@ def _stage(progress: Optional[ProgressCallback], prefix: str) -> Optional[Progre
     if progress is None:
         return None
     return lambda done, total, message="": progress(done, total, prefix + (message or ""))
-
-
-def cached_embedding(adata, model) -> Optional[np.ndarray]:
-    """``obsm['X_stofm']`` when :func:`~napari_stofm.embedding.embed` made it with ``model``'s
-    weights from the slice's current expression data; None otherwise."""
-    emb = adata.obsm.get("X_stofm") if "X_stofm" in adata.obsm else None
-    if emb is None or np.shape(emb)[0] != adata.n_obs:
-        return None
-    meta = adata.uns.get("stofm", {})
-    if not isinstance(meta, dict) or meta.get("fingerprint") != getattr(model, "fingerprint", None):
-        return None
-    from .embedding import expression_fingerprint
-
-    parts = str(meta.get("gene_scale_key", "")).split(":")
-    if len(parts) < 2 or parts[0] != model.fingerprint or parts[1] != expression_fingerprint(adata):
-        return None
-    return np.asarray(emb)
