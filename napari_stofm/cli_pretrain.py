@@ -23,6 +23,11 @@ Example (about 40 minutes on 2 CPU cores):
 
 Stopped early? Run the same command again with --resume: training continues from the last
 periodic checkpoint in OUT/state/.
+
+Training on another machine (a GPU node with PyTorch but without the scverse stack): pack the
+slices once, where they can be read, then train from the pack:
+  stofm pretrain --data ../shared/data --pack corpus.npz
+  stofm pretrain --data corpus.npz -o my_weights --device cuda --batch-cells 256
 """
 
 
@@ -34,8 +39,12 @@ def _add_parser(sub) -> None:
                        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", required=True, metavar="DIR_OR_FILE",
                    help="slice files (.h5ad) and/or folders searched for them (recursively)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="folder for the trained checkpoint (created; its state/ subfolder allows --resume)")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("-o", "--output", metavar="OUT",
+                     help="folder for the trained checkpoint (created; its state/ subfolder allows --resume)")
+    out.add_argument("--pack", metavar="FILE.npz",
+                     help="do not train: read the slices, build the vocabulary and the gene tokens, and write them "
+                     "to FILE.npz, which --data then accepts on a machine without anndata")
     p.add_argument("--exclude-held-out", action=argparse.BooleanOptionalAction, default=True,
                    help="skip / refuse the evaluation slices listed in the data README (default: on)")
     p.add_argument("--stage1-steps", type=int, default=d.stage1_steps,
@@ -50,6 +59,11 @@ def _add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/state/")
     p.add_argument("--threads", type=int, default=d.threads, help=f"CPU threads for torch (default: {d.threads})")
+    p.add_argument("--loader-threads", type=int, default=0,
+                   help="threads that build the next batches while the model trains; worth it on a GPU "
+                   "(e.g. 4), not on a small CPU (default: 0, built in line; the batches are the same either way)")
+    p.add_argument("--device", default="auto",
+                   help="where to train: cpu, cuda, cuda:N, mps, or auto = the GPU when there is one (default: auto)")
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes,
                    help=f"save a resumable checkpoint this often (default: {d.checkpoint_minutes})")
     p.add_argument("--name", default=d.name, help=f"model name written into stofm.json (default: {d.name})")
@@ -67,6 +81,8 @@ def _add_parser(sub) -> None:
     g.add_argument("--se2-dim", type=int, default=d.se2_dim, help=f"SE(2) transformer width E (default: {d.se2_dim})")
     g.add_argument("--se2-layers", type=int, default=d.se2_layers, help=f"SE(2) transformer layers (default: {d.se2_layers})")
     g.add_argument("--se2-heads", type=int, default=d.se2_heads, help=f"SE(2) attention heads (default: {d.se2_heads})")
+    g.add_argument("--profile-weight", type=float, default=d.profile_weight,
+                   help=f"weight of the stage-1 profile-reconstruction term (default: {d.profile_weight})")
     g.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight,
                    help=f"weight of the stage-1 contrastive term, 0 to switch it off (default: {d.contrastive_weight})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -77,9 +93,15 @@ _EXTENSIONS.append(_add_parser)
 
 @command("pretrain")
 def cmd_pretrain(args) -> int:
-    from .model.pretrain import PretrainConfig, pretrain
+    from .model.pretrain import PretrainConfig, pack_corpus, pretrain
 
     d = PretrainConfig()
+    if args.pack:
+        path = pack_corpus(args.data, args.pack, max_genes=args.max_genes, exclude_held_out=args.exclude_held_out)
+        from .model.packed_corpus import describe, load_packed_corpus
+
+        print(f"packed corpus written to {path}: {describe(load_packed_corpus(path))}", file=sys.stderr)
+        return 0
     given = [k for k in ("train_split_num", "batch_subslices") if getattr(args, k) is not None]
     cfg = PretrainConfig(
         seed=args.seed, threads=args.threads, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
@@ -89,7 +111,9 @@ def cmd_pretrain(args) -> int:
         batch_subslices=args.batch_subslices if args.batch_subslices is not None else d.batch_subslices,
         bert_hidden=args.bert_hidden, bert_layers=args.bert_layers,
         se2_dim=args.se2_dim, se2_layers=args.se2_layers, se2_heads=args.se2_heads,
-        contrastive_weight=args.contrastive_weight, name=args.name,
+        contrastive_weight=args.contrastive_weight,
+        profile_weight=args.profile_weight, name=args.name, device=args.device,
+        loader_threads=args.loader_threads,
     )
     out = pretrain(args.data, args.output, cfg, resume=args.resume, exclude_held_out=args.exclude_held_out,
                    show_progress=not args.quiet, resume_overrides=given)

@@ -1,17 +1,29 @@
 """The SToFM pretraining recipe (torch + numpy; no napari).
 
-Two stages, as in the paper, run on the CPU in minutes for a small model:
+Two stages, as in the paper, run on the CPU in minutes for a small model (or on a GPU with
+``device="cuda"``; the recipe never needs one):
 
 1. **Gene scale.** The cell encoder's BERT learns masked gene-token modelling on
    rank-value sequences: 15 % of the gene tokens of a cell are chosen (80 % replaced by
    ``<mask>``, 10 % by a random gene, 10 % kept) and predicted by a head tied to the word
-   embeddings (cross-entropy). A contrastive term (InfoNCE, temperature 0.1) pulls the
-   ``<cls>`` projection of the masked sequence towards that of a second view of the same
-   cell in which a random 25 % of its genes are dropped, and away from the other cells of
-   the batch. Without it the projection ``cell_proj`` would get no gradient at all (the
-   masked-gene loss never reads the ``<cls>`` output). Sequences are capped at
-   ``max_genes`` genes (the top of the rank order), and the shipped settings use the same
-   cap at inference.
+   embeddings (cross-entropy over the genes present in the batch). The masked-gene loss
+   never reads the ``<cls>`` output, so two terms train the cell embedding (the
+   ``cell_proj`` output of ``<cls>``):
+
+   * **profile reconstruction** (weight ``profile_weight``): from the embedding of the
+     masked sequence, :class:`ProfileHead` predicts the cell's whole gene distribution,
+     each of its genes weighted 1 / rank (KL divergence). This makes the embedding a
+     summary of which genes the cell expresses and how highly, which is what cell types
+     and tissue regions are read from (scGPT's expression prediction for cell modelling,
+     on rank tokens);
+   * **contrastive** (InfoNCE, weight ``contrastive_weight``, temperature 0.1) between
+     that embedding and the one of a second view of the same cell with 25 % of its genes
+     dropped, against the other cells of the batch. Alone it spreads the embeddings but
+     they keep little cell-type information (the first bundled weights, trained that way,
+     lost to their own random initialisation), hence its small weight.
+
+   Sequences are capped at ``max_genes`` genes (the top of the rank order), and the
+   shipped settings use the same cap at inference.
 2. **SE(2) transformer, encoder frozen.** Cell embeddings are computed once per slice and
    virtual cells (Leiden) once per slice. Each step draws a slice, augments it (random
    rotation, reflection, translation, a random rectangular crop, random cell
@@ -30,7 +42,12 @@ Two stages, as in the paper, run on the CPU in minutes for a small model:
 
 Joint fine-tuning of both (the paper's third stage) is not part of this recipe.
 
-Everything is seeded (``torch.manual_seed`` and a numpy ``Generator``), checkpoints are
+Every step draws its batch from its own numpy ``Generator`` seeded by (seed, stage, step),
+so batches do not depend on resuming or on ``loader_threads`` (threads that build the next
+batches while the model trains, worth it on a GPU). Slices can be read here and trained on
+elsewhere through a packed corpus (:mod:`.packed_corpus`, :func:`pack_corpus`).
+
+Everything is seeded (``torch.manual_seed`` and the per-step generators), checkpoints are
 written every few minutes into ``OUT/state/`` (weights as safetensors, optimiser and RNG
 states as plain tensors, the rest as JSON) and :func:`pretrain` with ``resume=True``
 continues from there. The result is a checkpoint directory written by
@@ -75,10 +92,12 @@ HELD_OUT_SLICES = (
 STATE_DIR = "state"
 #: settings a resumed run may change (the model's shapes and the vocabulary stay)
 RESUME_OVERRIDABLE = ("train_split_num", "batch_subslices", "batch_cells", "stage1_share", "crop_prob",
-                      "subsample_min", "contrastive_weight", "pair_weight")
+                      "subsample_min", "contrastive_weight", "profile_weight", "pair_weight", "device",
+                      "loader_threads")
 LOG_NAME = "training_log.json"
 CURVE_NAME = "loss_curve.png"
 MASK_VALUE = -100.0
+TIED_HEADS = ("mlm_head", "profile_head")  # their decoder is the encoder's word embeddings (not saved twice)
 
 
 @dataclass
@@ -87,6 +106,8 @@ class PretrainConfig:
 
     seed: int = 0
     threads: int = 2
+    loader_threads: int = 0  # threads building the next batches while the model trains (0: in line)
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", "mps" or "auto" (the GPU when there is one)
     # time and steps
     stage1_steps: int = 1000
     stage2_steps: int = 2000
@@ -98,7 +119,8 @@ class PretrainConfig:
     batch_cells: int = 32
     lr1: float = 1e-3
     mask_prob: float = 0.15
-    contrastive_weight: float = 0.5
+    profile_weight: float = 1.0
+    contrastive_weight: float = 0.1
     gene_dropout: float = 0.25
     temperature: float = 0.1
     # stage 2: SE(2)
@@ -119,6 +141,9 @@ class PretrainConfig:
     bert_layers: int = 2
     bert_heads: int = 4
     bert_intermediate: int = 256
+    # attention-probability dropout of both transformers while training: 0 lets SDPA use its
+    # fused kernels (with dropout the CPU falls back to the math path, about 4x slower)
+    attention_dropout: float = 0.0
     se2_layers: int = 4
     se2_dim: int = 128
     se2_ffn: int = 256
@@ -229,6 +254,38 @@ class MLMHead(nn.Module):
         return h @ self.word_embeddings.weight[candidates].t() + self.bias[candidates]
 
 
+class ProfileHead(nn.Module):
+    """Reads a cell's gene profile back from its embedding (the ``cell_proj`` output).
+
+    Logits over genes = ``Linear(embedding -> hidden)`` of the cell embedding dotted with the
+    word embeddings (tied, as in :class:`MLMHead`) plus a bias. Trained against the cell's
+    own rank-weighted gene distribution, it makes the cell embedding a summary of which
+    genes the cell expresses and how highly (scGPT's "expression prediction for cell
+    modelling", on rank tokens).
+    """
+
+    def __init__(self, embedding_dim: int, hidden: int, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(embedding_dim, hidden)
+        self.word_embeddings = word_embeddings
+        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+
+    def forward(self, z: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return self.dense(z) @ self.word_embeddings.weight[candidates].t() + self.bias[candidates]
+
+
+def profile_targets(ids: torch.Tensor, attn: torch.Tensor, remap: torch.Tensor, n_candidates: int) -> torch.Tensor:
+    """(cells, candidates) distribution: each cell's genes weighted 1 / rank, summing to 1."""
+    genes = ids[:, 1:]
+    present = attn[:, 1:].bool()
+    rank = torch.arange(1, genes.shape[1] + 1, device=ids.device, dtype=torch.float32)
+    w = torch.where(present, 1.0 / rank, torch.zeros((), device=ids.device))
+    col = torch.where(present, remap[genes], torch.zeros_like(genes))
+    out = torch.zeros(ids.shape[0], n_candidates, device=ids.device)
+    out.scatter_add_(1, col, w)
+    return out / out.sum(1, keepdim=True).clamp_min(1e-12)
+
+
 def make_lm_head(e: int, input_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(e, e), nn.ReLU(), nn.Linear(e, input_dim))
 
@@ -309,7 +366,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     a = F.normalize(a, dim=-1)
     b = F.normalize(b, dim=-1)
     logits = a @ b.t() / temperature
-    target = torch.arange(a.shape[0])
+    target = torch.arange(a.shape[0], device=a.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
@@ -428,6 +485,35 @@ def _lr_factor(step: int, total: int, warmup: int, time_frac: float = 0.0) -> fl
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+def prefetched(build: Callable[[int], dict], start: int, workers: int):
+    """Batches ``build(start)``, ``build(start + 1)``, ... in order.
+
+    With ``workers`` > 0 they are built by that many threads, up to ``2 * workers`` steps
+    ahead, while the model trains on the current one (numpy and torch release the GIL in
+    their heavy parts). Every step seeds its own random stream, so the batches are the
+    same with or without workers. Call ``.close()`` on the generator when done.
+    """
+    if workers <= 0:
+        step = start
+        while True:
+            yield build(step)
+            step += 1
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stofm-batches")
+    try:
+        pending = deque(pool.submit(build, k) for k in range(start, start + 2 * workers))
+        nxt = start + 2 * workers
+        while True:
+            batch = pending.popleft().result()
+            pending.append(pool.submit(build, nxt))
+            nxt += 1
+            yield batch
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _rng_state(rng: np.random.Generator) -> dict:
     st = rng.bit_generator.state
     return {"bit_generator": st["bit_generator"], "state": {k: str(v) for k, v in st["state"].items()},
@@ -457,20 +543,29 @@ class Trainer:
             vocabulary,
             encoder_config=dict(hidden_size=cfg.bert_hidden, num_hidden_layers=cfg.bert_layers,
                                 num_attention_heads=cfg.bert_heads, intermediate_size=cfg.bert_intermediate,
-                                max_position_embeddings=cfg.max_genes + 1),
+                                max_position_embeddings=cfg.max_genes + 1,
+                                attention_probs_dropout_prob=cfg.attention_dropout),
             se2_config=dict(num_hidden_layers=cfg.se2_layers, embedding_dim=cfg.se2_dim,
                             ffn_embedding_dim=cfg.se2_ffn, num_attention_heads=cfg.se2_heads,
-                            gaussian_hidden_dim=cfg.se2_gaussians),
+                            gaussian_hidden_dim=cfg.se2_gaussians, attention_dropout=cfg.attention_dropout),
             settings=self.settings, seed=cfg.seed,
         )
         self.encoder = model.cell_encoder
         self.se2 = model.se2
         torch.manual_seed(cfg.seed + 1)
         self.mlm_head = MLMHead(cfg.bert_hidden, self.encoder.bert.embeddings.word_embeddings)
+        self.profile_head = ProfileHead(self.encoder.embedding_dim, cfg.bert_hidden,
+                                        self.encoder.bert.embeddings.word_embeddings)
         self.lm_head = make_lm_head(cfg.se2_dim, self.encoder.embedding_dim)
         self.pair_head = make_pair_head(cfg.se2_heads)
-        self.opt1 = torch.optim.AdamW(list(self.encoder.parameters()) + [p for n, p in self.mlm_head.named_parameters()
-                                                                         if not n.startswith("word_embeddings")],
+        from .stofm import resolve_device
+
+        self.device = resolve_device(cfg.device)
+        for mod in self.modules().values():
+            mod.to(self.device)
+        self.opt1 = torch.optim.AdamW(list(self.encoder.parameters())
+                                      + [p for head in (self.mlm_head, self.profile_head)
+                                         for n, p in head.named_parameters() if not n.startswith("word_embeddings")],
                                       lr=cfg.lr1, weight_decay=cfg.weight_decay)
         self.opt2 = torch.optim.AdamW(list(self.se2.parameters()) + list(self.lm_head.parameters())
                                       + list(self.pair_head.parameters()), lr=cfg.lr2, weight_decay=cfg.weight_decay)
@@ -489,8 +584,8 @@ class Trainer:
     # ------------------------------------------------------------ state I/O
 
     def modules(self) -> Dict[str, nn.Module]:
-        return {"encoder": self.encoder, "se2": self.se2, "mlm_head": self.mlm_head, "lm_head": self.lm_head,
-                "pair_head": self.pair_head}
+        return {"encoder": self.encoder, "se2": self.se2, "mlm_head": self.mlm_head,
+                "profile_head": self.profile_head, "lm_head": self.lm_head, "pair_head": self.pair_head}
 
     def save_state(self) -> None:
         from safetensors.torch import save_file
@@ -500,7 +595,7 @@ class Trainer:
         tensors = {}
         for name, mod in self.modules().items():
             for k, v in mod.state_dict().items():
-                if name == "mlm_head" and k.startswith("word_embeddings"):
+                if name in TIED_HEADS and k.startswith("word_embeddings"):
                     continue  # tied to the encoder
                 tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
         save_file(tensors, str(d / "weights.tmp"))
@@ -533,7 +628,7 @@ class Trainer:
         tensors = load_file(str(d / "weights.safetensors"))
         for name, mod in tr.modules().items():
             sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            if name == "mlm_head":
+            if name in TIED_HEADS:
                 sd["word_embeddings.weight"] = tr.encoder.bert.embeddings.word_embeddings.weight.detach()
             mod.load_state_dict(sd, strict=True)
         opt = torch.load(d / "optim.pt", map_location="cpu", weights_only=True)
@@ -549,13 +644,33 @@ class Trainer:
 
     # ------------------------------------------------------------ stage 1
 
-    def stage1_step(self, corpus: GeneCorpus) -> dict:
+    def step_rng(self, stage: int, step: int) -> np.random.Generator:
+        """The random stream of one step. Seeded by (seed, stage, step), so a step draws the
+        same batch whether the run was resumed or not and whichever loader thread builds it."""
+        return np.random.default_rng([int(self.cfg.seed), int(stage), int(step)])
+
+    def stage1_batch(self, corpus: GeneCorpus, step: int) -> dict:
+        """The CPU tensors of stage-1 step ``step``: masked sequences, labels, a second view."""
         cfg, v = self.cfg, self.vocabulary
-        rows = self.rng.choice(len(corpus), size=min(cfg.batch_cells, len(corpus)), replace=False)
+        rng = self.step_rng(1, step)
+        rows = rng.choice(len(corpus), size=min(cfg.batch_cells, len(corpus)), replace=False)
         seqs = corpus.sequences(rows)
         ids, attn = _pad(seqs, v.pad_id)
-        masked, labels = mask_tokens(ids, self.rng, mask_prob=cfg.mask_prob, mask_id=v.mask_id, pad_id=v.pad_id,
+        masked, labels = mask_tokens(ids, rng, mask_prob=cfg.mask_prob, mask_id=v.mask_id, pad_id=v.pad_id,
                                      gene_low=self.gene_low, gene_high=self.gene_high)
+        batch = {"ids": ids, "attn": attn, "masked": masked, "labels": labels}
+        if cfg.contrastive_weight > 0:
+            batch["ids2"], batch["attn2"] = _pad(drop_genes(seqs, rng, cfg.gene_dropout), v.pad_id)
+        return batch
+
+    def stage1_step(self, corpus: GeneCorpus) -> dict:
+        return self.stage1_update(self.stage1_batch(corpus, self.step))
+
+    def stage1_update(self, batch: dict) -> dict:
+        """One optimisation step of stage 1 on a batch from :meth:`stage1_batch`."""
+        cfg = self.cfg
+        dev = self.device
+        ids, attn, masked, labels = (batch[k].to(dev, non_blocking=True) for k in ("ids", "attn", "masked", "labels"))
         self.encoder.train()
         self.mlm_head.train()
         hidden = self.encoder.bert(masked, attn)
@@ -563,20 +678,23 @@ class Trainer:
         # Softmax over the genes present in the batch (in-batch candidates): the panels
         # differ per slice, and the full 17k-gene softmax costs more than the encoder.
         cand = torch.unique(ids[:, 1:][attn[:, 1:].bool()])
-        remap = torch.full((self.vocabulary.size,), -1, dtype=torch.long)
-        remap[cand] = torch.arange(cand.numel())
+        remap = torch.full((self.vocabulary.size,), -1, dtype=torch.long, device=dev)
+        remap[cand] = torch.arange(cand.numel(), device=dev)
         logits = self.mlm_head(hidden[scored], cand)
         target = remap[labels[scored]]
         mlm = F.cross_entropy(logits, target)
-        with torch.no_grad():
-            acc = float((logits.argmax(-1) == target).float().mean())
         loss = mlm
-        con = torch.zeros(())
+        con = torch.zeros((), device=dev)
+        prof = torch.zeros((), device=dev)
+        z1 = self.encoder.cell_proj(hidden[:, 0])
+        if cfg.profile_weight > 0:
+            target_p = profile_targets(ids, attn, remap, cand.numel())
+            logp = F.log_softmax(self.profile_head(z1, cand), dim=-1)
+            # cross-entropy minus the target's entropy = KL(target || prediction), 0 when perfect
+            prof = (target_p * (torch.log(target_p.clamp_min(1e-12)) - logp)).sum(1).mean()
+            loss = loss + cfg.profile_weight * prof
         if cfg.contrastive_weight > 0:
-            view = drop_genes(seqs, self.rng, cfg.gene_dropout)
-            ids2, attn2 = _pad(view, v.pad_id)
-            z1 = self.encoder.cell_proj(hidden[:, 0])
-            z2 = self.encoder.cell_proj(self.encoder.bert(ids2, attn2)[:, 0])
+            z2 = self.encoder.cell_proj(self.encoder.bert(batch["ids2"].to(dev), batch["attn2"].to(dev))[:, 0])
             con = info_nce(z1, z2, cfg.temperature)
             loss = loss + cfg.contrastive_weight * con
         for g in self.opt1.param_groups:
@@ -585,21 +703,35 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in self.opt1.param_groups for p in g["params"]], 1.0)
         self.opt1.step()
-        return {"loss": loss.item(), "mlm": mlm.item(), "mlm_acc": acc, "contrastive": con.item()}
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == target).float().mean()
+            # collapse watch: mean cosine between different cells of the batch
+            zn = F.normalize(z1.detach(), dim=-1)
+            nb = zn.shape[0]
+            cell_cos = ((zn @ zn.t()).sum() - nb) / max(1, nb * (nb - 1))
+            values = torch.stack([loss.detach(), mlm.detach(), acc, prof.detach(), con.detach(), cell_cos]).cpu().tolist()
+        return dict(zip(("loss", "mlm", "mlm_acc", "profile_kl", "contrastive", "cell_cos"), values))
 
     # ------------------------------------------------------------ stage 2
 
-    def stage2_step(self, slices: Sequence[SpatialSlice]) -> dict:
-        cfg = self.cfg
+    def stage2_batch(self, slices: Sequence[SpatialSlice], step: int) -> dict:
+        """The CPU tensors of stage-2 step ``step`` (a slice drawn with weight sqrt(n_cells))."""
+        rng = self.step_rng(2, step)
         weights = np.sqrt([s.xy.shape[0] for s in slices])
-        sl = slices[self.rng.choice(len(slices), p=weights / weights.sum())]
-        row = self.train_on_batch(make_training_batch(sl, self.rng, cfg))
-        row["slice"] = sl.name
-        return row
+        sl = slices[rng.choice(len(slices), p=weights / weights.sum())]
+        batch = make_training_batch(sl, rng, self.cfg)
+        batch["slice"] = sl.name
+        return batch
+
+    def stage2_step(self, slices: Sequence[SpatialSlice]) -> dict:
+        return self.train_on_batch(self.stage2_batch(slices, self.step))
 
     def train_on_batch(self, batch: dict) -> dict:
         """One optimisation step of stage 2 on a batch from :func:`make_training_batch`."""
         cfg = self.cfg
+        dev = self.device
+        batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else
+                     tuple(t.to(dev) for t in v) if isinstance(v, tuple) else v) for k, v in batch.items()}
         self.se2.train()
         self.lm_head.train()
         self.pair_head.train()
@@ -612,7 +744,7 @@ class Trainer:
             dist_pred = self.pair_head(out["pair_rep"][b, i, j]).squeeze(-1)
             pair = F.mse_loss(dist_pred, batch["pair_target"])
         else:
-            pair = torch.zeros(())
+            pair = torch.zeros((), device=dev)
         loss = cos + cfg.pair_weight * pair
         for g in self.opt2.param_groups:
             g["lr"] = cfg.lr2 * _lr_factor(self.step, cfg.stage2_steps, cfg.warmup_steps, self.time_frac)
@@ -620,7 +752,11 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in self.opt2.param_groups for p in g["params"]], 1.0)
         self.opt2.step()
-        return {"loss": loss.item(), "cosine": cos.item(), "pair_mse": pair.item()}
+        values = torch.stack([loss.detach(), cos.detach(), pair.detach()]).cpu().tolist()
+        row = dict(zip(("loss", "cosine", "pair_mse"), values))
+        if "slice" in batch:
+            row["slice"] = batch["slice"]
+        return row
 
     # ------------------------------------------------------------ output
 
@@ -636,6 +772,9 @@ class Trainer:
         from .checkpoint import save_se2_transformer
         from .stofm import SToFM
 
+        for mod in self.modules().values():
+            mod.to("cpu")
+        self.device = torch.device("cpu")
         settings = self.settings
         settings.info = info
         model = SToFM(self.se2, self.encoder, self.vocabulary, settings, source=str(self.out))
@@ -671,7 +810,7 @@ def plot_losses(history: dict, path: PathLike) -> Optional[Path]:
     except ImportError:
         log.warning("matplotlib is not installed: no loss-curve plot (pip install matplotlib)")
         return None
-    panels = [("stage1", ("mlm", "contrastive"), "Stage 1: gene scale"),
+    panels = [("stage1", ("mlm", "profile_kl", "contrastive"), "Stage 1: gene scale"),
               ("stage2", ("cosine", "pair_mse"), "Stage 2: SE(2) transformer")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (key, terms, title) in zip(axes, panels):
@@ -722,7 +861,12 @@ class _Line:
 
 def _mean_recent(rows: List[dict], keys: Sequence[str], n: int = 50) -> dict:
     recent = rows[-n:]
-    return {k: float(np.mean([r[k] for r in recent])) for k in keys if recent}
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in recent if k in r]
+        if vals:
+            out[k] = float(np.mean(vals))
+    return out
 
 
 def pretrain(
@@ -745,46 +889,38 @@ def pretrain(
     in ``resume_overrides``, e.g. the stage-2 batch settings ``train_split_num`` and
     ``batch_subslices``).
     """
-    from .tokenizer import tokenize_adata
-    from .vocabulary import build_vocabulary
-
     cfg = config or PretrainConfig()
     out = Path(out)
     t_start = time.monotonic()
     torch.set_num_threads(max(1, int(cfg.threads)))
     bar = _Line() if show_progress else (lambda *a, **k: None)
 
-    if adatas is not None:
-        names = [n for n, _ in adatas]
-        if exclude_held_out:
-            check_not_held_out(names)
-        corpus = [CorpusSlice(n, "", a) for n, a in adatas]
-    else:
-        paths, skipped = find_slices(data, exclude_held_out=exclude_held_out)
-        for p in skipped:
-            log.info("held out, not used: %s", slice_name(p))
-        corpus = read_corpus(paths)
-    names = [c.name for c in corpus]
-
+    pack = None
     if resume:
         overrides = {k: getattr(cfg, k) for k in ("stage1_steps", "stage2_steps", "minutes", "threads",
-                                                  "checkpoint_minutes")}
+                                                  "checkpoint_minutes", "device", "loader_threads")}
         overrides.update({k: getattr(cfg, k) for k in resume_overrides if k in RESUME_OVERRIDABLE})
         tr = Trainer.resume(out, overrides)
-        if sorted(tr.slices) != sorted(names):
+        cfg = tr.cfg
+        pack = load_corpus(data, adatas, exclude_held_out, tr.vocabulary, cfg.max_genes)
+        if sorted(tr.slices) != sorted(pack.names):
             raise StofmInputError(
                 f"the slices differ from those the run in {out} started with ({', '.join(tr.slices)}): "
                 "pass the same --data to resume")
-        cfg = tr.cfg
         log.info("resuming stage %d at step %d", tr.stage, tr.step)
     else:
         if (out / STATE_DIR / "state.json").is_file():
             raise StofmInputError(f"{out} already holds a pretraining run: pass --resume to continue it, "
                                   "or choose another output folder")
         torch.manual_seed(cfg.seed)
-        vocab = build_vocabulary([c.adata for c in corpus], min_cells=cfg.min_cells_per_gene)
-        log.info("vocabulary: %d genes from %d slices", vocab.n_genes, len(corpus))
-        tr = Trainer(out, cfg, vocab, names)
+        pack = load_corpus(data, adatas, exclude_held_out, None, cfg.max_genes, min_cells=cfg.min_cells_per_gene)
+        if pack.max_genes != cfg.max_genes:
+            log.info("max_genes %d comes from the packed corpus", pack.max_genes)
+            cfg.max_genes = pack.max_genes
+        log.info("vocabulary: %d genes from %d slices", pack.vocabulary.n_genes, len(pack.names))
+        tr = Trainer(out, cfg, pack.vocabulary, pack.names)
+    names, tokenized = pack.names, pack.tokenized
+    log.info("training on %s", tr.device)
     budget = None if cfg.minutes is None else cfg.minutes * 60.0
     last_ckpt = time.monotonic()
 
@@ -797,46 +933,47 @@ def pretrain(
             tr.save_state()
             last_ckpt = time.monotonic()
 
-    tokenized = [tokenize_adata(c.adata, tr.vocabulary, max_genes=cfg.max_genes)[0] for c in corpus]
-
     # ---------------- stage 1
     if tr.stage == 1:
         gcorpus = GeneCorpus(tokenized, names)
         log.info("stage 1: %d cells", len(gcorpus))
         stage_budget = None if budget is None else budget * cfg.stage1_share
         t0 = time.monotonic()
+        loader = prefetched(lambda k: tr.stage1_batch(gcorpus, k), tr.step, cfg.loader_threads)
         while tr.step < cfg.stage1_steps:
             if stage_budget is not None and elapsed() > stage_budget:
                 log.info("stage 1 stops at step %d: its time budget is spent", tr.step)
                 break
             if stage_budget is not None:
                 tr.time_frac = (time.monotonic() - t0) / max(1.0, stage_budget - (t0 - t_start))
-            row = tr.stage1_step(gcorpus)
+            row = tr.stage1_update(next(loader))
             tr.step += 1
             row["step"] = tr.step
             row["seconds"] = round(tr.seconds["stage1"] + time.monotonic() - t0, 2)
             tr.history["stage1"].append(row)
-            bar("stage 1", tr.step, cfg.stage1_steps, _mean_recent(tr.history["stage1"], ("mlm", "mlm_acc", "contrastive"), 20),
+            bar("stage 1", tr.step, cfg.stage1_steps, _mean_recent(tr.history["stage1"], ("mlm", "mlm_acc", "profile_kl", "contrastive", "cell_cos"), 20),
                 elapsed())
             maybe_checkpoint()
-        bar("stage 1", tr.step, cfg.stage1_steps, _mean_recent(tr.history["stage1"], ("mlm", "mlm_acc", "contrastive"), 20),
+        bar("stage 1", tr.step, cfg.stage1_steps, _mean_recent(tr.history["stage1"], ("mlm", "mlm_acc", "profile_kl", "contrastive", "cell_cos"), 20),
             elapsed(), force=True)
+        loader.close()
         tr.seconds["stage1"] += time.monotonic() - t0
         tr.stage1_done_steps = tr.step
         tr.stage, tr.step = 2, 0
         maybe_checkpoint(force=True)
 
     # ---------------- stage 2
-    spatial = prepare_spatial_slices(corpus, tokenized, tr, seed=cfg.seed)
+    spatial = prepare_spatial_slices(names, pack.xy, tokenized, tr, seed=cfg.seed)
     t0 = time.monotonic()
     tr.time_frac = 0.0
+    loader = prefetched(lambda k: tr.stage2_batch(spatial, k), tr.step, cfg.loader_threads)
     while tr.step < cfg.stage2_steps:
         if budget is not None and elapsed() > budget:
             log.info("stage 2 stops at step %d: the time budget is spent", tr.step)
             break
         if budget is not None:
             tr.time_frac = (time.monotonic() - t0) / max(1.0, budget - (t0 - t_start))
-        row = tr.stage2_step(spatial)
+        row = tr.train_on_batch(next(loader))
         tr.step += 1
         row["step"] = tr.step
         row["seconds"] = round(tr.seconds["stage2"] + time.monotonic() - t0, 2)
@@ -845,6 +982,7 @@ def pretrain(
         maybe_checkpoint()
     bar("stage 2", tr.step, cfg.stage2_steps, _mean_recent(tr.history["stage2"], ("cosine", "pair_mse"), 20), elapsed(),
         force=True)
+    loader.close()
     tr.seconds["stage2"] += time.monotonic() - t0
     maybe_checkpoint(force=True)
 
@@ -854,7 +992,7 @@ def pretrain(
         "stage1_steps": tr.stage1_done_steps,
         "stage2_steps": tr.step,
         "stage3": "not run (joint fine-tuning is not part of this recipe)",
-        "final_losses": {"stage1": _mean_recent(tr.history["stage1"], ("mlm", "mlm_acc", "contrastive")),
+        "final_losses": {"stage1": _mean_recent(tr.history["stage1"], ("mlm", "mlm_acc", "profile_kl", "contrastive", "cell_cos")),
                          "stage2": _mean_recent(tr.history["stage2"], ("cosine", "pair_mse"))},
         "seed": cfg.seed,
         "minutes": round((tr.seconds["stage1"] + tr.seconds["stage2"]) / 60, 1),
@@ -865,31 +1003,77 @@ def pretrain(
     return tr.export(info)
 
 
-def prepare_spatial_slices(corpus: Sequence[CorpusSlice], tokenized, tr: Trainer, seed: int = 0) -> List[SpatialSlice]:
+def load_corpus(data: Sequence[PathLike], adatas, exclude_held_out: bool, vocabulary, max_genes: int,
+                min_cells: int = 10):
+    """The training slices as a :class:`~.packed_corpus.PackedCorpus`.
+
+    ``data`` is one packed corpus (``.npz``) or slice files / folders (``adatas`` may give
+    ``(name, AnnData)`` pairs instead). ``vocabulary`` None builds one from the slices (a
+    pack brings its own); a given vocabulary must be the pack's (on resume).
+    """
+    from .packed_corpus import is_packed_corpus, load_packed_corpus, pack_slices
+    from .vocabulary import build_vocabulary
+
+    if adatas is None and any(is_packed_corpus(d) for d in data):
+        if len(data) != 1:
+            raise StofmInputError("a packed corpus (.npz) must be passed alone to --data")
+        pack = load_packed_corpus(data[0])
+        if exclude_held_out:
+            check_not_held_out(pack.names)
+        if vocabulary is not None and list(vocabulary.tokens) != list(pack.vocabulary.tokens):
+            raise StofmInputError(f"{data[0]}: its vocabulary is not the one this run started with; "
+                                  "resume with the same --data")
+        return pack
+    if adatas is not None:
+        names = [n for n, _ in adatas]
+        if exclude_held_out:
+            check_not_held_out(names)
+        objs = [a for _, a in adatas]
+    else:
+        paths, skipped = find_slices(data, exclude_held_out=exclude_held_out)
+        for p in skipped:
+            log.info("held out, not used: %s", slice_name(p))
+        corpus = read_corpus(paths)
+        names, objs = [c.name for c in corpus], [c.adata for c in corpus]
+    if vocabulary is None:
+        vocabulary = build_vocabulary(objs, min_cells=min_cells)
+    return pack_slices(names, objs, vocabulary, max_genes)
+
+
+def pack_corpus(data: Sequence[PathLike], path: PathLike, max_genes: int = 255, min_cells: int = 10,
+                exclude_held_out: bool = True) -> Path:
+    """Read slices, build their vocabulary and tokens, and write them to one ``.npz`` (see
+    :mod:`.packed_corpus`); :func:`pretrain` then trains from that file alone."""
+    pack = load_corpus(data, None, exclude_held_out, None, max_genes, min_cells=min_cells)
+    return pack.save(path)
+
+
+def prepare_spatial_slices(names: Sequence[str], xys: Sequence[np.ndarray], tokenized, tr: Trainer,
+                           seed: int = 0) -> List[SpatialSlice]:
     """Frozen cell embeddings and Leiden virtual-cell assignments of every slice (once;
     kept in ``state/stage2_inputs.npz`` so that a resumed run does not recompute them)."""
     cache = tr.out / STATE_DIR / "stage2_inputs.npz"
-    key = f"{tr.stage1_done_steps}:{seed}:" + ",".join(c.name for c in corpus)
+    key = f"{tr.stage1_done_steps}:{seed}:" + ",".join(names)
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             if str(z["key"]) == key:
                 return [SpatialSlice(str(z[f"name{i}"]), z[f"xy{i}"], z[f"emb{i}"], z[f"assign{i}"])
                         for i in range(int(z["n"]))]
-    log.info("stage 2: embedding the cells of %d slices with the frozen encoder", len(corpus))
+    log.info("stage 2: embedding the cells of %d slices with the frozen encoder", len(names))
     tr.encoder.eval()
     out = []
-    for c, tok in zip(corpus, tokenized):
-        emb = tr.encoder.encode(tok, batch_size=128)
+    for name, xy_all, tok in zip(names, xys, tokenized):
+        emb = tr.encoder.encode(tok, batch_size=128 if tr.device.type == "cpu" else 1024, device=tr.device)
         ok = ~np.asarray(tok.empty, dtype=bool)
-        xy = np.asarray(c.adata.obsm["spatial"], dtype=np.float64)[:, :2][ok]
+        xy = np.asarray(xy_all, dtype=np.float64)[:, :2][ok]
         emb = emb[ok]
         if xy.shape[0] < 20:
-            log.warning("%s: fewer than 20 cells with vocabulary genes; not used in stage 2", c.name)
+            log.warning("%s: fewer than 20 cells with vocabulary genes; not used in stage 2", name)
             continue
         hyper = build_hypernodes(normalize_coordinates(xy), emb, alpha=tr.settings.hypernode_alpha,
                                  resolution=tr.settings.hypernode_resolution,
                                  max_hypernodes=tr.settings.max_hypernodes, seed=seed)
-        out.append(SpatialSlice(c.name, xy, emb, hyper.assignment))
+        out.append(SpatialSlice(name, xy, emb, hyper.assignment))
     if not out:
         raise StofmInputError("no slice has enough cells for the SE(2) stage")
     arrays = {"key": np.array(key), "n": np.array(len(out))}
