@@ -90,3 +90,27 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli_main(["embed", str(missing), "-o", str(tmp_path / "o.h5ad")]) == 1
     err = capsys.readouterr().err
     assert "nope.h5ad" in err and "Traceback" not in err
+
+
+def test_reference_with_another_gene_panel_is_matched_on_shared_genes(tiny_checkpoint):
+    """Slices measuring different panels are embedded on their shared genes for the transfer;
+    the query's own embedding (all its genes) is left as it was."""
+    from napari_stofm.embedding import embed
+
+    model = load_model(tiny_checkpoint)
+    ref = make_sample_slice(n_cells=600, seed=4)
+    query = make_sample_slice(n_cells=500, seed=5)
+    query = query[:, query.var_names[: int(query.n_vars * 0.7)]].copy()  # the query lacks 30 % of the genes
+    alone = query.copy()
+    embed(alone, model, split_num=300)
+    predict(query, model, reference=ref, label_key="cell_type", split_num=300)
+    assert query.uns["stofm"]["prediction"]["transfer_genes"] == query.n_vars
+    np.testing.assert_allclose(query.obsm["X_stofm"], alone.obsm["X_stofm"], rtol=1e-5, atol=1e-6)
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    accuracy = np.mean(query.obs["stofm_cell_type"].astype(str).to_numpy() == truth)
+    chance = pd.Series(truth).value_counts(normalize=True).max()
+    assert accuracy > chance + 0.1
+    # the same panel: no restriction, nothing recorded
+    same = make_sample_slice(n_cells=500, seed=5)
+    predict(same, model, reference=ref, label_key="cell_type", split_num=300)
+    assert "transfer_genes" not in same.uns["stofm"]["prediction"]
