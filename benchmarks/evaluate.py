@@ -32,8 +32,9 @@ tuned: every head and clusterer runs at fixed settings (library defaults; the lo
 regression capped at 200 iterations). Held-out slices (the data README's test-only list)
 are never used to fit a head that is then scored on them: they get the unsupervised
 region scores and are the test side of the cross-slice tasks, but no 8:2 rows.
-For cross-slice baselines, genes are the ones shared by the group's slices, and highly
-variable genes and PCA are fitted on the training slices only.
+In cross-slice tasks every method reads only the genes shared by the group's slices (the
+SToFM models embed each slice restricted to them); for the baselines, highly variable genes
+and PCA are fitted on the training slices only.
 
 Run from the repository root:
     python benchmarks/evaluate.py                      # every labelled slice, writes the model card
@@ -261,21 +262,36 @@ def _encoder_sizes(model) -> dict:
     return {k: get(k) for k in keys if get(k) is not None}
 
 
-def stofm_embeddings(model, s: Slice, use_cache: bool) -> Dict[str, np.ndarray]:
-    """``{'final': X_stofm, 'cell': X_stofm_cell}`` for one slice (cached on disk)."""
+def stofm_embeddings(model, s: Slice, use_cache: bool, genes: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+    """``{'final': X_stofm, 'cell': X_stofm_cell}`` for one slice (cached on disk); with
+    ``genes``, the slice is first restricted to those genes (a cross-slice group's shared genes)."""
     from napari_stofm.embedding import embed
 
     def compute():
         t0 = time.perf_counter()
-        adata = s.load().copy()
+        adata = s.load()
+        adata = (adata[:, list(genes)] if genes is not None else adata).copy()
         embed(adata, model, device="cpu")
         print(f"    embedded {s.key} ({adata.n_obs} cells) in {time.perf_counter() - t0:.0f} s", flush=True)
         return {"final": np.asarray(adata.obsm["X_stofm"], np.float32),
                 "cell": np.asarray(adata.obsm["X_stofm_cell"], np.float32)}
 
     settings = {k: v for k, v in vars(model.settings).items() if k not in ("name", "info")}
-    return cached(f"stofm_{model.fingerprint}_{short_hash(sorted(settings.items()))}_{s.dataset}__{s.name}",
+    gene_key = "" if genes is None else f"_genes{short_hash(sorted(genes))}"
+    return cached(f"stofm_{model.fingerprint}_{short_hash(sorted(settings.items()))}{gene_key}_{s.dataset}__{s.name}",
                   compute, use_cache)
+
+
+def shared_genes(group: Optional[Sequence[Slice]]) -> Optional[List[str]]:
+    """The genes every slice of a cross-slice group measures (None for a single slice or when
+    they all measure the same genes)."""
+    if not group or len(group) < 2:
+        return None
+    names = [list(map(str, g.load().var_names)) for g in group]
+    common = set(names[0]).intersection(*names[1:])
+    if all(len(n) == len(common) for n in names):
+        return None
+    return [g for g in names[0] if g in common]
 
 
 # ------------------------------------------------------------------- expression methods
@@ -409,12 +425,14 @@ class Embeddings:
 
     def get(self, method: str, s: Slice, group: Optional[Sequence[Slice]] = None,
             train: Optional[Sequence[Slice]] = None) -> np.ndarray:
+        # In a cross-slice group every method sees the genes all of the group's slices measure.
+        genes = shared_genes(group) if method.startswith("stofm") else None
         if method == "stofm":
-            return stofm_embeddings(self.models.trained, s, self.use_cache)["final"]
+            return stofm_embeddings(self.models.trained, s, self.use_cache, genes)["final"]
         if method == "stofm-gene":
-            return stofm_embeddings(self.models.trained, s, self.use_cache)["cell"]
+            return stofm_embeddings(self.models.trained, s, self.use_cache, genes)["cell"]
         if method == "stofm-random":
-            return stofm_embeddings(self.models.random, s, self.use_cache)["final"]
+            return stofm_embeddings(self.models.random, s, self.use_cache, genes)["final"]
         if method in ("pca", "banksy"):
             group = list(group or [s])
             return expression_embeddings(method, group, list(train or group), self.use_cache)[s.key]
