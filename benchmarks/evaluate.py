@@ -282,16 +282,14 @@ def stofm_embeddings(model, s: Slice, use_cache: bool, genes: Optional[Sequence[
                   compute, use_cache)
 
 
-def shared_genes(group: Optional[Sequence[Slice]]) -> Optional[List[str]]:
+def group_genes(group: Optional[Sequence[Slice]]) -> Optional[List[str]]:
     """The genes every slice of a cross-slice group measures (None for a single slice or when
-    they all measure the same genes)."""
+    they all measure the same genes): the rule ``predict(reference=...)`` applies."""
+    from napari_stofm.predict import shared_genes
+
     if not group or len(group) < 2:
         return None
-    names = [list(map(str, g.load().var_names)) for g in group]
-    common = set(names[0]).intersection(*names[1:])
-    if all(len(n) == len(common) for n in names):
-        return None
-    return [g for g in names[0] if g in common]
+    return shared_genes(*(g.load() for g in group))
 
 
 # ------------------------------------------------------------------- expression methods
@@ -426,7 +424,7 @@ class Embeddings:
     def get(self, method: str, s: Slice, group: Optional[Sequence[Slice]] = None,
             train: Optional[Sequence[Slice]] = None) -> np.ndarray:
         # In a cross-slice group every method sees the genes all of the group's slices measure.
-        genes = shared_genes(group) if method.startswith("stofm") else None
+        genes = group_genes(group) if method.startswith("stofm") else None
         if method == "stofm":
             return stofm_embeddings(self.models.trained, s, self.use_cache, genes)["final"]
         if method == "stofm-gene":

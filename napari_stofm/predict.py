@@ -37,15 +37,14 @@ class PredictionResult:
         return self.predictions[key]
 
 
-def shared_genes(reference, query) -> Optional[list]:
-    """The genes (``var_names``) both slices measure, in the reference's order, when their
-    panels differ; None when they are the same or share no name."""
-    ref_genes = [str(g) for g in reference.var_names]
-    query_genes = set(map(str, query.var_names))
-    shared = [g for g in ref_genes if g in query_genes]
-    if not shared or (len(shared) == len(ref_genes) == len(query_genes)):
+def shared_genes(*adatas) -> Optional[list]:
+    """The genes (``var_names``) every slice measures, in the first slice's order, when their
+    panels differ; None when the panels are the same or share no name."""
+    panels = [[str(g) for g in a.var_names] for a in adatas]
+    common = set(panels[0]).intersection(*panels[1:])
+    if not common or all(len(p) == len(common) for p in panels):
         return None
-    return shared
+    return [g for g in panels[0] if g in common]
 
 
 def _embedded_on(adata, genes, model, device, spatial_key, seed, progress, cancel, embed_kwargs) -> np.ndarray:

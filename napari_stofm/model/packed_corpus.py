@@ -14,8 +14,6 @@ slice its name, the flat token arrays of :class:`~.tokenizer.TokenizedCells`
 """
 from __future__ import annotations
 
-import io
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence, Union
@@ -45,10 +43,7 @@ class PackedCorpus:
         path = Path(path)
         if path.suffix != ".npz":
             raise StofmInputError(f"{path}: a packed corpus file must end in .npz")
-        with tempfile.TemporaryDirectory() as tmp:
-            vocab_file = self.vocabulary.save(Path(tmp) / "vocabulary.tsv")
-            vocab_text = Path(vocab_file).read_text()
-        arrays = {"format": np.array(FORMAT), "vocabulary": np.array(vocab_text), "n": np.array(len(self.names)),
+        arrays = {"format": np.array(FORMAT), "vocabulary": np.array(self.vocabulary.to_tsv()), "n": np.array(len(self.names)),
                   "max_genes": np.array(self.max_genes)}
         for i, (name, tok, xy) in enumerate(zip(self.names, self.tokenized, self.xy)):
             arrays.update({f"name{i}": np.array(name), f"ids{i}": tok.input_ids.astype(np.int32),
@@ -78,10 +73,7 @@ def load_packed_corpus(path: PathLike) -> PackedCorpus:
         if "format" not in z.files or str(z["format"]) != FORMAT:
             raise StofmInputError(f"{path} is not a packed corpus ({FORMAT!r}); write one with "
                                   "`stofm pretrain --data SLICES --pack FILE.npz`")
-        with tempfile.TemporaryDirectory() as tmp:
-            f = Path(tmp) / "vocabulary.tsv"
-            f.write_text(str(z["vocabulary"]))
-            vocab = GeneVocabulary.load(f)
+        vocab = GeneVocabulary.from_tsv(str(z["vocabulary"]), where=f"{path} (vocabulary)")
         max_genes = int(z["max_genes"])
         names, toks, xys = [], [], []
         for i in range(int(z["n"])):
@@ -103,8 +95,6 @@ def pack_slices(names: Sequence[str], adatas: Sequence, vocabulary: GeneVocabula
 
 
 def describe(pack: PackedCorpus) -> str:
-    buf = io.StringIO()
     n_cells = sum(t.n_cells for t in pack.tokenized)
-    buf.write(f"{len(pack.names)} slices, {n_cells} cells, {pack.vocabulary.n_genes} genes, "
-              f"up to {pack.max_genes} genes per cell")
-    return buf.getvalue()
+    return (f"{len(pack.names)} slices, {n_cells} cells, {pack.vocabulary.n_genes} genes, "
+            f"up to {pack.max_genes} genes per cell")

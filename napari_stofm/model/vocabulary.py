@@ -147,19 +147,23 @@ class GeneVocabulary:
 
     # ---------------------------------------------------------------- TSV
 
-    def save(self, path: PathLike) -> Path:
-        """Write ``vocabulary.tsv`` (``path`` is the file, or a folder to write it into)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / TSV_NAME
+    def to_tsv(self) -> str:
+        """The text of ``vocabulary.tsv``."""
         buf = io.StringIO()
         buf.write("\t".join(TSV_COLUMNS) + "\n")
         for i, (t, f, n) in enumerate(zip(self.tokens, self.norm_factors, self.n_cells_seen)):
             if "\t" in t or "\n" in t:
                 raise ValueError(f"gene id {t!r} holds a tab or newline")
             buf.write(f"{i}\t{t}\t{'' if math.isnan(f) else repr(float(f))}\t{int(n)}\n")
+        return buf.getvalue()
+
+    def save(self, path: PathLike) -> Path:
+        """Write ``vocabulary.tsv`` (``path`` is the file, or a folder to write it into)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / TSV_NAME
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
+        tmp.write_text(self.to_tsv(), encoding="utf-8")
         tmp.replace(path)
         return path
 
@@ -172,20 +176,26 @@ class GeneVocabulary:
         if not path.is_file():
             raise CheckpointError(f"gene vocabulary {path} is missing: a checkpoint needs its {TSV_NAME}")
         with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader, None)
-            if header is None or tuple(h.strip() for h in header[:4]) != TSV_COLUMNS:
-                raise CheckpointError(f"{path}: the first line must be the header {' '.join(TSV_COLUMNS)}")
-            rows = []
-            for lineno, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                try:
-                    tid, gene, nf, seen = row[0], row[1], row[2], row[3]
-                    rows.append((int(tid), gene, float(nf) if nf.strip() else np.nan,
-                                 int(seen) if seen.strip() else -1))
-                except (IndexError, ValueError) as exc:
-                    raise CheckpointError(f"{path}, line {lineno}: cannot read {row!r} ({exc})") from None
+            return cls.from_tsv(fh.read(), where=str(path))
+
+    @classmethod
+    def from_tsv(cls, text: str, where: str = TSV_NAME) -> "GeneVocabulary":
+        """Parse the text of ``vocabulary.tsv`` (``where`` names it in error messages)."""
+        path = where
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header is None or tuple(h.strip() for h in header[:4]) != TSV_COLUMNS:
+            raise CheckpointError(f"{path}: the first line must be the header {' '.join(TSV_COLUMNS)}")
+        rows = []
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                tid, gene, nf, seen = row[0], row[1], row[2], row[3]
+                rows.append((int(tid), gene, float(nf) if nf.strip() else np.nan,
+                             int(seen) if seen.strip() else -1))
+            except (IndexError, ValueError) as exc:
+                raise CheckpointError(f"{path}, line {lineno}: cannot read {row!r} ({exc})") from None
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         if not np.array_equal(np.sort(ids), np.arange(len(rows))):
             raise CheckpointError(f"{path}: token ids must be 0..{len(rows) - 1}, each once")
