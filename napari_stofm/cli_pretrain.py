@@ -8,9 +8,10 @@ from .cli import _EXTENSIONS, command
 
 _DESCRIPTION = """\
 Train SToFM weights from spatial-transcriptomics slices (.h5ad files with cell positions in
-obsm['spatial'] and expression in X), on the CPU. Two stages, as in the SToFM paper: first the
-gene-scale cell encoder learns to fill in hidden genes of each cell (plus a contrastive term),
-then the SE(2) transformer learns to fill in hidden cells and jittered cell distances from the
+obsm['spatial'] and expression in X), on the CPU or a GPU. Two stages, as in the SToFM paper:
+first the gene-scale cell encoder learns to fill in hidden genes of each cell and to summarise
+the cell's gene profile in its embedding (plus a small contrastive term), then the SE(2)
+transformer learns to fill in hidden cells and jittered cell distances from the
 spatial context, with the cell encoder frozen. The result is a checkpoint folder that
 `stofm embed/predict --checkpoint OUT` and napari_stofm.load_model(OUT) read, with a loss curve
 (loss_curve.png) and the full loss history (training_log.json).
@@ -27,7 +28,7 @@ periodic checkpoint in OUT/state/.
 Training on another machine (a GPU node with PyTorch but without the scverse stack): pack the
 slices once, where they can be read, then train from the pack:
   stofm pretrain --data ../shared/data --pack corpus.npz
-  stofm pretrain --data corpus.npz -o my_weights --device cuda --batch-cells 256
+  stofm pretrain --data corpus.npz -o my_weights --device cuda --batch-cells 512 --loader-threads 4
 """
 
 
