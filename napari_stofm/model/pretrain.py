@@ -48,7 +48,7 @@ batches while the model trains, worth it on a GPU). Slices can be read here and 
 elsewhere through a packed corpus (:mod:`.packed_corpus`, :func:`pack_corpus`).
 
 Everything is seeded (``torch.manual_seed`` and the per-step generators), checkpoints are
-written every few minutes into ``OUT/state/`` (weights as safetensors, optimiser and RNG
+written every few minutes into ``OUT/state/`` (weights as safetensors, optimiser and torch RNG
 states as plain tensors, the rest as JSON) and :func:`pretrain` with ``resume=True``
 continues from there. The result is a checkpoint directory written by
 :meth:`SToFM.save`, with ``training_log.json`` and ``loss_curve.png`` beside it.
@@ -514,18 +514,6 @@ def prefetched(build: Callable[[int], dict], start: int, workers: int):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _rng_state(rng: np.random.Generator) -> dict:
-    st = rng.bit_generator.state
-    return {"bit_generator": st["bit_generator"], "state": {k: str(v) for k, v in st["state"].items()},
-            "has_uint32": st["has_uint32"], "uinteger": st["uinteger"]}
-
-
-def _set_rng_state(rng: np.random.Generator, data: dict) -> None:
-    rng.bit_generator.state = {"bit_generator": data["bit_generator"],
-                               "state": {k: int(v) for k, v in data["state"].items()},
-                               "has_uint32": data["has_uint32"], "uinteger": data["uinteger"]}
-
-
 class Trainer:
     """Holds the model, the heads, the optimisers and the loss history of one run."""
 
@@ -569,7 +557,6 @@ class Trainer:
                                       lr=cfg.lr1, weight_decay=cfg.weight_decay)
         self.opt2 = torch.optim.AdamW(list(self.se2.parameters()) + list(self.lm_head.parameters())
                                       + list(self.pair_head.parameters()), lr=cfg.lr2, weight_decay=cfg.weight_decay)
-        self.rng = np.random.default_rng(cfg.seed)
         self.stage = 1
         self.step = 0  # steps done in the current stage
         self.stage1_done_steps = 0
@@ -602,7 +589,7 @@ class Trainer:
         torch.save({"opt1": self.opt1.state_dict(), "opt2": self.opt2.state_dict(),
                     "torch_rng": torch.get_rng_state()}, d / "optim.tmp")
         meta = {"stage": self.stage, "step": self.step, "stage1_done_steps": self.stage1_done_steps,
-                "rng": _rng_state(self.rng), "history": self.history, "seconds": self.seconds,
+                "history": self.history, "seconds": self.seconds,
                 "config": asdict(self.cfg), "slices": self.slices}
         (d / "state.tmp").write_text(json.dumps(meta))
         self.vocabulary.save(d / "vocabulary.tsv")
@@ -635,7 +622,6 @@ class Trainer:
         tr.opt1.load_state_dict(opt["opt1"])
         tr.opt2.load_state_dict(opt["opt2"])
         torch.set_rng_state(opt["torch_rng"])
-        _set_rng_state(tr.rng, meta["rng"])
         tr.stage, tr.step = int(meta["stage"]), int(meta["step"])
         tr.stage1_done_steps = int(meta.get("stage1_done_steps", 0))
         tr.history = meta["history"]
