@@ -97,6 +97,9 @@ RESUME_OVERRIDABLE = ("train_split_num", "batch_subslices", "batch_cells", "stag
 LOG_NAME = "training_log.json"
 CURVE_NAME = "loss_curve.png"
 MASK_VALUE = -100.0
+#: what the progress bar, the final summary and the log report of each stage
+STAGE1_TERMS = ("mlm", "mlm_acc", "profile_kl", "contrastive", "cell_cos")
+STAGE2_TERMS = ("cosine", "pair_mse")
 TIED_HEADS = ("mlm_head", "profile_head")  # their decoder is the encoder's word embeddings (not saved twice)
 
 
@@ -649,9 +652,6 @@ class Trainer:
             batch["ids2"], batch["attn2"] = _pad(drop_genes(seqs, rng, cfg.gene_dropout), v.pad_id)
         return batch
 
-    def stage1_step(self, corpus: GeneCorpus) -> dict:
-        return self.stage1_update(self.stage1_batch(corpus, self.step))
-
     def stage1_update(self, batch: dict) -> dict:
         """One optimisation step of stage 1 on a batch from :meth:`stage1_batch`."""
         cfg = self.cfg
@@ -696,7 +696,7 @@ class Trainer:
             nb = zn.shape[0]
             cell_cos = ((zn @ zn.t()).sum() - nb) / max(1, nb * (nb - 1))
             values = torch.stack([loss.detach(), mlm.detach(), acc, prof.detach(), con.detach(), cell_cos]).cpu().tolist()
-        return dict(zip(("loss", "mlm", "mlm_acc", "profile_kl", "contrastive", "cell_cos"), values))
+        return dict(zip(("loss",) + STAGE1_TERMS, values))
 
     # ------------------------------------------------------------ stage 2
 
@@ -708,9 +708,6 @@ class Trainer:
         batch = make_training_batch(sl, rng, self.cfg)
         batch["slice"] = sl.name
         return batch
-
-    def stage2_step(self, slices: Sequence[SpatialSlice]) -> dict:
-        return self.train_on_batch(self.stage2_batch(slices, self.step))
 
     def train_on_batch(self, batch: dict) -> dict:
         """One optimisation step of stage 2 on a batch from :func:`make_training_batch`."""
@@ -739,7 +736,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_([p for g in self.opt2.param_groups for p in g["params"]], 1.0)
         self.opt2.step()
         values = torch.stack([loss.detach(), cos.detach(), pair.detach()]).cpu().tolist()
-        row = dict(zip(("loss", "cosine", "pair_mse"), values))
+        row = dict(zip(("loss",) + STAGE2_TERMS, values))
         if "slice" in batch:
             row["slice"] = batch["slice"]
         return row
@@ -797,7 +794,7 @@ def plot_losses(history: dict, path: PathLike) -> Optional[Path]:
         log.warning("matplotlib is not installed: no loss-curve plot (pip install matplotlib)")
         return None
     panels = [("stage1", ("mlm", "profile_kl", "contrastive"), "Stage 1: gene scale"),
-              ("stage2", ("cosine", "pair_mse"), "Stage 2: SE(2) transformer")]
+              ("stage2", STAGE2_TERMS, "Stage 2: SE(2) transformer")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (key, terms, title) in zip(axes, panels):
         rows = history.get(key, [])
@@ -937,10 +934,10 @@ def pretrain(
             row["step"] = tr.step
             row["seconds"] = round(tr.seconds["stage1"] + time.monotonic() - t0, 2)
             tr.history["stage1"].append(row)
-            bar("stage 1", tr.step, cfg.stage1_steps, _mean_recent(tr.history["stage1"], ("mlm", "mlm_acc", "profile_kl", "contrastive", "cell_cos"), 20),
+            bar("stage 1", tr.step, cfg.stage1_steps, _mean_recent(tr.history["stage1"], STAGE1_TERMS, 20),
                 elapsed())
             maybe_checkpoint()
-        bar("stage 1", tr.step, cfg.stage1_steps, _mean_recent(tr.history["stage1"], ("mlm", "mlm_acc", "profile_kl", "contrastive", "cell_cos"), 20),
+        bar("stage 1", tr.step, cfg.stage1_steps, _mean_recent(tr.history["stage1"], STAGE1_TERMS, 20),
             elapsed(), force=True)
         loader.close()
         tr.seconds["stage1"] += time.monotonic() - t0
@@ -964,9 +961,9 @@ def pretrain(
         row["step"] = tr.step
         row["seconds"] = round(tr.seconds["stage2"] + time.monotonic() - t0, 2)
         tr.history["stage2"].append(row)
-        bar("stage 2", tr.step, cfg.stage2_steps, _mean_recent(tr.history["stage2"], ("cosine", "pair_mse"), 20), elapsed())
+        bar("stage 2", tr.step, cfg.stage2_steps, _mean_recent(tr.history["stage2"], STAGE2_TERMS, 20), elapsed())
         maybe_checkpoint()
-    bar("stage 2", tr.step, cfg.stage2_steps, _mean_recent(tr.history["stage2"], ("cosine", "pair_mse"), 20), elapsed(),
+    bar("stage 2", tr.step, cfg.stage2_steps, _mean_recent(tr.history["stage2"], STAGE2_TERMS, 20), elapsed(),
         force=True)
     loader.close()
     tr.seconds["stage2"] += time.monotonic() - t0
@@ -978,8 +975,8 @@ def pretrain(
         "stage1_steps": tr.stage1_done_steps,
         "stage2_steps": tr.step,
         "stage3": "not run (joint fine-tuning is not part of this recipe)",
-        "final_losses": {"stage1": _mean_recent(tr.history["stage1"], ("mlm", "mlm_acc", "profile_kl", "contrastive", "cell_cos")),
-                         "stage2": _mean_recent(tr.history["stage2"], ("cosine", "pair_mse"))},
+        "final_losses": {"stage1": _mean_recent(tr.history["stage1"], STAGE1_TERMS),
+                         "stage2": _mean_recent(tr.history["stage2"], STAGE2_TERMS)},
         "seed": cfg.seed,
         "minutes": round((tr.seconds["stage1"] + tr.seconds["stage2"]) / 60, 1),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
