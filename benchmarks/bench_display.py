@@ -45,7 +45,7 @@ def base_slice():
     path = shared_dir() / "data" / TILE_SOURCE[0] / TILE_SOURCE[1]
     if path.is_file():
         return ad.read_h5ad(path), f"{TILE_SOURCE[0]}/{TILE_SOURCE[1]}"
-    from napari_stofm.sample_data import make_sample_slice
+    from napari_stofm.io.sample import make_sample_slice
 
     return make_sample_slice(5000, seed=0), "generated sample (5000 cells)"
 
@@ -88,9 +88,9 @@ def dab(shape, rc, radius):
 
 
 def bench_library(path: Path, n_cells: int) -> dict:
-    from napari_stofm.curation import Annotation
-    from napari_stofm.raster import territories_for_slice
-    from napari_stofm.slice_io import read_slice
+    from napari_stofm.review.annotation import Annotation
+    from napari_stofm.review.raster import territories_for_slice
+    from napari_stofm.io.slices import read_slice
 
     t0 = time.perf_counter()
     adata = read_slice(path)
@@ -137,7 +137,7 @@ def bench_napari(path: Path, n_cells: int) -> None:
         t_open = time.perf_counter() - t0
         layer = [l for l in layers if l.name == "cell_type"][0]
         session = layer.metadata["stofm_session"]
-        from napari_stofm.widgets._binding import bind
+        from napari_stofm._napari.binding import bind
 
         binding = bind(layer, session, "cell_type")
         terr = session.territories

@@ -35,10 +35,10 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from napari_stofm.embedding import embed, embed_cells
+    from napari_stofm.pipeline.embed import embed, embed_cells
     from napari_stofm.model.stofm import build_model, load_model
-    from napari_stofm.model.vocabulary import build_vocabulary
-    from napari_stofm.slice_io import read_slice
+    from napari_stofm.genes.vocabulary import build_vocabulary
+    from napari_stofm.io.slices import read_slice
 
     adata = read_slice(args.slice)
     try:
@@ -68,7 +68,7 @@ def main():
         ("embed again (cached)", t_cached),
     ]
     if args.predict:
-        from napari_stofm.regions import RegionClusterer
+        from napari_stofm.heads.regions import RegionClusterer
 
         k = int(adata.obs["region"].nunique()) if "region" in adata.obs else 7
         t0 = time.perf_counter()

@@ -13,7 +13,7 @@ import time
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from napari_stofm.regions import RegionClusterer
+from napari_stofm.heads.regions import RegionClusterer
 
 
 def synthetic_slice(n_cells: int, dim: int, n_regions: int = 7, n_types: int = 12, seed: int = 0):

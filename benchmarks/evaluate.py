@@ -126,7 +126,7 @@ class Slice:
 
     def load(self):
         if self.adata is None:
-            from napari_stofm.slice_io import read_slice
+            from napari_stofm.io.slices import read_slice
 
             self.adata = read_slice(self.path)
             self.n_obs = self.adata.n_obs
@@ -223,14 +223,14 @@ def load_models(checkpoint: Optional[str], slices: Sequence[Slice]) -> Models:
     try:
         trained = load_model(checkpoint)
     except CheckpointError as err:
-        from napari_stofm.model.vocabulary import build_vocabulary
+        from napari_stofm.genes.vocabulary import build_vocabulary
 
         note = (f"NOTE: no trained weights ({err}); 'stofm' is a random-init model (seed 1) for a "
                 "development run only - its numbers mean nothing")
         print(note, flush=True)
         vocab = build_vocabulary([s.load() for s in slices if not s.held_out] or [s.load() for s in slices])
         # The pretraining recipe's sizes and settings (255 genes per cell), so costs are realistic.
-        from napari_stofm.model.pretrain import PretrainConfig
+        from napari_stofm.training.pretrain import PretrainConfig
         from napari_stofm.model.stofm import PipelineSettings
 
         cfg = PretrainConfig()
@@ -265,7 +265,7 @@ def _encoder_sizes(model) -> dict:
 def stofm_embeddings(model, s: Slice, use_cache: bool, genes: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
     """``{'final': X_stofm, 'cell': X_stofm_cell}`` for one slice (cached on disk); with
     ``genes``, the slice is first restricted to those genes (a cross-slice group's shared genes)."""
-    from napari_stofm.embedding import embed
+    from napari_stofm.pipeline.embed import embed
 
     def compute():
         t0 = time.perf_counter()
@@ -285,7 +285,7 @@ def stofm_embeddings(model, s: Slice, use_cache: bool, genes: Optional[Sequence[
 def group_genes(group: Optional[Sequence[Slice]]) -> Optional[List[str]]:
     """The genes every slice of a cross-slice group measures (None for a single slice or when
     they all measure the same genes): the rule ``predict(reference=...)`` applies."""
-    from napari_stofm.predict import shared_genes
+    from napari_stofm.pipeline.predict import shared_genes
 
     if not group or len(group) < 2:
         return None
@@ -373,7 +373,7 @@ def banksy_features(X: np.ndarray, xy: np.ndarray) -> np.ndarray:
             _, matrix = generate_banksy_matrix(a, bd, [BANKSY_LAMBDA], max_m=1, verbose=False)
         return np.nan_to_num(np.asarray(matrix.X, dtype=np.float32))
     # Own implementation: uniform kNN mean instead of BANKSY's Gaussian weights, no AGF.
-    from napari_stofm.regions import neighbor_mean_operator, spatial_neighbors
+    from napari_stofm.heads.regions import neighbor_mean_operator, spatial_neighbors
 
     nbr = neighbor_mean_operator(spatial_neighbors(xy, min(BANKSY_K, len(xy) - 1))) @ X
     return np.hstack([np.sqrt(1 - BANKSY_LAMBDA) * zscore(X), np.sqrt(BANKSY_LAMBDA) * zscore(np.asarray(nbr))])
@@ -474,7 +474,7 @@ def clustering_scores(y_true: Sequence, codes: Sequence) -> Dict[str, float]:
 
 def region_features(emb: np.ndarray, xy: np.ndarray) -> np.ndarray:
     """Supervised region head input: embedding + mean embedding of 15 spatial neighbours."""
-    from napari_stofm.classifier import with_spatial_context
+    from napari_stofm.heads.classifier import with_spatial_context
 
     return with_spatial_context(emb, xy, 15)
 
@@ -483,7 +483,7 @@ def fit_predict(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: n
                 categories: Sequence[str]) -> np.ndarray:
     """The shared supervised head: LabelHead (logistic regression, library defaults but max_iter)."""
     import pandas as pd
-    from napari_stofm.classifier import LabelHead
+    from napari_stofm.heads.classifier import LabelHead
 
     labels = pd.Categorical(list(train_labels), categories=list(categories))
     with warnings.catch_warnings():
@@ -494,7 +494,7 @@ def fit_predict(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: n
 
 
 def unsupervised_regions(emb: np.ndarray, xy: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
-    from napari_stofm.regions import RegionClusterer
+    from napari_stofm.heads.regions import RegionClusterer
 
     mask = np.array([v is not None for v in labels])
     k = len(set(labels[mask]))
@@ -620,9 +620,9 @@ def profile_largest(s: Slice, checkpoint: Optional[str]) -> dict:
 
 
 def profile_child(path: str, checkpoint: Optional[str]) -> None:
-    from napari_stofm.embedding import embed
-    from napari_stofm.regions import RegionClusterer
-    from napari_stofm.slice_io import read_slice
+    from napari_stofm.pipeline.embed import embed
+    from napari_stofm.heads.regions import RegionClusterer
+    from napari_stofm.io.slices import read_slice
 
     adata = read_slice(path)
     s = Slice(Path(path).parent.name, Path(path).stem, Path(path), adata.n_obs, adata)

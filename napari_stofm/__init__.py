@@ -20,13 +20,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "napari_stofm.model.stofm",
     "SToFM": "napari_stofm.model.stofm",
-    "embed": "napari_stofm.embedding",
-    "predict": "napari_stofm.predict",
-    "read_slice": "napari_stofm.slice_io",
-    "validate_slice": "napari_stofm.slice_io",
-    "export_h5ad": "napari_stofm.export",
-    "export_csv": "napari_stofm.export",
-    "export_spatialdata": "napari_stofm.export",
+    "embed": "napari_stofm.pipeline.embed",
+    "predict": "napari_stofm.pipeline.predict",
+    "read_slice": "napari_stofm.io.slices",
+    "validate_slice": "napari_stofm.io.slices",
+    "export_h5ad": "napari_stofm.io.export",
+    "export_csv": "napari_stofm.io.export",
+    "export_spatialdata": "napari_stofm.io.export",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

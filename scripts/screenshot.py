@@ -45,7 +45,7 @@ def _shoot(args, tmp: Path) -> int:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_stofm.sample_data import make_sample_slice
+    from napari_stofm.io.sample import make_sample_slice
 
     reference = tmp / "reference.h5ad"
     make_sample_slice(seed=1).write_h5ad(reference)

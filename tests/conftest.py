@@ -45,8 +45,8 @@ def tiny_checkpoint(tmp_path_factory):
     """A small randomly initialised SToFM (our safetensors layout) whose vocabulary covers
     the generated sample slice's genes."""
     from napari_stofm.model.stofm import build_model
-    from napari_stofm.model.vocabulary import build_vocabulary
-    from napari_stofm.sample_data import make_sample_slice
+    from napari_stofm.genes.vocabulary import build_vocabulary
+    from napari_stofm.io.sample import make_sample_slice
 
     vocab = build_vocabulary([make_sample_slice(n_cells=500, seed=11)])
     model = build_model(

@@ -11,7 +11,7 @@ import torch
 
 from napari_stofm.errors import Cancelled, CheckpointError, StofmInputError
 from napari_stofm.model.cell_encoder import BertConfig, CellEncoder
-from napari_stofm.model.tokenizer import TokenizedCells
+from napari_stofm.genes.tokenizer import TokenizedCells
 
 CFG = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
            max_position_embeddings=24, layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0)

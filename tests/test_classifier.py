@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from napari_stofm.classifier import LabelHead, complete_labels, refine_from_corrections, transfer_labels
+from napari_stofm.heads.classifier import LabelHead, complete_labels, refine_from_corrections, transfer_labels
 from napari_stofm.errors import StofmInputError
 
 REGIONS = np.array(["L1", "L2", "L3", "L4"])

@@ -1,4 +1,4 @@
-"""LabelPrediction: the shared result type, its Categorical and its obs/uns layout."""
+"""LabelPrediction: the shared result type, its Categorical, and its obs/uns layout once it is an annotation."""
 from __future__ import annotations
 
 import anndata as ad
@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 
 from napari_stofm.errors import StofmInputError
-from napari_stofm.labels import LabelPrediction, default_colors, encode_labels
+from napari_stofm.heads.prediction import LabelPrediction, encode_labels
+from napari_stofm.palette import default_colors
+from napari_stofm.review.annotation import Annotation
 
 
 def _prediction():
@@ -31,7 +33,7 @@ def test_palette_is_deterministic_distinct_hex():
     assert colors == default_colors(40)
     assert len(set(c.lower() for c in colors)) == 40
     assert all(len(c) == 7 and c.startswith("#") for c in colors)
-    assert colors[:3] == ["#E69F00", "#56B4E9", "#009E73"]  # Okabe-Ito first
+    assert colors[:3] == ["#e69f00", "#56b4e9", "#009e73"]  # Okabe-Ito first
 
 
 def test_to_categorical_maps_minus_one_to_nan():
@@ -41,23 +43,26 @@ def test_to_categorical_maps_minus_one_to_nan():
 
 
 def test_write_obs_round_trip(tmp_path):
+    """A prediction is written through its annotation (the one writer of every path)."""
     adata = ad.AnnData(np.zeros((5, 2), dtype=np.float32))
     pred = _prediction()
-    pred.write_obs(adata, "stofm_region", curated=[True, False, False, False, True])
+    ann = Annotation.from_prediction("stofm_region", pred)
+    ann.curated[:] = [True, False, False, False, True]
+    ann.to_obs(adata)
     assert isinstance(adata.obs["stofm_region"].dtype, pd.CategoricalDtype)
     assert adata.obs["stofm_region_confidence"].dtype == np.float32
     assert adata.obs["stofm_region_curated"].tolist() == [True, False, False, False, True]
     assert list(adata.uns["stofm_region_colors"]) == pred.colors
     adata.write_h5ad(tmp_path / "s.h5ad")
-    back = LabelPrediction.from_obs(ad.read_h5ad(tmp_path / "s.h5ad"), "stofm_region")
+    back = Annotation.from_obs(ad.read_h5ad(tmp_path / "s.h5ad"), "stofm_region")
     assert back.categories == pred.categories and back.colors == pred.colors
     np.testing.assert_array_equal(back.codes, pred.codes)
     np.testing.assert_allclose(back.confidence, pred.confidence)
 
 
 def test_write_obs_refuses_another_slice():
-    with pytest.raises(StofmInputError, match="same cells"):
-        _prediction().write_obs(ad.AnnData(np.zeros((4, 2))), "stofm_region")
+    with pytest.raises(StofmInputError, match="another slice"):
+        Annotation.from_prediction("stofm_region", _prediction()).to_obs(ad.AnnData(np.zeros((4, 2))))
 
 
 def test_validation():

@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_stofm.curation import Annotation, CurationStore, default_colors, to_hex
+from napari_stofm.io.autosave import CurationStore
+from napari_stofm.palette import default_colors, to_hex
+from napari_stofm.review.annotation import Annotation
 from napari_stofm.errors import StofmInputError
 
 

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from napari_stofm.cli import main as cli_main
-from napari_stofm.embedding import embed
+from napari_stofm.cli.app import main as cli_main
+from napari_stofm.pipeline.embed import embed
 from napari_stofm.errors import Cancelled, CheckpointError, StofmInputError
 from napari_stofm.model.cell_encoder import BertConfig, CellEncoder
 from napari_stofm.model.config import SToFMConfig
-from napari_stofm.model.genes import ensembl_to_symbol_table
+from napari_stofm.genes.identifiers import ensembl_to_symbol_table
 from napari_stofm.model.se2_transformer import SE2Transformer
 from napari_stofm.model.stofm import SToFM, load_model
-from napari_stofm.sample_data import make_sample_slice
+from napari_stofm.io.sample import make_sample_slice
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_mismatched_cell_encoder_is_a_clear_error(published_checkpoint, tmp_path
 def test_real_mouse_slice_embeds_through_the_human_vocabulary(shared_data_dir, tiny_checkpoint):
     """A real MERFISH mouse slice: mouse symbols meet the human-symbol vocabulary by the
     case rule, and every cell gets a finite representation."""
-    from napari_stofm.slice_io import read_slice
+    from napari_stofm.io.slices import read_slice
 
     adata = read_slice(shared_data_dir / "merfish_mouse_poa" / "animal1_bregma-0.29.h5ad")[:1500].copy()
     model = load_model(tiny_checkpoint)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_stofm.sample_data import make_sample_slice
+from napari_stofm.io.sample import make_sample_slice
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluate.py"
 

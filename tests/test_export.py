@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_stofm import export as export_module
-from napari_stofm.curation import Annotation
+from napari_stofm.io import export as export_module
+from napari_stofm.review.annotation import Annotation
 from napari_stofm.errors import StofmInputError
-from napari_stofm.export import build_spatialdata, export_csv, export_h5ad, export_spatialdata
-from napari_stofm.sample_data import make_sample_slice
-from napari_stofm.slice_io import read_slice
+from napari_stofm.io.export import build_spatialdata, export_csv, export_h5ad, export_spatialdata
+from napari_stofm.io.sample import make_sample_slice
+from napari_stofm.io.slices import read_slice
 
 KEYS = ("stofm_region", "stofm_cell_type")
 
@@ -110,7 +110,7 @@ def test_spatialdata_round_trip_with_circles(tmp_path, slice_and_annotations):
 def test_spatialdata_with_territory_labels(tmp_path, slice_and_annotations):
     import spatialdata as sd
 
-    from napari_stofm.raster import rasterize_territories
+    from napari_stofm.review.raster import rasterize_territories
 
     adata, annotations = slice_and_annotations
     territories = rasterize_territories(adata.obsm["spatial"])

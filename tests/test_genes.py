@@ -8,9 +8,10 @@ import pytest
 import scipy.sparse as sp
 
 from napari_stofm.errors import StofmInputError
-from napari_stofm.model.genes import (canonical_gene_id, control_probe_mask, detect_species, ensembl_to_symbol_table,
-                                      is_ensembl_id, resolve_genes, strip_ensembl_version)
-from napari_stofm.model.vocabulary import GeneVocabulary, build_vocabulary
+from napari_stofm.genes.identifiers import (canonical_gene_id, control_probe_mask, detect_species,
+                                            ensembl_to_symbol_table, is_ensembl_id, strip_ensembl_version)
+from napari_stofm.genes.matching import resolve_genes
+from napari_stofm.genes.vocabulary import GeneVocabulary, build_vocabulary
 
 
 def _vocab(genes):

@@ -49,7 +49,7 @@ def _spatialdata_with_masks(path):
     from spatialdata.models import Labels2DModel, TableModel
     from spatialdata.transformations import Scale, Sequence, Translation
 
-    from napari_stofm.sample_data import make_sample_slice
+    from napari_stofm.io.sample import make_sample_slice
 
     src = make_sample_slice(n_cells=400, seed=3)
     xy = np.asarray(src.obsm["spatial"])
@@ -103,7 +103,7 @@ def test_reader_on_spatialdata_uses_the_cell_masks(make_napari_viewer, tmp_path)
 
 
 def test_reader_declines_other_files(tmp_path):
-    from napari_stofm._napari_hooks import get_reader
+    from napari_stofm._napari.hooks import get_reader
 
     other = tmp_path / "image.tif"
     other.write_bytes(b"II*\x00")

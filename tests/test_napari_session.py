@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from napari_stofm.errors import StofmInputError
-from napari_stofm.session import CELL_TYPE_KEY, REGION_KEY, SliceSession, export_format_of
+from napari_stofm.review.session import CELL_TYPE_KEY, REGION_KEY, SliceSession, export_format_of
 
 
 @pytest.fixture(autouse=True)
@@ -17,8 +17,8 @@ def _isolated_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from napari_stofm.model.stofm import build_model
-    from napari_stofm.model.vocabulary import build_vocabulary
-    from napari_stofm.sample_data import make_sample_slice
+    from napari_stofm.genes.vocabulary import build_vocabulary
+    from napari_stofm.io.sample import make_sample_slice
 
     path = tmp_path_factory.mktemp("ckpt") / "small_stofm"
     build_model(build_vocabulary([make_sample_slice(800)]), seed=0).save(path)
@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slice_file(tmp_path_factory):
-    from napari_stofm.sample_data import make_sample_slice
+    from napari_stofm.io.sample import make_sample_slice
 
     path = tmp_path_factory.mktemp("slices") / "query.h5ad"
     adata = make_sample_slice(800, seed=2)
@@ -38,7 +38,7 @@ def slice_file(tmp_path_factory):
 
 
 def test_reference_transfer_autosave_and_reopen(checkpoint, slice_file, tmp_path):
-    from napari_stofm.sample_data import make_sample_slice
+    from napari_stofm.io.sample import make_sample_slice
 
     ref_path = tmp_path / "reference.h5ad"
     make_sample_slice(800, seed=1).write_h5ad(ref_path)
@@ -104,7 +104,7 @@ def test_refine_needs_corrections_and_keeps_them(checkpoint, slice_file, tmp_pat
 
 
 def test_edits_with_unknown_labels_and_export_names(slice_file, tmp_path):
-    from napari_stofm.curation import Annotation
+    from napari_stofm.review.annotation import Annotation
 
     path, _ = slice_file
     session = SliceSession.open(path, autosave_dir=tmp_path)

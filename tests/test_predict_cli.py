@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_stofm.cli import main as cli_main
+from napari_stofm.cli.app import main as cli_main
 from napari_stofm.model.stofm import load_model
-from napari_stofm.predict import predict
-from napari_stofm.sample_data import make_sample_slice
+from napari_stofm.pipeline.predict import predict
+from napari_stofm.io.sample import make_sample_slice
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_cli_predict_then_export_round_trip(tiny_checkpoint, sample_file, tmp_pa
     assert (table.loc[pred.obs_names, "stofm_region"].to_numpy() == pred.obs["stofm_region"].astype(str).to_numpy()).all()
     copy = ad.read_h5ad(h5)
     assert copy.obs["stofm_cell_type"].equals(pred.obs["stofm_cell_type"])
-    from napari_stofm.slice_io import read_slice
+    from napari_stofm.io.slices import read_slice
 
     back = read_slice(zarr)
     assert (back.obs.loc[pred.obs_names, "stofm_region"].astype(str) == pred.obs["stofm_region"].astype(str)).all()
@@ -95,7 +95,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_reference_with_another_gene_panel_is_matched_on_shared_genes(tiny_checkpoint):
     """Slices measuring different panels are embedded on their shared genes for the transfer;
     the query's own embedding (all its genes) is left as it was."""
-    from napari_stofm.embedding import embed
+    from napari_stofm.pipeline.embed import embed
 
     model = load_model(tiny_checkpoint)
     ref = make_sample_slice(n_cells=600, seed=4)

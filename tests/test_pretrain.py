@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from napari_stofm.errors import StofmInputError
-from napari_stofm.model import pretrain as pt
-from napari_stofm.sample_data import make_sample_slice
+from napari_stofm.training import pretrain as pt
+from napari_stofm.io.sample import make_sample_slice
 
 TINY = dict(bert_hidden=32, bert_layers=1, bert_heads=2, bert_intermediate=64, se2_layers=2, se2_dim=32, se2_ffn=64,
             se2_heads=4, se2_gaussians=16, batch_cells=16, train_split_num=100, batch_subslices=2, warmup_steps=3,
@@ -29,7 +29,7 @@ def run(slices, tmp_path_factory):
 
 
 def test_run_writes_a_loadable_checkpoint(run, slices):
-    from napari_stofm.embedding import embed
+    from napari_stofm.pipeline.embed import embed
     from napari_stofm.model.checkpoint import load_se2_transformer
     from napari_stofm.model.stofm import load_model
 
@@ -70,8 +70,8 @@ def test_stage2_loss_decreases_on_a_fixed_batch(slices):
     import torch
 
     from napari_stofm.model.multiscale import normalize_coordinates
-    from napari_stofm.model.tokenizer import tokenize_adata
-    from napari_stofm.model.vocabulary import build_vocabulary
+    from napari_stofm.genes.tokenizer import tokenize_adata
+    from napari_stofm.genes.vocabulary import build_vocabulary
 
     cfg = pt.PretrainConfig(stage2_steps=40, **{**TINY, "warmup_steps": 1, "lr2": 2e-3})
     adatas = [a for _, a in slices]
@@ -108,7 +108,7 @@ def test_held_out_slices_are_refused(tmp_path, slices):
 def test_packed_corpus_trains_like_the_slices_it_came_from(slices, tmp_path):
     """A pack holds the same vocabulary and tokens; training from it gives the same weights,
     and so do batches built ahead by loader threads."""
-    from napari_stofm.model.packed_corpus import load_packed_corpus
+    from napari_stofm.training.packed import load_packed_corpus
     from napari_stofm.model.stofm import load_model
 
     files = []
@@ -136,7 +136,7 @@ def test_packed_corpus_trains_like_the_slices_it_came_from(slices, tmp_path):
 
 
 def test_damaged_or_foreign_pack_is_refused(tmp_path):
-    from napari_stofm.model.packed_corpus import load_packed_corpus
+    from napari_stofm.training.packed import load_packed_corpus
 
     bad = tmp_path / "corpus.npz"
     bad.write_bytes(b"not a zip file")

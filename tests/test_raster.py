@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from napari_stofm.errors import StofmInputError
-from napari_stofm.raster import Territories, rasterize_territories, spacing_of
+from napari_stofm.review.raster import Territories, rasterize_territories, spacing_of
 
 
 def _grid(n_side=20, step=10.0, jitter=0.0, seed=0):

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from napari_stofm.errors import Cancelled, StofmInputError
-from napari_stofm.regions import RegionClusterer, cluster_regions, spatial_neighbors
+from napari_stofm.heads.regions import RegionClusterer, cluster_regions, spatial_neighbors
 
 
 def layered_slice(n=2000, dim=32, n_regions=4, n_types=5, region_sep=0.5, seed=0):

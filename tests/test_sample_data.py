@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from scipy.spatial import cKDTree
 
-from napari_stofm.sample_data import CELL_TYPES, MARKERS, REGIONS, gene_panel, make_sample_slice
-from napari_stofm.slice_io import validate_slice
+from napari_stofm.io.sample import CELL_TYPES, MARKERS, REGIONS, gene_panel, make_sample_slice
+from napari_stofm.io.slices import validate_slice
 
 
 @pytest.fixture(scope="module")

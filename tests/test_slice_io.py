@@ -10,8 +10,8 @@ import pytest
 import scipy.sparse as sp
 
 from napari_stofm.errors import StofmInputError
-from napari_stofm.sample_data import make_sample_slice
-from napari_stofm.slice_io import is_slice_path, read_slice, validate_slice
+from napari_stofm.io.sample import make_sample_slice
+from napari_stofm.io.slices import is_slice_path, read_slice, validate_slice
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 from napari_stofm.errors import CheckpointError, StofmInputError
-from napari_stofm.model.vocabulary import GeneVocabulary, build_vocabulary, restricted_load
+from napari_stofm.genes.vocabulary import GeneVocabulary, build_vocabulary, restricted_load
 
 
 def test_special_tokens_and_lookup():

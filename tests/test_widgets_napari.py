@@ -31,8 +31,8 @@ def _isolated_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from napari_stofm.model.stofm import build_model
-    from napari_stofm.model.vocabulary import build_vocabulary
-    from napari_stofm.sample_data import make_sample_slice
+    from napari_stofm.genes.vocabulary import build_vocabulary
+    from napari_stofm.io.sample import make_sample_slice
 
     path = tmp_path_factory.mktemp("ckpt") / "small_stofm"
     build_model(build_vocabulary([make_sample_slice()]), seed=0).save(path)
@@ -51,9 +51,9 @@ def _keep_embedding(adata):
 def sample_embedding(checkpoint):
     """The sample slice embedded by the test checkpoint (obsm + uns to put in its cache)."""
     if not _EMBEDDED:
-        from napari_stofm.embedding import embed
+        from napari_stofm.pipeline.embed import embed
         from napari_stofm.model.stofm import SToFM
-        from napari_stofm.sample_data import make_sample_slice
+        from napari_stofm.io.sample import make_sample_slice
 
         adata = make_sample_slice()
         embed(adata, SToFM.load(checkpoint), device="cpu")
@@ -148,7 +148,7 @@ def test_sample_opens_through_the_manifest(make_napari_viewer):
 
 
 def test_edits_are_mapped_without_any_widget_open(make_napari_viewer, qtbot):
-    from napari_stofm.widgets._binding import binding_of
+    from napari_stofm._napari.binding import binding_of
 
     viewer = make_napari_viewer()
     cells, session = _open_sample(viewer)
@@ -207,12 +207,13 @@ def test_changing_region_count_reclusters_without_the_model(make_napari_viewer, 
     assert widget.last_result.embedding_reused is True
     layer = _labels(viewer, "tissue regions")
 
-    import napari_stofm.embedding as embedding
+    import napari_stofm.pipeline.embed as embedding
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not run again")
 
     monkeypatch.setattr(embedding, "embed", no_model)
+    monkeypatch.setattr(embedding, "compute_embedding", no_model)
     widget.regions_spin.setValue(8)  # debounced re-clustering in a worker
     qtbot.waitUntil(lambda: session.annotations["stofm_region"].n_classes == 8, timeout=20_000)
     qtbot.waitUntil(lambda: layer.features.shape[0] == 9, timeout=5_000)
@@ -245,7 +246,7 @@ _RESULT: dict = {}  # the first run's result; later tests show a copy through th
 
 @pytest.fixture
 def predicted(make_napari_viewer, qtbot, checkpoint, sample_embedding):
-    from napari_stofm.session import RunResult
+    from napari_stofm.pipeline.predict import RunResult
 
     viewer = make_napari_viewer()
     cells, session = _open_sample(viewer)
@@ -258,7 +259,8 @@ def predicted(make_napari_viewer, qtbot, checkpoint, sample_embedding):
     else:  # same slice, same embedding, same parameters: reuse the heads' output (saves CPU time)
         dock, widget = viewer.window.add_plugin_dock_widget("napari-stofm", "Run SToFM")
         first = _RESULT["result"]
-        widget._on_result(session, RunResult({k: a.copy() for k, a in first.annotations.items()}, first.clusterer, True))
+        widget._on_result(session, RunResult({k: a.copy() for k, a in first.annotations.items()}, first.clusterer,
+                                             first.embedding))
         assert widget.last_error is None, widget.last_error
     return viewer, session
 
@@ -420,7 +422,7 @@ def _curated_equal(ann, column, curated_column):
 def test_export_widget_writes_and_rereads(predicted, qtbot, tmp_path, messages):
     import anndata as ad
 
-    from napari_stofm.slice_io import read_slice
+    from napari_stofm.io.slices import read_slice
 
     viewer, session = predicted
     layer = _labels(viewer, "cell types")

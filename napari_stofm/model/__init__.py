@@ -5,9 +5,9 @@ Public names used across the package and by parity checks:
 - :func:`load_se2_transformer` (checkpoint dir -> ``torch.nn.Module``)
 - :func:`normalize_coordinates`, :func:`split_subslices`, :func:`subslice_distances`
 """
-from .checkpoint import load_se2_transformer, save_se2_transformer
-from .config import SToFMConfig
-from .multiscale import (
+from napari_stofm.model.checkpoint import load_se2_transformer, save_se2_transformer
+from napari_stofm.model.config import SToFMConfig
+from napari_stofm.model.multiscale import (
     Hypernodes,
     build_hypernodes,
     build_subslice_inputs,
@@ -17,7 +17,7 @@ from .multiscale import (
     split_subslices,
     subslice_distances,
 )
-from .se2_transformer import GaussianKernel, SE2Transformer
+from napari_stofm.model.se2_transformer import GaussianKernel, SE2Transformer
 
 __all__ = [
     "GaussianKernel",

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, StofmInputError
-from ..progress import CancelToken, ProgressCallback, check_cancelled, report
+from napari_stofm.errors import CheckpointError, StofmInputError
+from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report
 
 PathLike = Union[str, Path]
 CELL_EMBEDDING_DIM = 256

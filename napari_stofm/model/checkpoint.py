@@ -18,9 +18,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..errors import CheckpointError
-from .config import SToFMConfig
-from .se2_transformer import SE2Transformer
+from napari_stofm.errors import CheckpointError
+from napari_stofm.model.config import SToFMConfig
+from napari_stofm.model.se2_transformer import SE2Transformer
 
 SE2_PTH = "se2transformer.pth"
 SE2_SAFETENSORS = "se2transformer.safetensors"

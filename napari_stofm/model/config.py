@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..errors import CheckpointError
+from napari_stofm.errors import CheckpointError
 
 CONFIG_NAME = "config.json"
 

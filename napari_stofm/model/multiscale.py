@@ -20,7 +20,7 @@ import torch
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 
-from ..errors import StofmInputError
+from napari_stofm.errors import StofmInputError
 
 NORM_TYPE, CLS_TYPE, HYPER_TYPE, PAD_TYPE = 0, 1, 2, 3
 

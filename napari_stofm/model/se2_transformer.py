@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import SToFMConfig
+from napari_stofm.model.config import SToFMConfig
 
 _ACT = {
     "gelu": F.gelu,

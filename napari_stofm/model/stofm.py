@@ -21,11 +21,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..errors import CheckpointError
-from .cell_encoder import CellEncoder
-from .checkpoint import find_se2_weights, fingerprint_files, load_se2_transformer, save_se2_transformer
-from .se2_transformer import SE2Transformer
-from .vocabulary import GeneVocabulary
+from napari_stofm.errors import CheckpointError
+from napari_stofm.model.cell_encoder import CellEncoder
+from napari_stofm.model.checkpoint import find_se2_weights, fingerprint_files, load_se2_transformer, save_se2_transformer
+from napari_stofm.model.se2_transformer import SE2Transformer
+from napari_stofm.genes.vocabulary import GeneVocabulary
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 SETTINGS_NAME = "stofm.json"
@@ -88,9 +88,22 @@ class SToFM:
         return next(self.se2.parameters()).device
 
     def to(self, device) -> "SToFM":
+        """Move this model (in place) to ``device``."""
         self.se2.to(device)
         self.cell_encoder.to(device)
         return self
+
+    def on(self, device) -> "SToFM":
+        """This model on ``device``: itself when it is there already, else a moved copy
+        (the original stays where it is, so a worker thread never moves a shared model)."""
+        device = torch.device(device)
+        current = self.device
+        if current.type == device.type and (device.index is None or current.index == device.index):
+            return self
+        import copy
+
+        return SToFM(copy.deepcopy(self.se2).to(device), copy.deepcopy(self.cell_encoder).to(device),
+                     self.vocabulary, self.settings, source=self.source, fingerprint=self.fingerprint)
 
     @classmethod
     def load(cls, path: str | Path, device: Optional[str] = None) -> "SToFM":
@@ -179,8 +192,8 @@ def build_model(
 ) -> SToFM:
     """A randomly initialised SToFM for a vocabulary (the start of pretraining, and the
     untrained baseline). Sizes default to a small CPU-friendly model."""
-    from .cell_encoder import BertConfig
-    from .config import SToFMConfig
+    from napari_stofm.model.cell_encoder import BertConfig
+    from napari_stofm.model.config import SToFMConfig
 
     torch.manual_seed(seed)
     enc = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,

@@ -4,8 +4,8 @@
 * :class:`ReviewWidget` — "Review labels"
 * :class:`ExportWidget` — "Export labels"
 """
-from .export_widget import ExportWidget
-from .review_widget import ReviewWidget
-from .run_widget import RunWidget
+from napari_stofm.widgets.export_widget import ExportWidget
+from napari_stofm.widgets.review_widget import ReviewWidget
+from napari_stofm.widgets.run_widget import RunWidget
 
 __all__ = ["RunWidget", "ReviewWidget", "ExportWidget"]

@@ -7,8 +7,8 @@ from typing import Callable, Optional
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QComboBox
 
-from ..errors import Cancelled, StofmError
-from ._layers import session_of, slice_layers
+from napari_stofm.errors import Cancelled, StofmError
+from napari_stofm._napari.layers import session_of, slice_layers
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """"Export labels" dock widget: curated labels to .h5ad, CSV or SpatialData .zarr.
 
-The export itself is :meth:`napari_stofm.session.SliceSession.export` (atomic writes in
-:mod:`napari_stofm.export`); the widget asks before replacing an existing target and
+The export itself is :meth:`napari_stofm.review.session.SliceSession.export` (atomic writes in
+:mod:`napari_stofm.io.export`); the widget asks before replacing an existing target and
 shows any failure as a napari message.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..errors import StofmInputError
-from ._binding import bind_viewer, binding_of
-from ._common import SliceCombo, report_failure, show_error, show_info, start_worker
-from ._layers import ROLE_LABELS, session_of
+from napari_stofm.errors import StofmInputError
+from napari_stofm._napari.binding import bind_viewer, binding_of
+from napari_stofm.widgets._common import SliceCombo, report_failure, show_error, show_info, start_worker
+from napari_stofm._napari.layers import ROLE_LABELS, session_of
 
 FORMATS = {"h5ad": ".h5ad", "CSV": ".csv", "SpatialData": ".zarr"}
 _FORMAT_KEYS = {"h5ad": "h5ad", "CSV": "csv", "SpatialData": "spatialdata"}

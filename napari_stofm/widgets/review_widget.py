@@ -5,7 +5,7 @@ to correct it.
   double-click a name to rename it, click a swatch to recolour, select rows to merge
   them, add a class. Selecting a row makes it the label napari's brush paints.
 * Paint, fill and erase on the layer itself are mapped back to cells by
-  :class:`~napari_stofm.widgets._binding.LabelsBinding` (undo/redo included).
+  :class:`~napari_stofm._napari.binding.LabelsBinding` (undo/redo included).
 * "Next least confident cell" centres the view on the next uncorrected cell with the
   lowest confidence.
 * "Refine from corrections" retrains the label head on the curated cells (worker thread)
@@ -33,12 +33,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..errors import StofmError
-from ..raster import PIXELS_PER_SPACING
-from ..session import display_name
-from ._binding import bind, bind_viewer, binding_of
-from ._common import report_failure, show_error, start_worker
-from ._layers import ROLE_LABELS, session_of
+from napari_stofm.errors import StofmError
+from napari_stofm.review.raster import PIXELS_PER_SPACING
+from napari_stofm.review.session import display_name
+from napari_stofm._napari.binding import bind, bind_viewer, binding_of
+from napari_stofm.widgets._common import report_failure, show_error, start_worker
+from napari_stofm._napari.layers import ROLE_LABELS, session_of
 
 COLUMNS = ("", "class", "cells", "confidence", "curated")
 

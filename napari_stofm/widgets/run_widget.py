@@ -1,9 +1,9 @@
 """"Run SToFM" dock widget: parameters in, Labels layers out; the work happens in the library.
 
-The run (:meth:`napari_stofm.session.SliceSession.compute`) goes to a worker thread with
+The run (:meth:`napari_stofm.review.session.SliceSession.compute`) goes to a worker thread with
 a napari progress bar fed by the library's ``progress`` callback and a Cancel button
 that sets the ``cancel`` Event. Changing the number of regions after a run re-cuts the
-cached region tree (:meth:`~napari_stofm.session.SliceSession.compute_regions`) without
+cached region tree (:meth:`~napari_stofm.review.session.SliceSession.compute_regions`) without
 running the model again.
 """
 from __future__ import annotations
@@ -28,11 +28,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..errors import StofmInputError
-from ..session import REGION_KEY
-from ._binding import bind_viewer
-from ._common import ProgressRelay, SliceCombo, report_failure, show_error, show_info, start_worker
-from ._layers import ROLE_LABELS, add_or_update_labels, session_of
+from napari_stofm.errors import StofmInputError
+from napari_stofm.heads.regions import DEFAULT_RESOLUTION
+from napari_stofm.keys import REGION as REGION_KEY
+from napari_stofm._napari.binding import bind_viewer
+from napari_stofm.widgets._common import ProgressRelay, SliceCombo, report_failure, show_error, show_info, start_worker
+from napari_stofm._napari.layers import ROLE_LABELS, add_or_update_labels, session_of
 
 WEIGHTS_BUNDLED = "bundled"
 WEIGHTS_CHECKPOINT = "checkpoint folder"
@@ -212,7 +213,10 @@ class RunWidget(QWidget):
                 raise StofmInputError(f"the checkpoint folder {folder} does not exist.")
             params["weights"] = folder
         n = self.regions_spin.value()
-        params["n_regions"] = n if n > 0 else None
+        if n > 0:
+            params["n_regions"] = n
+        else:  # "auto (Leiden)": the data choose the count
+            params["resolution"] = DEFAULT_RESOLUTION
         source = self.source_combo.currentText()
         key = self.label_key.currentText().strip()
         if source == SOURCE_REFERENCE:
@@ -223,11 +227,11 @@ class RunWidget(QWidget):
                 raise StofmInputError(f"the reference slice {ref} does not exist.")
             if not key:
                 raise StofmInputError("name the reference's obs column that holds the cell types.")
-            params["label_source"] = ("reference", ref, key)
+            params["reference"], params["label_key"] = ref, key
         elif source == SOURCE_COLUMN:
             if not key:
                 raise StofmInputError("this slice has no categorical obs column to learn cell types from.")
-            params["label_source"] = ("column", key)
+            params["label_key"] = key
         return params
 
     # ------------------------------------------------------------------ run

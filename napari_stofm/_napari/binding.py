@@ -1,0 +1,440 @@
+"""Keep a napari Labels layer and its :class:`~napari_stofm.review.annotation.Annotation` in step.
+
+napari's paint, fill and erase change pixels; :class:`LabelsBinding` maps every edit back
+to the cells it covers (a cell takes the class that covers most of its territory), marks
+them curated, and repaints the whole territory of every touched cell so the image always
+shows one class per cell. The repaint is recorded inside napari's own undo step, together
+with what it did to the annotation, so ``layer.undo()`` / ``layer.redo()`` restore pixels
+and annotation (codes and curated flags) together.
+
+Hovering a Labels layer adds the cell under the cursor (id, class, confidence) to the
+status bar text napari shows.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Optional
+
+import numpy as np
+
+from napari_stofm.errors import StofmError
+from napari_stofm.review.session import EditResult, SliceSession, display_name
+from napari_stofm._napari.layers import labels_colormap, labels_features, refresh_labels_layer, unwrap
+
+log = logging.getLogger(__name__)
+
+_BINDINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_BOUND_VIEWERS: "weakref.WeakSet" = weakref.WeakSet()
+
+AUTOSAVE_DELAY_MS = 1500
+
+
+class _EditAtom(tuple):
+    """A napari history atom ``(indices, old_values, new_values)`` that also records the
+    annotation change of the edit it belongs to (napari replays it like any other)."""
+
+    edit: Optional[EditResult] = None
+
+    def __new__(cls, indices, old, new, edit=None):
+        obj = super().__new__(cls, (indices, old, new))
+        obj.edit = edit
+        return obj
+
+
+def binding_of(layer) -> Optional["LabelsBinding"]:
+    return _BINDINGS.get(unwrap(layer)) if layer is not None else None
+
+
+def bind(layer, session: SliceSession, key: str) -> "LabelsBinding":
+    """The binding of ``layer`` (created on first call)."""
+    layer = unwrap(layer)
+    binding = _BINDINGS.get(layer)
+    if binding is None or binding.session is not session or binding.key != key:
+        if binding is not None:
+            binding.detach()
+        binding = LabelsBinding(layer, session, key)
+        _BINDINGS[layer] = binding
+    return binding
+
+
+def bind_viewer(viewer) -> list:
+    """Bind every SToFM Labels layer of a viewer (and the ones added later)."""
+    from napari_stofm._napari.layers import ROLE_LABELS, session_of
+
+    viewer = unwrap(viewer)
+
+    def _bind(layer):
+        meta = layer.metadata or {}
+        if meta.get("stofm_role") == ROLE_LABELS and meta.get("stofm_key"):
+            session = session_of(layer)
+            if session is not None and meta["stofm_key"] in session.annotations:
+                return bind(layer, session, meta["stofm_key"])
+        return None
+
+    if viewer not in _BOUND_VIEWERS:
+        def _on_inserted(event):
+            _bind(event.value)
+
+        viewer.layers.events.inserted.connect(_on_inserted)
+        _BOUND_VIEWERS.add(viewer)
+    return [b for b in (_bind(layer) for layer in list(viewer.layers)) if b is not None]
+
+
+class LabelsBinding:
+    def __init__(self, layer, session: SliceSession, key: str):
+        layer = unwrap(layer)
+        self._layer_ref = weakref.ref(layer)
+        self.session = session
+        self.key = key
+        self._pending: list = []
+        self._busy = False
+        self.last_edit: Optional[EditResult] = None
+        self.last_error: Optional[str] = None
+        self._autosave_timer = None
+        layer.events.paint.connect(self._on_paint)
+        layer.events.labels_update.connect(self._on_labels_update)
+        session.subscribe(self._on_session_change)
+        self._wrap_layer_methods()
+        self.resync()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def layer(self):
+        """The Labels layer (None once napari has deleted it)."""
+        return self._layer_ref()
+
+    def detach(self) -> None:
+        self.session.unsubscribe(self._on_session_change)
+        layer = self.layer
+        if layer is None:
+            return
+        try:
+            layer.events.paint.disconnect(self._on_paint)
+            layer.events.labels_update.disconnect(self._on_labels_update)
+        except Exception:
+            pass
+        for name in ("undo", "redo", "get_status", "_get_tooltip_text"):
+            layer.__dict__.pop(name, None)
+
+    @property
+    def annotation(self):
+        return self.session.annotations[self.key]
+
+    def _wrap_layer_methods(self) -> None:
+        """Wrap this layer's undo/redo (to replay the annotation with the pixels) and its
+        status/tooltip text (to add the cell under the cursor). napari has no event for
+        undo/redo, and its status text comes from these methods."""
+        layer = self.layer
+        cls = type(layer)
+        ref = weakref.ref(self)
+
+        def undo():
+            binding = ref()
+            item = _last(getattr(layer, "_undo_history", None))
+            cls.undo(layer)
+            if binding is not None:
+                binding._after_history(item, undoing=True)
+
+        def redo():
+            binding = ref()
+            item = _last(getattr(layer, "_redo_history", None))
+            cls.redo(layer)
+            if binding is not None:
+                binding._after_history(item, undoing=False)
+
+        def get_status(position=None, **kwargs):
+            status = cls.get_status(layer, position, **kwargs)
+            binding = ref()
+            if binding is not None and position is not None:
+                text = binding.cell_text(position, world=kwargs.get("world", False))
+                if text and isinstance(status, dict):
+                    status["coordinates"] = f"{status.get('coordinates', '')}; {text}"
+            return status
+
+        def _get_tooltip_text(position, **kwargs):
+            text = cls._get_tooltip_text(layer, position, **kwargs)
+            binding = ref()
+            if binding is not None:
+                extra = binding.cell_text(position, world=kwargs.get("world", False))
+                if extra:
+                    text = f"{text}\n{extra}" if text else extra
+            return text
+
+        layer.undo = undo
+        layer.redo = redo
+        layer.get_status = get_status
+        layer._get_tooltip_text = _get_tooltip_text
+
+    # ------------------------------------------------------------------ hover
+    def cell_at(self, position, *, world: bool = True) -> int:
+        """Cell index under a position (world or data coordinates), -1 if none."""
+        pos = np.asarray(position, dtype=float)
+        data_pos = self.layer.world_to_data(pos) if world else pos
+        return self.session.territories.cell_at(np.asarray(data_pos)[-2:])
+
+    def cell_text(self, position, *, world: bool = True) -> str:
+        try:
+            cell = self.cell_at(position, world=world)
+        except Exception:
+            return ""
+        if cell < 0:
+            return ""
+        ann = self.annotation
+        code = int(ann.codes[cell])
+        name = ann.categories[code] if code >= 0 else "unassigned"
+        conf = float(ann.confidence[cell])
+        conf_text = "n/a" if not np.isfinite(conf) else f"{conf:.2f}"
+        flag = ", curated" if ann.curated[cell] else ""
+        return f"cell {self.session.adata.obs_names[cell]}: {name} (confidence {conf_text}{flag})"
+
+    # ------------------------------------------------------------------ edits
+    def _on_paint(self, event) -> None:
+        if self._busy:
+            return
+        item = event.value
+        if not isinstance(item, list) or not item:
+            return
+        if self._written(item):
+            self._process(item)
+        else:
+            # napari announces single paint/fill/data_setitem calls just before writing
+            # the pixels; handle them once they are there.
+            self._pending.append(item)
+            _call_soon(self.flush)
+
+    def _on_labels_update(self, event=None) -> None:
+        if self._pending and not self._busy:
+            self.flush()
+
+    def flush(self) -> None:
+        """Map every edit still waiting for its pixels."""
+        while self._pending:
+            item = self._pending.pop(0)
+            self._process(item)
+
+    def _written(self, item) -> bool:
+        atom = item[-1]
+        data = self.layer.data
+        try:
+            if hasattr(atom, "slice_key"):
+                region = np.asarray(data[atom.slice_key])
+                values = region if atom.mask is None else region[atom.mask]
+                return bool(np.all(values == atom.new_value))
+            indices, old, new = atom
+            return bool(np.array_equal(np.asarray(data[indices]), np.broadcast_to(new, np.shape(old))))
+        except Exception:  # an atom napari stores differently: treat as written
+            return True
+
+    def _process(self, item) -> None:
+        bbox = _item_bbox(item, self.layer.data.shape)
+        if bbox is None:
+            return
+        self._busy = True
+        try:
+            data = self.layer.data
+            session = self.session
+            edit = None
+            self.last_error = None
+            try:
+                edit = session.apply_edit(self.key, np.asarray(data), bbox)
+            except StofmError as err:
+                self.last_error = str(err)
+                _show_error(str(err))
+            touched = edit.touched if edit is not None else np.empty(0, np.int64)
+            region = _union(bbox, session.territories.cell_bbox(touched)) if touched.size else bbox
+            want = session.territories.class_image(self.annotation.codes, bbox=region)
+            current = np.asarray(data[region])
+            diff = want != current
+            rows, cols = np.nonzero(diff)
+            rows = rows + region[0].start
+            cols = cols + region[1].start
+            old = current[diff].copy()
+            new = want[diff]
+            if rows.size:
+                data[rows, cols] = new
+            item.append(_EditAtom((rows, cols), old, new, edit))
+            self.last_edit = edit
+            if rows.size:
+                _show_pixels(self.layer, rows, cols, new)
+            if edit is not None and edit.changed:
+                self._update_features()
+                self._schedule_autosave()
+        finally:
+            self._busy = False
+
+    def _after_history(self, item, *, undoing: bool) -> None:
+        """After napari replayed an undo/redo step: put the annotation back in step."""
+        if item is None:
+            return
+        edits = [a.edit for a in item if isinstance(a, _EditAtom) and a.edit is not None]
+        if not edits:
+            if any(not isinstance(a, _EditAtom) for a in item):
+                self.resync()
+            return
+        self._busy = True
+        try:
+            # undo replays atoms last-first; redo first-last
+            for edit in (reversed(edits) if undoing else edits):
+                self.session.restore(self.key, edit.previous if undoing else edit.after)
+        finally:
+            self._busy = False
+        self._update_features()
+        self._schedule_autosave()
+
+    def resync(self) -> int:
+        """Map any pixel that disagrees with the annotation (e.g. painted before binding).
+
+        Returns the number of cells whose class changed.
+        """
+        data = np.asarray(self.layer.data)
+        terr = self.session.territories
+        if data.shape != terr.shape:
+            return 0
+        want = terr.class_image(self.annotation.codes)
+        diff = want != data
+        if not diff.any():
+            return 0
+        rows, cols = np.nonzero(diff)
+        bbox = (slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1))
+        self._busy = True
+        try:
+            edit = self.session.apply_edit(self.key, data, bbox)
+            data[...] = terr.class_image(self.annotation.codes)
+        except StofmError as err:
+            _show_error(str(err))
+            data[...] = want
+            edit = None
+        finally:
+            self._busy = False
+        self.layer.refresh()
+        self._update_features()
+        if edit is not None and edit.changed:
+            self._schedule_autosave()
+            return int(edit.cells.size)
+        return 0
+
+    # ------------------------------------------------------------------ session changes
+    def _on_session_change(self, key: str, what: str) -> None:
+        if self.layer is None:  # the layer was deleted
+            self.session.unsubscribe(self._on_session_change)
+            return
+        if key != self.key or self._busy:
+            return
+        if what == "classes":
+            self._update_classes()
+        else:  # 'codes' (refine, assign), 'merged', 'replaced'
+            refresh_labels_layer(self.layer, self.session, self.key)
+        if what != "classes":
+            self._schedule_autosave()
+
+    def _update_classes(self) -> None:
+        ann = self.annotation
+        self.layer.colormap = labels_colormap(ann)
+        self.layer.features = labels_features(ann)
+
+    def _update_features(self) -> None:
+        """Cell counts per class changed; names and colours did not."""
+        self.layer.features = labels_features(self.annotation)
+
+    # ------------------------------------------------------------------ autosave
+    def _schedule_autosave(self) -> None:
+        try:
+            from qtpy.QtCore import QTimer
+        except Exception:  # no Qt: save now
+            self._autosave()
+            return
+        if self._autosave_timer is None:
+            self._autosave_timer = QTimer()
+            self._autosave_timer.setSingleShot(True)
+            self._autosave_timer.timeout.connect(self._autosave)
+        self._autosave_timer.start(AUTOSAVE_DELAY_MS)
+
+    def _autosave(self) -> None:
+        try:
+            self.session.autosave()
+        except Exception as err:  # never lose the UI over a failed autosave
+            _show_error(f"autosave of {display_name(self.key)} failed: {err}")
+
+    def autosave_now(self) -> None:
+        if self._autosave_timer is not None:
+            self._autosave_timer.stop()
+        self._autosave()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _last(history):
+    try:
+        return history[-1] if history else None
+    except Exception:
+        return None
+
+
+def _item_bbox(item, shape):
+    """Union bounding box (2 slices) of the pixels a history item touched."""
+    r0 = c0 = None
+    r1 = c1 = None
+    for atom in item:
+        if isinstance(atom, _EditAtom):
+            continue
+        if hasattr(atom, "slice_key"):
+            rs, cs = atom.slice_key[-2], atom.slice_key[-1]
+            a0, a1 = rs.start or 0, rs.stop if rs.stop is not None else shape[-2]
+            b0, b1 = cs.start or 0, cs.stop if cs.stop is not None else shape[-1]
+        else:
+            indices = atom[0]
+            if len(indices) < 2 or np.size(indices[-1]) == 0:
+                continue
+            rr, cc = np.asarray(indices[-2]), np.asarray(indices[-1])
+            a0, a1, b0, b1 = int(rr.min()), int(rr.max()) + 1, int(cc.min()), int(cc.max()) + 1
+        r0 = a0 if r0 is None else min(r0, a0)
+        r1 = a1 if r1 is None else max(r1, a1)
+        c0 = b0 if c0 is None else min(c0, b0)
+        c1 = b1 if c1 is None else max(c1, b1)
+    if r0 is None:
+        return None
+    return slice(max(r0, 0), min(r1, shape[-2])), slice(max(c0, 0), min(c1, shape[-1]))
+
+
+def _union(a, b):
+    if b is None:
+        return a
+    return (slice(min(a[0].start, b[0].start), max(a[0].stop, b[0].stop)),
+            slice(min(a[1].start, b[1].start), max(a[1].stop, b[1].stop)))
+
+
+def _show_pixels(layer, rows, cols, values) -> None:
+    """Show pixels written straight into ``layer.data``: the same partial texture update
+    napari's ``data_setitem`` makes (a full refresh costs ~0.1 s per 5 Mpx); a full
+    refresh where that path is not available."""
+    try:
+        image = layer._slice.image
+        if layer.ndim != 2 or not isinstance(layer.data, np.ndarray) or not np.shares_memory(layer.data, image.raw):
+            raise AttributeError("not a 2-D numpy layer")
+        if layer.contour == 0:
+            image.view[rows, cols] = layer.colormap._data_to_texture(np.asarray(values, dtype=layer.data.dtype))
+        layer._accumulate_updated_slice((slice(int(rows.min()), int(rows.max()) + 1),
+                                         slice(int(cols.min()), int(cols.max()) + 1)))
+        layer._partial_labels_refresh()
+    except Exception:  # another napari version or data backend
+        layer.refresh()
+
+
+def _call_soon(func) -> None:
+    try:
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(0, func)
+    except Exception:  # pragma: no cover - no Qt
+        func()
+
+
+def _show_error(message: str) -> None:
+    try:
+        from napari.utils.notifications import show_error
+
+        show_error(message)
+    except Exception:  # pragma: no cover
+        log.error(message)

@@ -1,0 +1,198 @@
+"""The ``stofm`` command: every step of the plugin, from a terminal.
+
+    stofm embed   slice.h5ad -o embedded.h5ad          run SToFM (cell representations)
+    stofm predict slice.h5ad -o predicted.h5ad --regions 7 [--reference ref.h5ad --label-key cell_type]
+    stofm export  curated.h5ad --csv labels.csv --zarr labels.zarr
+    stofm pretrain --data DIR ... -o weights/           train weights (see `stofm pretrain --help`)
+    stofm info    [--checkpoint DIR]                    describe a checkpoint
+
+Every subcommand prints ``--help`` written for a biologist; errors are one line that says
+what is wrong and how to fix it (``--debug`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+_COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def register(fn):
+        _COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint", metavar="DIR", default=None,
+        help="SToFM checkpoint directory (published layout: config.json, se2transformer.pth, cell_encoder/, "
+        "gene vocabulary). Default: the weights bundled with napari-stofm.",
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run the model (default: a CUDA GPU when there is one, else the CPU)")
+
+
+def _add_embed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spatial-key", default="spatial", help="obsm key of the (x, y) cell positions (default: spatial)")
+    p.add_argument("--gene-key", default=None,
+                   help="var column holding gene symbols or Ensembl IDs, if var_names do not (default: detect)")
+    p.add_argument("--split-num", type=int, default=None,
+                   help="cells per sub-slice (default: the checkpoint's, 1000 for the published one)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the virtual-cell clustering (default: 0)")
+
+
+def _read(path: str):
+    from napari_stofm.io.slices import read_slice
+
+    return read_slice(path)
+
+
+def _write_h5ad(adata, out: str, overwrite: bool) -> None:
+    from napari_stofm.io.export import export_h5ad
+
+    export_h5ad(adata, None, out, overwrite=overwrite)
+
+
+def _load_model(args):
+    from napari_stofm.model.stofm import load_model
+
+    return load_model(args.checkpoint, device=None if args.device == "auto" else args.device)
+
+
+def _embed(adata, model, args, progress):
+    from napari_stofm.pipeline.embed import embed
+
+    embed(
+        adata, model, device=None if args.device == "auto" else args.device, spatial_key=args.spatial_key,
+        gene_key=args.gene_key, split_num=args.split_num, seed=args.seed, progress=progress,
+    )
+
+
+def _check_output(path: str, overwrite: bool) -> None:
+    """Refuse an existing output before any work is done (the old file is never touched)."""
+    from napari_stofm.errors import StofmInputError
+
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise StofmInputError(f"{out} already exists: pass --overwrite to replace it, or choose another -o")
+    if not out.parent.is_dir():
+        raise StofmInputError(f"cannot write {out}: the folder {out.parent} does not exist")
+
+
+@command("embed")
+def cmd_embed(args) -> int:
+    from napari_stofm.progress import TextProgress
+
+    _check_output(args.output, args.overwrite)
+    adata = _read(args.input)
+    model = _load_model(args)
+    print(f"{args.input}: {adata.n_obs} cells x {adata.n_vars} genes; model {model}", file=sys.stderr)
+    _embed(adata, model, args, None if args.quiet else TextProgress())
+    meta = adata.uns["stofm"]
+    print(
+        f"embedded {adata.n_obs} cells in {meta['seconds']:.1f} s ({meta['genes_matched']}/{meta['genes_total']} genes "
+        f"in the vocabulary, {meta['n_subslices']} sub-slices, {meta['n_virtual_cells']} virtual cells) -> {args.output}",
+        file=sys.stderr,
+    )
+    _write_h5ad(adata, args.output, args.overwrite)
+    return 0
+
+
+@command("info")
+def cmd_info(args) -> int:
+    model = _load_model(args)
+    cfg = model.se2.config
+    enc = model.cell_encoder.config
+    print(model)
+    print(f"  weights: {model.source} (fingerprint {model.fingerprint})")
+    print(f"  gene scale: BERT {enc.num_hidden_layers} layers, hidden {enc.hidden_size}, vocabulary {model.vocabulary.n_genes} genes")
+    print(f"  SE(2): {cfg.num_hidden_layers} layers, E={cfg.embedding_dim}, {cfg.num_attention_heads} heads, K={cfg.gaussian_hidden_dim}")
+    s = model.settings
+    print(f"  sub-slices of {s.split_num} cells ({s.split_mode} split), virtual cells alpha={s.hypernode_alpha}, "
+          f"at most {s.max_hypernodes}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stofm",
+        description="Run the SToFM spatial-transcriptomics foundation model on a tissue slice: cell "
+        "representations, tissue regions and cell types, and export of curated labels. Input slices are "
+        "AnnData .h5ad files (cell positions in obsm['spatial'] as x, y) or SpatialData .zarr folders.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("embed", help="compute SToFM cell representations (obsm['X_stofm'])",
+                       description="Compute SToFM cell representations for every cell of a slice: gene-scale "
+                       "embeddings in obsm['X_stofm_cell'] and final (spatial-context) ones in obsm['X_stofm']. "
+                       "Example: stofm embed slice.h5ad -o slice_stofm.h5ad")
+    p.add_argument("input", help="the slice: .h5ad file or SpatialData .zarr folder")
+    p.add_argument("-o", "--output", required=True, help="where to write the .h5ad with the embeddings")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_model_args(p)
+    _add_embed_args(p)
+
+    p = sub.add_parser("info", help="describe a checkpoint (default: the bundled weights)")
+    _add_model_args(p)
+
+    for extend in _EXTENSIONS:
+        extend(sub)
+    return parser
+
+
+# Other modules add subcommands by appending a function(subparsers) here and registering
+# their handler with @command(name).
+_EXTENSIONS: List[Callable] = []
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from napari_stofm.errors import StofmError
+
+    import warnings
+
+    # Library deprecation chatter (zarr, pandas, anndata) is not for the terminal user.
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*autosharding.*")
+    _load_extensions()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if not getattr(args, "quiet", False) else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return _COMMANDS[args.command](args)
+    except (StofmError, FileExistsError, FileNotFoundError) as exc:
+        if args.debug:
+            raise
+        print(f"stofm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"stofm {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _load_extensions() -> None:
+    """Import the modules that contribute subcommands."""
+    import importlib
+
+    for module in ("napari_stofm.cli.predict", "napari_stofm.cli.pretrain"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

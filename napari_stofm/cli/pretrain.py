@@ -1,0 +1,122 @@
+"""``stofm pretrain``: train SToFM weights on your own slices (see ``stofm pretrain --help``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from napari_stofm.cli.app import _EXTENSIONS, command
+
+_DESCRIPTION = """\
+Train SToFM weights from spatial-transcriptomics slices (.h5ad files with cell positions in
+obsm['spatial'] and expression in X), on the CPU or a GPU. Two stages, as in the SToFM paper:
+first the gene-scale cell encoder learns to fill in hidden genes of each cell and to summarise
+the cell's gene profile in its embedding (plus a small contrastive term), then the SE(2)
+transformer learns to fill in hidden cells and jittered cell distances from the
+spatial context, with the cell encoder frozen. The result is a checkpoint folder that
+`stofm embed/predict --checkpoint OUT` and napari_stofm.load_model(OUT) read, with a loss curve
+(loss_curve.png) and the full loss history (training_log.json).
+
+Slices that the shared data README keeps for evaluation (held out) are skipped when found in a
+--data folder and refused when named directly.
+
+Example (about 40 minutes on 2 CPU cores):
+  stofm pretrain --data ../shared/data -o my_weights --minutes 40
+
+Stopped early? Run the same command again with --resume: training continues from the last
+periodic checkpoint in OUT/state/.
+
+Training on another machine (a GPU node with PyTorch but without the scverse stack): pack the
+slices once, where they can be read, then train from the pack:
+  stofm pretrain --data ../shared/data --pack corpus.npz
+  stofm pretrain --data corpus.npz -o my_weights --device cuda --batch-cells 512 --loader-threads 4
+"""
+
+
+def _add_parser(sub) -> None:
+    from napari_stofm.training.pretrain import PretrainConfig
+
+    d = PretrainConfig()
+    p = sub.add_parser("pretrain", help="train SToFM weights on slices (CPU, resumable)",
+                       description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR_OR_FILE",
+                   help="slice files (.h5ad) and/or folders searched for them (recursively)")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("-o", "--output", metavar="OUT",
+                     help="folder for the trained checkpoint (created; its state/ subfolder allows --resume)")
+    out.add_argument("--pack", metavar="FILE.npz",
+                     help="do not train: read the slices, build the vocabulary and the gene tokens, and write them "
+                     "to FILE.npz, which --data then accepts on a machine without anndata")
+    p.add_argument("--exclude-held-out", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip / refuse the evaluation slices listed in the data README (default: on)")
+    p.add_argument("--stage1-steps", type=int, default=d.stage1_steps,
+                   help=f"training steps of the gene-scale encoder (default: {d.stage1_steps})")
+    p.add_argument("--stage2-steps", type=int, default=d.stage2_steps,
+                   help=f"training steps of the SE(2) transformer (default: {d.stage2_steps})")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget for this call; stage 1 may use --stage1-share of it and each stage stops "
+                   "early when its share is spent (default: no limit, the step counts decide)")
+    p.add_argument("--stage1-share", type=float, default=d.stage1_share,
+                   help=f"part of --minutes given to stage 1 (default: {d.stage1_share})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/state/")
+    p.add_argument("--threads", type=int, default=d.threads, help=f"CPU threads for torch (default: {d.threads})")
+    p.add_argument("--loader-threads", type=int, default=0,
+                   help="threads that build the next batches while the model trains; worth it on a GPU "
+                   "(e.g. 4), not on a small CPU (default: 0, built in line; the batches are the same either way)")
+    p.add_argument("--device", default="auto",
+                   help="where to train: cpu, cuda, cuda:N, mps, or auto = the GPU when there is one (default: auto)")
+    p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes,
+                   help=f"save a resumable checkpoint this often (default: {d.checkpoint_minutes})")
+    p.add_argument("--name", default=d.name, help=f"model name written into stofm.json (default: {d.name})")
+    g = p.add_argument_group("sizes and batches (defaults suit a CPU)")
+    g.add_argument("--max-genes", type=int, default=d.max_genes,
+                   help=f"genes per cell, top of the rank order, in training and later embedding (default: {d.max_genes})")
+    g.add_argument("--batch-cells", type=int, default=d.batch_cells, help=f"cells per stage-1 step (default: {d.batch_cells})")
+    g.add_argument("--train-split-num", type=int, default=None,
+                   help=f"cells per training sub-slice in stage 2 (default: {d.train_split_num}; may be changed "
+                   "on --resume)")
+    g.add_argument("--batch-subslices", type=int, default=None,
+                   help=f"sub-slices per stage-2 step (default: {d.batch_subslices}; may be changed on --resume)")
+    g.add_argument("--bert-hidden", type=int, default=d.bert_hidden, help=f"cell encoder width (default: {d.bert_hidden})")
+    g.add_argument("--bert-layers", type=int, default=d.bert_layers, help=f"cell encoder layers (default: {d.bert_layers})")
+    g.add_argument("--se2-dim", type=int, default=d.se2_dim, help=f"SE(2) transformer width E (default: {d.se2_dim})")
+    g.add_argument("--se2-layers", type=int, default=d.se2_layers, help=f"SE(2) transformer layers (default: {d.se2_layers})")
+    g.add_argument("--se2-heads", type=int, default=d.se2_heads, help=f"SE(2) attention heads (default: {d.se2_heads})")
+    g.add_argument("--profile-weight", type=float, default=d.profile_weight,
+                   help=f"weight of the stage-1 profile-reconstruction term (default: {d.profile_weight})")
+    g.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight,
+                   help=f"weight of the stage-1 contrastive term, 0 to switch it off (default: {d.contrastive_weight})")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+_EXTENSIONS.append(_add_parser)
+
+
+@command("pretrain")
+def cmd_pretrain(args) -> int:
+    from napari_stofm.training.pretrain import PretrainConfig, pack_corpus, pretrain
+
+    d = PretrainConfig()
+    if args.pack:
+        path = pack_corpus(args.data, args.pack, max_genes=args.max_genes, exclude_held_out=args.exclude_held_out)
+        from napari_stofm.training.packed import describe, load_packed_corpus
+
+        print(f"packed corpus written to {path}: {describe(load_packed_corpus(path))}", file=sys.stderr)
+        return 0
+    given = [k for k in ("train_split_num", "batch_subslices") if getattr(args, k) is not None]
+    cfg = PretrainConfig(
+        seed=args.seed, threads=args.threads, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+        minutes=args.minutes, stage1_share=args.stage1_share, checkpoint_minutes=args.checkpoint_minutes,
+        max_genes=args.max_genes, batch_cells=args.batch_cells,
+        train_split_num=args.train_split_num if args.train_split_num is not None else d.train_split_num,
+        batch_subslices=args.batch_subslices if args.batch_subslices is not None else d.batch_subslices,
+        bert_hidden=args.bert_hidden, bert_layers=args.bert_layers,
+        se2_dim=args.se2_dim, se2_layers=args.se2_layers, se2_heads=args.se2_heads,
+        contrastive_weight=args.contrastive_weight,
+        profile_weight=args.profile_weight, name=args.name, device=args.device,
+        loader_threads=args.loader_threads,
+    )
+    out = pretrain(args.data, args.output, cfg, resume=args.resume, exclude_held_out=args.exclude_held_out,
+                   show_progress=not args.quiet, resume_overrides=given)
+    print(f"weights written to {out} (loss curve: {out / 'loss_curve.png'})", file=sys.stderr)
+    return 0

@@ -1,0 +1,265 @@
+"""``embed``: a slice in, SToFM cell representations out.
+
+Three scales, in order:
+
+1. gene scale: rank-value tokens -> cell encoder -> ``obsm['X_stofm_cell']`` (unit norm);
+2. macro scale: Leiden virtual cells over position + embedding (``obs['stofm_virtual_cell']``);
+3. micro scale + SE(2) transformer (:mod:`napari_stofm.model.forward`): sub-slices of
+   ``[CLS] + virtual cells + cells`` -> ``obsm['X_stofm']``.
+
+:func:`compute_embedding` computes and returns an :class:`Embedding` without changing the
+AnnData (what a worker thread runs); :meth:`Embedding.write` puts it into the AnnData;
+:func:`embed` does both. Both stages are cached in the AnnData itself, keyed by the weights,
+the expression data, the positions and the settings: a second call on the same data and
+weights runs nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from napari_stofm import keys
+from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report
+
+log = logging.getLogger(__name__)
+
+CELL_KEY = keys.CELL_EMBEDDING
+STOFM_KEY = keys.EMBEDDING
+UNS_KEY = keys.UNS
+
+
+def expression_fingerprint(adata, layer: Optional[str] = None) -> str:
+    """A content hash of the expression matrix, gene names and cell names."""
+    import scipy.sparse as sp
+
+    X = adata.X if layer is None else adata.layers[layer]
+    h = hashlib.sha1()
+    h.update(str(X.shape).encode())
+    h.update("\0".join(map(str, adata.var_names)).encode())
+    h.update("\0".join(map(str, adata.obs_names)).encode())
+    if sp.issparse(X):
+        X = X.tocsr()
+        for part in (X.indptr, X.indices, X.data):
+            h.update(np.ascontiguousarray(part).tobytes())
+    else:
+        h.update(np.ascontiguousarray(np.asarray(X)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _gene_scale_key(model, adata, gene_key, layer) -> str:
+    return f"{model.fingerprint}:{expression_fingerprint(adata, layer)}:{gene_key}:{model.settings.max_genes}"
+
+
+@dataclass
+class CellEmbedding:
+    """Gene-scale embeddings of a slice and what :meth:`write` records about them."""
+
+    embeddings: np.ndarray  # (n, 256) float32, unit norm (zero rows for empty cells)
+    empty: np.ndarray  # bool (n,): cells that express no vocabulary gene
+    meta: dict = field(default_factory=dict)
+    reused: bool = False
+
+    def write(self, adata) -> None:
+        adata.obsm[CELL_KEY] = self.embeddings
+        adata.obs[keys.EMPTY] = self.empty
+        meta = dict(adata.uns.get(UNS_KEY, {}) or {})
+        meta.update(self.meta)
+        adata.uns[UNS_KEY] = meta
+
+
+@dataclass
+class Embedding:
+    """The output of :func:`compute_embedding`: both scales, virtual cells and run metadata."""
+
+    cell: CellEmbedding
+    representations: np.ndarray  # (n, E) float32: obsm['X_stofm']
+    virtual_cell: Optional[np.ndarray]  # int32 (n,), None when reused from the AnnData
+    meta: dict = field(default_factory=dict)
+    reused: bool = False  # True: the AnnData already held this very embedding
+
+    def write(self, adata) -> None:
+        """Write ``obsm['X_stofm']``, ``obsm['X_stofm_cell']``, their obs columns and ``uns['stofm']``."""
+        if self.reused:
+            return
+        self.cell.write(adata)
+        adata.obsm[STOFM_KEY] = self.representations
+        if self.virtual_cell is not None:
+            adata.obs[keys.VIRTUAL_CELL] = self.virtual_cell
+        meta = dict(adata.uns.get(UNS_KEY, {}) or {})
+        meta.update(self.meta)
+        adata.uns[UNS_KEY] = meta
+
+
+def compute_cell_embedding(
+    adata,
+    model,
+    *,
+    gene_key: Optional[str] = None,
+    layer: Optional[str] = None,
+    batch_size: int = 64,
+    progress: Optional[ProgressCallback] = None,
+    cancel: CancelToken = None,
+    use_cache: bool = True,
+) -> CellEmbedding:
+    """Gene-scale embeddings (n, 256), from the cache in ``adata`` when still valid; ``adata``
+    is not changed."""
+    from napari_stofm.genes.tokenizer import require_nonempty, tokenize_adata
+
+    key = _gene_scale_key(model, adata, gene_key, layer)
+    meta = adata.uns.get(UNS_KEY, {}) or {}
+    cached = adata.obsm.get(CELL_KEY) if use_cache else None
+    if cached is not None and meta.get("gene_scale_key") == key and cached.shape[0] == adata.n_obs:
+        report(progress, 1, 1, "Cell embeddings (cached)")
+        empty = (np.asarray(adata.obs[keys.EMPTY], dtype=bool) if keys.EMPTY in adata.obs
+                 else ~np.any(np.asarray(cached) != 0, axis=1))
+        return CellEmbedding(np.asarray(cached, dtype=np.float32), empty, {}, reused=True)
+    check_cancelled(cancel)
+    report(progress, 0, 1, "Tokenizing genes")
+    tokens, match = tokenize_adata(adata, model.vocabulary, gene_key=gene_key, layer=layer,
+                                   max_genes=model.settings.max_genes)
+    require_nonempty(tokens, match)
+    empty = np.asarray(tokens.empty, dtype=bool)
+    if empty.any():
+        examples = ", ".join(map(str, adata.obs_names[empty][:5]))
+        log.warning(
+            "%d of %d cells express no gene of the model's vocabulary (e.g. %s); they get a zero gene-scale "
+            "embedding and obs['%s'] = True", int(empty.sum()), adata.n_obs, examples, keys.EMPTY,
+        )
+    emb = model.cell_encoder.encode(tokens, batch_size=batch_size, device=model.device, progress=progress,
+                                    cancel=cancel)
+    meta = dict(
+        gene_scale_key=key,
+        genes_matched=int(match.n_matched),
+        genes_total=int(match.n_total),
+        gene_id_kind=str(match.id_kind),
+        species=str(match.species),
+    )
+    return CellEmbedding(emb, empty, meta)
+
+
+def embed_cells(adata, model, **kwargs) -> np.ndarray:
+    """Gene-scale embeddings (n, 256), written to ``obsm['X_stofm_cell']`` (cached).
+
+    Cells that express no vocabulary gene get a zero row and ``obs['stofm_empty'] = True``.
+    Keywords: those of :func:`compute_cell_embedding`.
+    """
+    cell = compute_cell_embedding(adata, model, **kwargs)
+    if not cell.reused:
+        cell.write(adata)
+    return cell.embeddings
+
+
+def compute_embedding(
+    adata,
+    model=None,
+    *,
+    device: Optional[str] = None,
+    spatial_key: str = keys.SPATIAL,
+    gene_key: Optional[str] = None,
+    layer: Optional[str] = None,
+    split_num: Optional[int] = None,
+    split_mode: Optional[str] = None,
+    batch_size: int = 4,
+    cell_batch_size: int = 64,
+    seed: int = 0,
+    use_cache: bool = True,
+    progress: Optional[ProgressCallback] = None,
+    cancel: CancelToken = None,
+) -> Embedding:
+    """Run SToFM on a slice and return the result; ``adata`` and ``model`` are not changed.
+
+    Parameters: those of :func:`embed`.
+    """
+    from napari_stofm.io.slices import validate_slice
+    from napari_stofm.model.forward import forward_slice
+    from napari_stofm.model.stofm import load_model, resolve_device
+
+    t0 = time.perf_counter()
+    validate_slice(adata, spatial_key=spatial_key)
+    model = model if model is not None else load_model()
+    model = model.on(resolve_device(device))
+    settings = model.settings
+    split_num = int(split_num or settings.split_num)
+    split_mode = split_mode or settings.split_mode
+
+    cell = compute_cell_embedding(
+        adata, model, gene_key=gene_key, layer=layer, batch_size=cell_batch_size,
+        progress=progress, cancel=cancel, use_cache=use_cache,
+    )
+    gene_scale_key = cell.meta.get("gene_scale_key") or (adata.uns.get(UNS_KEY) or {}).get("gene_scale_key")
+    positions = np.ascontiguousarray(np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2])
+    run_key = "|".join([
+        gene_scale_key, hashlib.sha1(positions.tobytes()).hexdigest()[:16], str(split_num), split_mode, str(seed),
+    ])
+    final = adata.obsm.get(STOFM_KEY)
+    meta_before = adata.uns.get(UNS_KEY, {}) or {}
+    if (use_cache and cell.reused and final is not None and meta_before.get("run_key") == run_key
+            and final.shape[0] == adata.n_obs):
+        report(progress, adata.n_obs, adata.n_obs, "SE(2) transformer (cached)")
+        return Embedding(cell, np.asarray(final, dtype=np.float32), None, {}, reused=True)
+    check_cancelled(cancel)
+    forward = forward_slice(model, positions, cell.embeddings, split_num=split_num, split_mode=split_mode,
+                            seed=seed, batch_size=batch_size, progress=progress, cancel=cancel)
+    meta = dict(
+        model=settings.name,
+        weights=model.source,
+        fingerprint=model.fingerprint,
+        split_num=split_num,
+        split_mode=split_mode,
+        n_subslices=len(forward.subslices),
+        n_virtual_cells=int(forward.hypernodes.xy.shape[0]),
+        virtual_cell_resolution=float(forward.hypernodes.resolution),
+        seed=int(seed),
+        run_key=run_key,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    return Embedding(cell, forward.representations, forward.hypernodes.assignment.astype(np.int32), meta)
+
+
+def embed(
+    adata,
+    model=None,
+    *,
+    device: Optional[str] = None,
+    spatial_key: str = keys.SPATIAL,
+    gene_key: Optional[str] = None,
+    layer: Optional[str] = None,
+    split_num: Optional[int] = None,
+    split_mode: Optional[str] = None,
+    batch_size: int = 4,
+    cell_batch_size: int = 64,
+    seed: int = 0,
+    use_cache: bool = True,
+    progress: Optional[ProgressCallback] = None,
+    cancel: CancelToken = None,
+):
+    """Run SToFM on a slice; writes ``obsm['X_stofm']`` and ``obsm['X_stofm_cell']``.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with positions (x, y) in ``obsm[spatial_key]``.
+    model
+        A :class:`~napari_stofm.model.stofm.SToFM` (default: the bundled weights).
+    device
+        ``'cpu'``, ``'cuda'`` or ``None`` (CUDA when available).
+    split_num, split_mode
+        Cells per sub-slice and how crowded squares are split (default: the model's).
+    batch_size
+        Sub-slices per SE(2) forward pass.
+    progress, cancel
+        See :mod:`napari_stofm.progress`. Cancelling leaves ``adata`` as it was.
+
+    Returns ``adata`` (modified in place).
+    """
+    compute_embedding(
+        adata, model, device=device, spatial_key=spatial_key, gene_key=gene_key, layer=layer,
+        split_num=split_num, split_mode=split_mode, batch_size=batch_size, cell_batch_size=cell_batch_size,
+        seed=seed, use_cache=use_cache, progress=progress, cancel=cancel,
+    ).write(adata)
+    return adata

@@ -1,0 +1,284 @@
+"""The one run core: tissue regions and cell types for a slice, from SToFM embeddings.
+
+:func:`run_annotations` embeds a slice (cached), finds tissue regions and/or learns labels,
+and returns a :class:`RunResult` without changing anything it was given; :meth:`RunResult.write`
+puts the result into the AnnData. :func:`predict` (Python API and ``stofm predict``) and
+:class:`~napari_stofm.review.session.SliceSession` (the napari widgets) both call it, so the
+GUI, the CLI and the API give the same regions and cell types on the same data.
+
+* Regions, unsupervised: :class:`~napari_stofm.heads.regions.RegionClusterer` over
+  ``obsm['X_stofm']`` at ``n_regions`` (or a Leiden ``resolution``).
+* Labels, supervised: :mod:`napari_stofm.heads.classifier` trained on a labelled reference
+  slice (embedded by the same model) or on the slice's own partial labels. When the two
+  slices measure different gene panels, both are embedded on the genes they share for the
+  transfer (rank-value tokens depend on the panel; on the shared data's DLPFC slices, whose
+  5,000-gene panels differ, this lifts cross-slice region F1 from 0.17 to 0.80).
+
+Results are :class:`~napari_stofm.review.annotation.Annotation` objects, written by their
+one writer: ``obs[key]`` (Categorical), ``<key>_confidence``, ``<key>_curated``,
+``<key>_predicted``, ``uns['<key>_colors']``, ``uns['stofm']['provenance'][key]``, and the run
+settings in ``uns['stofm']['prediction']``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from napari_stofm import keys
+from napari_stofm.errors import StofmInputError
+from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report
+
+REGION_KEY = keys.REGION
+CELL_TYPE_KEY = keys.CELL_TYPE
+DEFAULT_N_REGIONS = 7
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_annotations` produced; nothing of it is in the AnnData until :meth:`write`.
+
+    ``clusterer`` re-cuts the regions at another count without the model.
+    """
+
+    annotations: Dict[str, "object"] = field(default_factory=dict)  # key -> Annotation
+    clusterer: object = None
+    embedding: object = None  # napari_stofm.pipeline.embed.Embedding
+    prediction: dict = field(default_factory=dict)  # -> uns['stofm']['prediction']
+    messages: List[str] = field(default_factory=list)
+    territories: object = None  # filled by SliceSession.compute when it rasterised them
+
+    @property
+    def embedding_reused(self) -> bool:
+        return bool(self.embedding is not None and self.embedding.reused)
+
+    @property
+    def predictions(self) -> Dict[str, object]:
+        return self.annotations
+
+    def __getitem__(self, key: str):
+        return self.annotations[key]
+
+    def write(self, adata) -> None:
+        """Write the embedding, every annotation and the run settings into ``adata``."""
+        if self.embedding is not None:
+            self.embedding.write(adata)
+        for ann in self.annotations.values():
+            ann.to_obs(adata)
+        meta = dict(adata.uns.get(keys.UNS, {}) or {})
+        meta[keys.PREDICTION] = dict(self.prediction)
+        adata.uns[keys.UNS] = meta
+
+
+def shared_genes(*adatas) -> Optional[list]:
+    """The genes (``var_names``) every slice measures, in the first slice's order, when their
+    panels differ; None when the panels are the same or share no name."""
+    panels = [[str(g) for g in a.var_names] for a in adatas]
+    common = set(panels[0]).intersection(*panels[1:])
+    if not common or all(len(p) == len(common) for p in panels):
+        return None
+    return [g for g in panels[0] if g in common]
+
+
+def _xy(adata, spatial_key: str) -> np.ndarray:
+    return np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+
+
+def _labels_of(adata, key: str, what: str = "the slice"):
+    if key not in adata.obs:
+        cols = ", ".join(map(str, adata.obs.columns[:15])) or "none"
+        raise StofmInputError(f"{what} has no obs column {key!r} to learn labels from (columns: {cols}); "
+                              "pass label_key=")
+    return adata.obs[key]
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, (str, bytes)) or hasattr(value, "__fspath__")
+
+
+def describe_reference(reference) -> Optional[str]:
+    """How the provenance names a reference: its path, or ``'AnnData (N cells)'``."""
+    if reference is None:
+        return None
+    if _is_path(reference):
+        return os.fsdecode(reference)
+    return f"AnnData ({getattr(reference, 'n_obs', '?')} cells)"
+
+
+def model_provenance(meta: dict) -> dict:
+    """The model fields of ``uns['stofm']`` that every annotation's provenance records."""
+    prov = {"model": "SToFM"}
+    for k in ("model", "weights", "fingerprint", "split_num", "split_mode", "seed"):
+        if isinstance(meta.get(k), (str, int, float, bool)):
+            prov[k if k != "fingerprint" else "weights_fingerprint"] = meta[k]
+    return prov
+
+
+def run_annotations(
+    adata,
+    model=None,
+    *,
+    n_regions: Optional[int] = None,
+    resolution: Optional[float] = None,
+    reference=None,
+    label_key: Optional[str] = None,
+    target_key: str = CELL_TYPE_KEY,
+    region_key: str = REGION_KEY,
+    regions: Optional[bool] = None,
+    weights=None,
+    spatial_key: str = keys.SPATIAL,
+    device: Optional[str] = None,
+    seed: int = 0,
+    progress: Optional[ProgressCallback] = None,
+    cancel: CancelToken = None,
+    **embed_kwargs,
+) -> RunResult:
+    """Embed ``adata`` and predict regions and/or labels; changes neither ``adata``, ``model``
+    nor ``reference`` (see :func:`predict` for the parameters).
+
+    ``regions``: ``True`` always finds tissue regions (at ``n_regions``, else ``resolution``,
+    else 7), ``None`` finds them when ``n_regions`` / ``resolution`` is given or no labels
+    are asked for. ``weights``: a checkpoint folder loaded when ``model`` is None.
+    """
+    from napari_stofm.heads.classifier import complete_labels, transfer_labels
+    from napari_stofm.heads.regions import RegionClusterer
+    from napari_stofm.model.stofm import load_model
+    from napari_stofm.pipeline.embed import compute_embedding
+    from napari_stofm.review.annotation import Annotation
+
+    if label_key is None and reference is not None:
+        raise StofmInputError("a reference slice needs label_key= (the obs column holding its labels)")
+    if n_regions is not None and resolution is not None:
+        raise StofmInputError("give n_regions or resolution, not both")
+    want_regions = regions if regions is not None else (
+        n_regions is not None or resolution is not None or label_key is None)
+    if want_regions and n_regions is None and resolution is None:
+        n_regions = DEFAULT_N_REGIONS
+    check_cancelled(cancel)
+    if model is None:
+        report(progress, 0, 1, "loading weights")
+        model = load_model(weights)
+    embed_args = dict(embed_kwargs, device=device, spatial_key=spatial_key, seed=seed, cancel=cancel)
+    embedding = compute_embedding(adata, model, progress=progress, **embed_args)
+    result = RunResult(embedding=embedding)
+    emb, xy = embedding.representations, _xy(adata, spatial_key)
+    meta = {**(adata.uns.get(keys.UNS) or {}), **embedding.cell.meta, **embedding.meta}
+    base_prov = model_provenance(meta)
+    check_cancelled(cancel)
+
+    if want_regions:
+        report(progress, 0, 1, "Tissue regions")
+        clusterer = RegionClusterer(emb, xy, seed=seed, progress=_stage(progress, "regions: "), cancel=cancel)
+        pred = clusterer.regions(n_regions=n_regions, resolution=resolution)
+        result.clusterer = clusterer
+        result.annotations[region_key] = Annotation.from_prediction(
+            region_key, pred, provenance={**base_prov, "n_regions": n_regions, "resolution": resolution})
+        report(progress, 1, 1, "Tissue regions")
+
+    transfer_genes = None
+    if label_key is not None:
+        check_cancelled(cancel)
+        report(progress, 0, 1, f"Labels from {label_key!r}")
+        if reference is not None:
+            ref = reference
+            if _is_path(ref):
+                from napari_stofm.io.slices import read_slice
+
+                ref = read_slice(ref)
+            labels = _labels_of(ref, label_key, "the reference slice")
+            shared = shared_genes(ref, adata)
+            ref_progress = _stage(progress, "reference: ")
+            if shared is None:  # same panel (or nothing in common by name): each slice as it is
+                ref_emb = compute_embedding(ref, model, progress=ref_progress, **embed_args).representations
+                query_emb = emb
+            else:
+                # Rank-value tokens depend on which genes a slice measures: embed both slices on
+                # the genes they share, so that the same cell state gets the same embedding.
+                ref_emb, query_emb = (_embedded_on(a, shared, model, p, embed_args)
+                                      for a, p in ((ref, ref_progress), (adata, progress)))
+                transfer_genes = len(shared)
+            check_cancelled(cancel)
+            pred = transfer_labels(ref_emb, labels, query_emb, ref_xy=_xy(ref, spatial_key), query_xy=xy, seed=seed)
+            source = {"label_source": "reference", "reference": describe_reference(reference)}
+        else:
+            pred = complete_labels(emb, _labels_of(adata, label_key), xy, seed=seed)
+            source = {"label_source": "column"}
+        result.annotations[target_key] = Annotation.from_prediction(
+            target_key, pred,
+            provenance={**base_prov, **source, "label_key": label_key, "transfer_genes": transfer_genes})
+        report(progress, 1, 1, f"Labels from {label_key!r}")
+
+    prediction = {
+        "n_regions": len(result[region_key].categories) if region_key in result.annotations else None,
+        "resolution": resolution,
+        "label_key": label_key,
+        "reference": describe_reference(reference),
+        "transfer_genes": transfer_genes,
+        "seed": seed,
+    }
+    result.prediction = {k: v for k, v in prediction.items() if v is not None}
+    return result
+
+
+def _embedded_on(adata, genes, model, progress, embed_args) -> np.ndarray:
+    """``X_stofm`` of ``adata`` restricted to ``genes`` (a copy is embedded; ``adata`` is untouched)."""
+    from napari_stofm.pipeline.embed import compute_embedding
+
+    sub = adata[:, genes].copy()
+    sub.uns.pop(keys.UNS, None)  # a cached embedding of the whole panel is not this one
+    return compute_embedding(sub, model, progress=progress, **embed_args).representations
+
+
+def _stage(progress: Optional[ProgressCallback], prefix: str) -> Optional[ProgressCallback]:
+    if progress is None:
+        return None
+    return lambda done, total, message="": progress(done, total, prefix + (message or ""))
+
+
+def predict(
+    adata,
+    model=None,
+    *,
+    n_regions: Optional[int] = None,
+    resolution: Optional[float] = None,
+    reference=None,
+    label_key: Optional[str] = None,
+    target_key: str = CELL_TYPE_KEY,
+    region_key: str = REGION_KEY,
+    spatial_key: str = keys.SPATIAL,
+    device: Optional[str] = None,
+    seed: int = 0,
+    progress: Optional[ProgressCallback] = None,
+    cancel: CancelToken = None,
+    **embed_kwargs,
+) -> RunResult:
+    """Embed ``adata`` (cached) and predict regions and/or labels into its ``obs``.
+
+    Parameters
+    ----------
+    n_regions, resolution
+        Unsupervised tissue regions: a number of regions, or a Leiden resolution. Neither
+        (and no labels asked for) means 7 regions.
+    reference, label_key
+        Supervised labels: an AnnData (or path) labelled in ``obs[label_key]``, embedded
+        with the same model (both slices on their shared genes when their panels differ;
+        the count is kept in ``uns['stofm']['prediction']['transfer_genes']``); without
+        ``reference``, the slice's own partially filled ``obs[label_key]`` is completed
+        (given labels kept).
+    target_key, region_key
+        Where supervised labels and regions go (``key_added``-style; defaults
+        ``'stofm_cell_type'`` and ``'stofm_region'``; use ``target_key='stofm_region'`` for
+        labelled tissue regions).
+    embed_kwargs
+        ``split_num``, ``split_mode``, ``gene_key``, ... (see :func:`~napari_stofm.pipeline.embed.embed`).
+
+    Returns the :class:`RunResult` (already written into ``adata``).
+    """
+    result = run_annotations(
+        adata, model, n_regions=n_regions, resolution=resolution, reference=reference, label_key=label_key,
+        target_key=target_key, region_key=region_key, spatial_key=spatial_key, device=device, seed=seed,
+        progress=progress, cancel=cancel, **embed_kwargs)
+    result.write(adata)
+    return result

@@ -1,0 +1,373 @@
+"""Editable labels of one slice: classes, colours, predicted vs curated, confidence.
+
+An :class:`Annotation` holds one kind of label (``'stofm_region'`` or
+``'stofm_cell_type'``) for every cell of a slice as integer codes into ``categories``
+(-1 = unassigned). A head's :class:`~napari_stofm.heads.prediction.LabelPrediction` becomes
+an annotation through one constructor, :meth:`Annotation.from_prediction`. The napari
+widgets edit it through :meth:`Annotation.assign`, :meth:`~Annotation.rename`,
+:meth:`~Annotation.recolor`, :meth:`~Annotation.merge` and :meth:`~Annotation.add_class`;
+:meth:`~Annotation.to_obs` is the one writer of the scverse layout (Categorical obs column,
+``<key>_confidence``, ``<key>_curated``, ``<key>_predicted``, ``uns['<key>_colors']`` and
+``uns['stofm']['provenance'][key]``; names from :mod:`napari_stofm.keys`) and
+:meth:`~Annotation.from_obs` reads it back.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from napari_stofm.errors import StofmInputError
+from napari_stofm.palette import default_colors, to_hex
+from napari_stofm.provenance import canonical, now_iso
+
+UNASSIGNED = -1
+
+
+# ----------------------------------------------------------------------------- Annotation
+
+
+class PreviousState(NamedTuple):
+    """What :meth:`Annotation.assign` replaced; ``annotation.restore(*previous)`` undoes it."""
+
+    cell_indices: np.ndarray
+    codes: np.ndarray
+    curated: np.ndarray
+
+
+class Annotation:
+    """The editable labels of one kind for every cell of a slice.
+
+    Attributes
+    ----------
+    key : str
+        obs column name, ``'stofm_region'`` or ``'stofm_cell_type'`` (any name works).
+    categories : list[str]
+        class names, unique; code ``i`` means ``categories[i]``.
+    colors : list[str]
+        one ``'#rrggbb'`` per class.
+    codes : int32 array (n_cells,)
+        current label of each cell, -1 = unassigned.
+    predicted_codes : int32 array (n_cells,)
+        what the model predicted (renumbered with the classes on :meth:`merge`).
+    confidence : float32 array (n_cells,)
+        model confidence in [0, 1], NaN where unknown.
+    curated : bool array (n_cells,)
+        True where a person set (or confirmed) the label.
+    provenance : dict
+        model name, weights fingerprint, parameters, timestamps (JSON-like).
+    """
+
+    def __init__(self, key, categories, colors, codes, predicted_codes=None, confidence=None,
+                 curated=None, provenance=None):
+        self.key = str(key)
+        self.categories = [str(c) for c in categories]
+        self._check_unique_names(self.categories)
+        self.codes = np.array(codes, dtype=np.int32).reshape(-1)
+        n = len(self.codes)
+        self.colors = [to_hex(c) for c in colors] if colors is not None else default_colors(len(self.categories))
+        if len(self.colors) != len(self.categories):
+            raise StofmInputError(f"{self.key}: {len(self.colors)} colours for {len(self.categories)} classes; give one colour per class.")
+        self.predicted_codes = (self.codes.copy() if predicted_codes is None
+                                else np.array(predicted_codes, dtype=np.int32).reshape(-1))
+        self.confidence = (np.full(n, np.nan, np.float32) if confidence is None
+                           else np.array(confidence, dtype=np.float32).reshape(-1))
+        self.curated = np.zeros(n, bool) if curated is None else np.array(curated, dtype=bool).reshape(-1)
+        for name, arr in (("predicted_codes", self.predicted_codes), ("confidence", self.confidence), ("curated", self.curated)):
+            if len(arr) != n:
+                raise StofmInputError(f"{self.key}: {name} has {len(arr)} values for {n} cells; give one per cell.")
+        for name, arr in (("codes", self.codes), ("predicted_codes", self.predicted_codes)):
+            self._check_codes(arr, name)
+        self.provenance = canonical(dict(provenance or {}))
+
+    # -- construction ---------------------------------------------------------------
+
+    @classmethod
+    def from_prediction(cls, key, categories, codes=None, confidence=None, colors=None, provenance=None):
+        """A fresh annotation from model output: nothing curated, predicted == current.
+
+        ``categories`` may be a :class:`~napari_stofm.heads.prediction.LabelPrediction`
+        (``Annotation.from_prediction(key, prediction, provenance=...)``), which brings its
+        codes, confidence and colours; otherwise give the arrays. ``None`` values in
+        ``provenance`` are dropped.
+        """
+        if hasattr(categories, "codes") and hasattr(categories, "categories"):
+            pred = categories
+            categories, codes = pred.categories, pred.codes
+            confidence = pred.confidence if confidence is None else confidence
+            colors = pred.colors if colors is None else colors
+        if codes is None:
+            raise StofmInputError(f"{key}: from_prediction needs the codes of every cell.")
+        prov = {k: v for k, v in dict(provenance or {}).items() if v is not None}
+        prov.setdefault("created_at", now_iso())
+        codes = np.asarray(codes, dtype=np.int32)
+        return cls(key, categories, colors, codes, codes.copy(), confidence, None, prov)
+
+    def copy(self) -> "Annotation":
+        return Annotation(self.key, list(self.categories), list(self.colors), self.codes.copy(),
+                          self.predicted_codes.copy(), self.confidence.copy(), self.curated.copy(),
+                          json.loads(json.dumps(self.provenance)))
+
+    # -- checks ---------------------------------------------------------------------
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.codes)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.categories)
+
+    def _check_codes(self, codes: np.ndarray, what: str = "codes") -> None:
+        if codes.size and (codes.min() < UNASSIGNED or codes.max() >= self.n_classes):
+            raise StofmInputError(
+                f"{self.key}: {what} must be -1 (unassigned) or 0..{self.n_classes - 1} "
+                f"(one per class); got values {int(codes.min())}..{int(codes.max())}."
+            )
+
+    def _check_code(self, code: int, allow_unassigned: bool = False) -> int:
+        code = int(code)
+        low = UNASSIGNED if allow_unassigned else 0
+        if not low <= code < self.n_classes:
+            raise StofmInputError(
+                f"{self.key}: class code {code} does not exist; valid codes are {low}..{self.n_classes - 1}"
+                + (" (-1 = unassigned)." if allow_unassigned else ".")
+            )
+        return code
+
+    @staticmethod
+    def _check_unique_names(names: Sequence[str]) -> None:
+        seen = set()
+        for name in names:
+            if not name.strip():
+                raise StofmInputError("class names must not be empty.")
+            if name in seen:
+                raise StofmInputError(f"class name {name!r} is used twice: class names must be unique.")
+            seen.add(name)
+
+    def _indices(self, cell_indices) -> np.ndarray:
+        idx = np.asarray(cell_indices)
+        if idx.dtype == bool:
+            if idx.shape != (self.n_cells,):
+                raise StofmInputError(f"{self.key}: a boolean cell mask needs {self.n_cells} values, got {idx.shape}.")
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_cells):
+            raise StofmInputError(f"{self.key}: cell indices must be in 0..{self.n_cells - 1}.")
+        return idx
+
+    def _touch(self) -> None:
+        self.provenance["modified_at"] = now_iso()
+
+    # -- edits ----------------------------------------------------------------------
+
+    def assign(self, cell_indices, code: int) -> PreviousState:
+        """Give cells the class ``code`` (-1 = unassigned) and mark them curated.
+
+        Returns the previous codes and curated flags; ``restore(*previous)`` undoes the edit.
+        """
+        code = self._check_code(code, allow_unassigned=True)
+        idx = self._indices(cell_indices)
+        previous = PreviousState(idx.copy(), self.codes[idx].copy(), self.curated[idx].copy())
+        self.codes[idx] = code
+        self.curated[idx] = True
+        self._touch()
+        return previous
+
+    def restore(self, cell_indices, codes, curated) -> None:
+        """Set codes and curated flags of cells exactly (the undo of :meth:`assign`)."""
+        idx = self._indices(cell_indices)
+        codes = np.asarray(codes, dtype=np.int32).reshape(-1)
+        curated = np.asarray(curated, dtype=bool).reshape(-1)
+        if not len(idx) == len(codes) == len(curated):
+            raise StofmInputError(f"{self.key}: restore needs as many codes and curated flags as cells.")
+        self._check_codes(codes)
+        self.codes[idx] = codes
+        self.curated[idx] = curated
+        self._touch()
+
+    def rename(self, code: int, name: str) -> None:
+        code = self._check_code(code)
+        name = str(name).strip()
+        others = self.categories[:code] + self.categories[code + 1:]
+        if not name:
+            raise StofmInputError("class names must not be empty.")
+        if name in others:
+            raise StofmInputError(f"{self.key}: a class named {name!r} already exists; pick another name or merge the two classes.")
+        self.categories[code] = name
+        self._touch()
+
+    def recolor(self, code: int, color) -> None:
+        code = self._check_code(code)
+        self.colors[code] = to_hex(color)
+        self._touch()
+
+    def add_class(self, name: str, color=None) -> int:
+        """Append a class; returns its code."""
+        name = str(name).strip()
+        self._check_unique_names(self.categories + [name])
+        self.categories.append(name)
+        self.colors.append(to_hex(color) if color is not None else default_colors(1, self.colors)[0])
+        self._touch()
+        return self.n_classes - 1
+
+    def merge(self, src_code: int, dst_code: int) -> Dict[int, int]:
+        """Move every cell of class ``src_code`` into ``dst_code`` and remove ``src_code``.
+
+        Codes above ``src_code`` shift down by one (current and predicted codes alike).
+        Returns ``{old_code: new_code}`` for every old class (and -1 -> -1).
+        """
+        src, dst = self._check_code(src_code), self._check_code(dst_code)
+        if src == dst:
+            raise StofmInputError(f"{self.key}: cannot merge class {src} into itself.")
+        mapping = {UNASSIGNED: UNASSIGNED}
+        for old in range(self.n_classes):
+            target = dst if old == src else old
+            mapping[old] = target - (1 if target > src else 0)
+        lookup = np.array([mapping[c] for c in range(self.n_classes)] + [UNASSIGNED], dtype=np.int32)
+        self.codes = lookup[self.codes]  # index -1 picks the trailing UNASSIGNED
+        self.predicted_codes = lookup[self.predicted_codes]
+        del self.categories[src]
+        del self.colors[src]
+        merges = self.provenance.setdefault("n_merges", 0)
+        self.provenance["n_merges"] = merges + 1
+        self._touch()
+        return mapping
+
+    # -- inspection -----------------------------------------------------------------
+
+    @property
+    def n_unassigned(self) -> int:
+        return int((self.codes == UNASSIGNED).sum())
+
+    def names(self) -> np.ndarray:
+        """Class name of every cell (None where unassigned), as an object array."""
+        lookup = np.array(self.categories + [None], dtype=object)
+        return lookup[self.codes]
+
+    def summary(self):
+        """One row per class: name, color, n_cells, mean_confidence, n_curated (index = code)."""
+        import pandas as pd
+
+        k = self.n_classes
+        assigned = self.codes >= 0
+        counts = np.bincount(self.codes[assigned], minlength=k)
+        curated = np.bincount(self.codes[assigned & self.curated], minlength=k)
+        known = assigned & np.isfinite(self.confidence)
+        conf_sum = np.bincount(self.codes[known], weights=self.confidence[known], minlength=k)
+        conf_n = np.bincount(self.codes[known], minlength=k)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_conf = np.where(conf_n > 0, conf_sum / np.maximum(conf_n, 1), np.nan)
+        frame = pd.DataFrame(
+            {"name": self.categories, "color": self.colors, "n_cells": counts.astype(int),
+             "mean_confidence": mean_conf, "n_curated": curated.astype(int)},
+            index=pd.RangeIndex(k, name="code"),
+        )
+        return frame
+
+    def least_confident(self, n: int, exclude_curated: bool = True) -> np.ndarray:
+        """Indices of the ``n`` cells with the lowest confidence (unknown confidence last)."""
+        conf = self.confidence.astype(np.float64)
+        order = np.lexsort((np.arange(self.n_cells), np.where(np.isnan(conf), np.inf, conf), np.isnan(conf)))
+        if exclude_curated:
+            order = order[~self.curated[order]]
+        return order[: max(int(n), 0)]
+
+    def equals(self, other: "Annotation") -> bool:
+        """Same classes, colours, per-cell values (NaN == NaN) and provenance."""
+        return (
+            isinstance(other, Annotation)
+            and self.key == other.key
+            and self.categories == other.categories
+            and self.colors == other.colors
+            and np.array_equal(self.codes, other.codes)
+            and np.array_equal(self.predicted_codes, other.predicted_codes)
+            and np.array_equal(self.confidence, other.confidence, equal_nan=True)
+            and np.array_equal(self.curated, other.curated)
+            and self.provenance == other.provenance
+        )
+
+    def __repr__(self) -> str:
+        return (f"Annotation({self.key!r}, {self.n_classes} classes, {self.n_cells} cells, "
+                f"{int(self.curated.sum())} curated, {self.n_unassigned} unassigned)")
+
+    # -- AnnData --------------------------------------------------------------------
+
+    def _categorical(self, codes: np.ndarray):
+        import pandas as pd
+
+        return pd.Categorical.from_codes(codes, categories=pd.Index(self.categories, dtype=object))
+
+    def to_obs(self, adata) -> None:
+        """Write the obs columns, ``uns['<key>_colors']`` and ``uns['stofm']['provenance'][key]``."""
+        if adata.n_obs != self.n_cells:
+            raise StofmInputError(
+                f"{self.key} labels {self.n_cells} cells but the slice has {adata.n_obs}: "
+                "the annotation belongs to another slice (or the slice was filtered after predicting)."
+            )
+        key = self.key
+        adata.obs[key] = self._categorical(self.codes)
+        adata.obs[f"{key}_confidence"] = self.confidence.copy()
+        adata.obs[f"{key}_curated"] = self.curated.copy()
+        adata.obs[f"{key}_predicted"] = self._categorical(self.predicted_codes)
+        adata.uns[f"{key}_colors"] = list(self.colors)
+        stofm = adata.uns.get("stofm")
+        stofm = dict(stofm) if isinstance(stofm, Mapping) else {}
+        prov = dict(stofm.get("provenance", {}) or {})
+        prov[key] = canonical(self.provenance)
+        stofm["provenance"] = prov
+        adata.uns["stofm"] = stofm
+
+    @classmethod
+    def from_obs(cls, adata, key: str) -> "Annotation":
+        """Read an annotation written by :meth:`to_obs` (or any Categorical obs column)."""
+        import pandas as pd
+
+        if key not in adata.obs:
+            raise StofmInputError(f"adata.obs has no column '{key}' (its columns: {list(map(str, adata.obs.columns))}).")
+        column = adata.obs[key]
+        if not isinstance(column.dtype, pd.CategoricalDtype):
+            column = column.astype("category")
+        categories = [str(c) for c in column.cat.categories]
+        codes = column.cat.codes.to_numpy().astype(np.int32)
+        predicted = None
+        if f"{key}_predicted" in adata.obs:
+            predicted = _codes_in(adata.obs[f"{key}_predicted"], categories, key)
+        confidence = adata.obs[f"{key}_confidence"].to_numpy() if f"{key}_confidence" in adata.obs else None
+        curated = None
+        if f"{key}_curated" in adata.obs:
+            curated = adata.obs[f"{key}_curated"].astype("boolean").fillna(False).to_numpy(dtype=bool)
+        colors = _colors_from_uns(adata, key, len(categories))
+        stofm = adata.uns.get("stofm", {})
+        prov = (stofm.get("provenance", {}) or {}).get(key, {}) if isinstance(stofm, Mapping) else {}
+        return cls(key, categories, colors, codes, predicted, confidence, curated, prov)
+
+
+def _codes_in(column, categories: List[str], key: str) -> np.ndarray:
+    import pandas as pd
+
+    values = column.astype(object).where(pd.notna(column), None).to_numpy()
+    lookup = {name: i for i, name in enumerate(categories)}
+    unknown = {str(v) for v in values if v is not None and str(v) not in lookup}
+    if unknown:
+        raise StofmInputError(f"obs['{key}_predicted'] has classes {sorted(unknown)[:5]} that obs['{key}'] lacks; keep all classes as categories of obs['{key}'].")
+    return np.array([UNASSIGNED if v is None else lookup[str(v)] for v in values], dtype=np.int32)
+
+
+def _colors_from_uns(adata, key: str, n: int) -> List[str]:
+    colors = adata.uns.get(f"{key}_colors")
+    if colors is None or len(colors) != n:
+        return default_colors(n)
+    return [to_hex(str(c)) for c in list(colors)]
+
+
+
+def as_annotation_dict(annotations) -> Dict[str, Annotation]:
+    if annotations is None:
+        return {}
+    if isinstance(annotations, Annotation):
+        return {annotations.key: annotations}
+    if isinstance(annotations, Mapping):
+        return {str(k): a for k, a in annotations.items()}
+    return {a.key: a for a in annotations}

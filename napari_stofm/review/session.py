@@ -1,0 +1,500 @@
+"""The review-and-correct loop on one slice, as a Python object (no napari, no Qt).
+
+:class:`SliceSession` ties together what the napari widgets show and edit, so that every
+step of the GUI is also a plain library call::
+
+    from napari_stofm.review.session import SliceSession
+    s = SliceSession.open("slice.h5ad")         # read + autosave restored if any
+    s.run(n_regions=7, reference="ref.h5ad", label_key="cell_type")   # as predict()
+    s.recluster(9)                                # new region count, no model re-run
+    terr = s.territories                          # pixel territories of the cells
+    s.apply_edit("stofm_region", edited_image, bbox)   # a brush stroke -> curated cells
+    s.refine("stofm_cell_type")                   # retrain the head on the corrections
+    s.export("curated.h5ad")
+
+Long steps take ``progress=`` / ``cancel=`` (see :mod:`napari_stofm.progress`). The
+computing part of a run (:meth:`SliceSession.compute`) does not change the session, so a
+GUI can run it in a worker thread and :meth:`SliceSession.apply` the result on its own
+thread.
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from napari_stofm import keys
+from napari_stofm.errors import StofmInputError
+from napari_stofm.io.autosave import CurationStore, cache_dir
+from napari_stofm.keys import display_name
+from napari_stofm.pipeline.predict import RunResult
+from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report
+from napari_stofm.review.annotation import Annotation, PreviousState
+
+REGION_KEY = keys.REGION
+CELL_TYPE_KEY = keys.CELL_TYPE
+#: obs columns shown as editable label layers when a slice is opened (key, display name).
+KNOWN_COLUMNS = (
+    (REGION_KEY, display_name(REGION_KEY)),
+    (CELL_TYPE_KEY, display_name(CELL_TYPE_KEY)),
+    ("region", "region"),
+    ("cell_type", "cell_type"),
+)
+EMBEDDING_SUFFIX = ".stofm-embedding.npz"
+
+
+@dataclass
+class EditResult:
+    """What one edit of a class image did to an annotation."""
+
+    key: str
+    cells: np.ndarray  # cells whose class changed
+    codes: np.ndarray  # their new codes
+    touched: np.ndarray  # every cell with an edited pixel
+    touched_codes: np.ndarray  # class of every touched cell after the edit
+    previous: PreviousState  # codes and curated flags of ``cells`` before the edit
+    after: PreviousState  # the same cells after the edit (for redo)
+
+    @property
+    def changed(self) -> bool:
+        return self.cells.size > 0
+
+
+class SliceSession:
+    """One slice under review: the AnnData, its territories, its annotations, autosave."""
+
+    def __init__(self, adata, path=None, *, name: Optional[str] = None, spatial_key: str = "spatial",
+                 autosave_dir=None):
+        self.adata = adata
+        if path is None:
+            src = adata.uns.get("stofm_source", {}) if hasattr(adata, "uns") else {}
+            path = src.get("path") if isinstance(src, dict) else None
+        self.path: Optional[Path] = Path(path) if path else None
+        self.name = name or (self.path.name.split(".")[0] if self.path else "slice")
+        self.spatial_key = spatial_key
+        self.annotations: Dict[str, Annotation] = {}
+        self._territories = None
+        self._territory_lock = threading.Lock()
+        self.clusterer = None
+        self.run_params: dict = {}
+        self.seed = 0  # seeds the region clustering and the label head, as predict() does
+        self._listeners: list = []  # weak references to callbacks
+        if autosave_dir is not None:
+            self.store: Optional[CurationStore] = CurationStore(self.path or self.name, directory=autosave_dir)
+        elif self.path is not None:
+            self.store = CurationStore(self.path)
+        else:
+            self.store = CurationStore(f"{self.name}.h5ad", directory=cache_dir() / "curation")
+        self.restored_from: Optional[Path] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def open(cls, path, *, restore: bool = True, **kwargs) -> "SliceSession":
+        """Read a slice (``.h5ad`` / SpatialData ``.zarr``), pick up its labels and autosave."""
+        from napari_stofm.io.slices import read_slice
+
+        adata = read_slice(path)
+        session = cls(adata, path, **kwargs)
+        session.load_existing_labels(restore=restore)
+        session.load_embedding_cache()
+        return session
+
+    def load_existing_labels(self, *, restore: bool = True) -> List[str]:
+        """Annotations from the slice's obs columns, then the autosave on top (when it fits).
+
+        Returns the keys loaded. An autosave made for other cells is ignored (and the
+        reason recorded in ``self.restore_error``).
+        """
+        self.restore_error = None
+        for key, _name in KNOWN_COLUMNS:
+            if key in self.adata.obs and key not in self.annotations:
+                try:
+                    self.annotations[key] = Annotation.from_obs(self.adata, key)
+                except StofmInputError:
+                    continue
+        # a column of ground truth next to a prediction of the same kind stays a column
+        if restore and self.store is not None and self.store.exists():
+            try:
+                saved = self.store.load(self.adata.obs_names)
+            except StofmInputError as err:
+                self.restore_error = str(err)
+                saved = {}
+            if saved:
+                self.annotations.update(saved)
+                self.restored_from = self.store.path
+        return list(self.annotations)
+
+    # ------------------------------------------------------------------ observers
+    def subscribe(self, callback: Callable[[str, str], None]) -> None:
+        """``callback(key, what)`` after an annotation changes; ``what`` is one of
+        ``'replaced'`` (new annotation object), ``'codes'`` (cells changed class),
+        ``'classes'`` (renamed / recoloured / added) or ``'merged'`` (codes renumbered)."""
+        ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else (lambda cb=callback: cb)
+        if callback not in self._callbacks():
+            self._listeners.append(ref)
+
+    def unsubscribe(self, callback) -> None:
+        self._listeners = [r for r in self._listeners if r() is not None and r() != callback]
+
+    def _callbacks(self) -> list:
+        return [cb for cb in (r() for r in self._listeners) if cb is not None]
+
+    def _notify(self, key: str, what: str) -> None:
+        """Tell listeners (held weakly when they are methods, so a closed widget drops out)."""
+        for callback in self._callbacks():
+            try:
+                callback(key, what)
+            except RuntimeError as err:  # a Qt widget deleted while its Python object lives on
+                if "deleted" not in str(err):
+                    raise
+                self.unsubscribe(callback)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def xy(self) -> np.ndarray:
+        return np.asarray(self.adata.obsm[self.spatial_key], dtype=np.float64)
+
+    @property
+    def territories(self):
+        """Pixel territories of the cells (built on first use, then cached)."""
+        with self._territory_lock:
+            if self._territories is None:
+                from napari_stofm.review.raster import territories_for_slice
+
+                self._territories = territories_for_slice(self.adata, spatial_key=self.spatial_key)
+            return self._territories
+
+    @territories.setter
+    def territories(self, value) -> None:
+        with self._territory_lock:
+            self._territories = value
+
+    def class_image(self, key: str) -> np.ndarray:
+        return self.territories.class_image(self.annotations[key].codes)
+
+    # ------------------------------------------------------------------ running the model
+    def compute(self, *, model=None, weights=None, n_regions: Optional[int] = None, resolution=None,
+                reference=None, label_key: Optional[str] = None, label_source=None, device=None,
+                progress: Optional[ProgressCallback] = None, cancel: CancelToken = None,
+                **embed_kwargs) -> RunResult:
+        """Embed the slice (unless a cached embedding of the same weights exists), find tissue
+        regions (``n_regions``, else ``resolution``, else 7) and, with ``label_key``, cell
+        types (from ``reference``, else the slice's own partial labels in that column).
+
+        The keywords are those of :func:`napari_stofm.predict`, which runs the same core
+        (:func:`~napari_stofm.pipeline.predict.run_annotations`). ``label_source`` is a
+        shorthand: ``('reference', path_or_adata, label_key)`` or ``('column', obs_key)``.
+        Nothing of the session (AnnData, clusterer, territories) changes: a GUI runs this in
+        a worker thread and :meth:`apply` s the returned result on its own thread.
+        """
+        from napari_stofm.pipeline.predict import run_annotations
+
+        reference, label_key = _label_arguments(label_source, reference, label_key)
+        result = run_annotations(
+            self.adata, model, n_regions=n_regions, resolution=resolution, reference=reference,
+            label_key=label_key, regions=True, weights=weights, spatial_key=self.spatial_key, device=device,
+            seed=self.seed, progress=progress, cancel=cancel, **embed_kwargs)
+        check_cancelled(cancel)
+        with self._territory_lock:
+            territories = self._territories
+        if territories is None:
+            from napari_stofm.review.raster import territories_for_slice
+
+            report(progress, 0, 1, "cell territories")
+            result.territories = territories_for_slice(self.adata, spatial_key=self.spatial_key)
+        report(progress, 1, 1, "done")
+        return result
+
+    def apply(self, result: RunResult) -> None:
+        """Install a run's result (replacing earlier predictions) and autosave."""
+        if result.territories is not None:
+            self.territories = result.territories
+        if result.clusterer is not None:
+            self.clusterer = result.clusterer
+        result.write(self.adata)
+        if not result.embedding_reused:
+            try:
+                self.save_embedding_cache()
+            except OSError as err:  # a cache is a convenience: never fail a run over it
+                result.messages.append(f"the embedding was not cached ({err})")
+        for key, ann in result.annotations.items():
+            self.annotations[key] = ann
+            self._notify(key, "replaced")
+        self.autosave()
+
+    def run(self, **kwargs) -> RunResult:
+        """:meth:`compute` then :meth:`apply` (the headless path)."""
+        result = self.compute(**kwargs)
+        self.apply(result)
+        return result
+
+    def _provenance(self, **params) -> dict:
+        from napari_stofm.pipeline.predict import model_provenance
+
+        meta = self.adata.uns.get(keys.UNS, {}) if hasattr(self.adata, "uns") else {}
+        prov = model_provenance(meta if isinstance(meta, dict) else {})
+        prov.update({k: v for k, v in params.items() if v is not None})
+        return prov
+
+    # ------------------------------------------------------------------ embedding cache
+    @property
+    def embedding_cache_path(self) -> Optional[Path]:
+        """Where this slice's embedding is cached: the user cache folder (embeddings are
+        large, so they stay out of the data folder), one file per slice path."""
+        import hashlib
+
+        if self.store is None:
+            return None
+        source = str(self.path.absolute()) if self.path is not None else str(self.store.slice_path)
+        tag = hashlib.sha256(source.encode("utf-8")).hexdigest()[:12]
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name)
+        return cache_dir() / "embeddings" / f"{tag}-{safe}{EMBEDDING_SUFFIX}"
+
+    def save_embedding_cache(self) -> Optional[Path]:
+        """Keep ``obsm['X_stofm']`` / ``['X_stofm_cell']`` beside the slice, so reopening it
+        with the same weights does not run the model again."""
+        import io
+        import json
+
+        from napari_stofm.io.autosave import atomic_write_bytes
+
+        path = self.embedding_cache_path
+        meta = self.adata.uns.get("stofm", {})
+        if path is None or "X_stofm" not in self.adata.obsm or not isinstance(meta, dict):
+            return None
+        keep = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
+        arrays = {"X_stofm": np.asarray(self.adata.obsm["X_stofm"], dtype=np.float32),
+                  "meta": np.frombuffer(json.dumps(keep).encode("utf-8"), dtype=np.uint8)}
+        if "X_stofm_cell" in self.adata.obsm:
+            arrays["X_stofm_cell"] = np.asarray(self.adata.obsm["X_stofm_cell"], dtype=np.float32)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    def load_embedding_cache(self) -> bool:
+        """Put a cached embedding back into the AnnData when it fits these cells and this
+        expression data (which weights made it is checked when a run asks for it)."""
+        import json
+
+        path = self.embedding_cache_path
+        if path is None or not path.is_file() or "X_stofm" in self.adata.obsm:
+            return False
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(bytes(data["meta"]).decode("utf-8"))
+                arrays = {k: data[k] for k in data.files if k != "meta"}
+        except Exception:
+            return False
+        from napari_stofm.pipeline.embed import expression_fingerprint
+
+        parts = str(meta.get("gene_scale_key", "")).split(":")
+        if (arrays["X_stofm"].shape[0] != self.adata.n_obs or len(parts) < 2
+                or parts[1] != expression_fingerprint(self.adata)):
+            return False
+        for key in ("X_stofm", "X_stofm_cell"):
+            if key in arrays:
+                self.adata.obsm[key] = arrays[key]
+        stofm = dict(self.adata.uns.get("stofm", {}) or {})
+        stofm.update(meta)
+        self.adata.uns["stofm"] = stofm
+        return True
+
+    # ------------------------------------------------------------------ regions
+    def recluster(self, n_regions: Optional[int] = None, resolution: Optional[float] = None, *,
+                  discard_curated: bool = False) -> Annotation:
+        """New tissue regions from the cached clusterer (no model run); replaces ``stofm_region``."""
+        self.check_recluster(discard_curated=discard_curated)
+        ann = self.compute_regions(n_regions, resolution)
+        self.install(REGION_KEY, ann)
+        return ann
+
+    def check_recluster(self, *, discard_curated: bool = False) -> None:
+        """Raise when re-clustering would throw away hand-corrected region labels."""
+        old = self.annotations.get(REGION_KEY)
+        if old is not None and old.curated.any() and not discard_curated:
+            raise StofmInputError(
+                f"{int(old.curated.sum())} region labels were corrected by hand; re-clustering replaces "
+                "them. Export them first, or pass discard_curated=True."
+            )
+
+    def compute_regions(self, n_regions: Optional[int] = None, resolution: Optional[float] = None) -> Annotation:
+        """Regions at another count / resolution from the cached clusterer; the session is not
+        changed (without a cached clusterer one is fitted on ``obsm['X_stofm']`` for this call)."""
+        clusterer = self.clusterer
+        if clusterer is None:
+            from napari_stofm.heads.regions import RegionClusterer
+
+            if keys.EMBEDDING not in self.adata.obsm:
+                raise StofmInputError("run SToFM first: there is no embedding to cluster.")
+            clusterer = RegionClusterer(np.asarray(self.adata.obsm[keys.EMBEDDING]), self.xy, seed=self.seed)
+        pred = clusterer.regions(n_regions=n_regions, resolution=resolution if n_regions is None else None)
+        return Annotation.from_prediction(REGION_KEY, pred,
+                                          provenance=self._provenance(n_regions=n_regions, resolution=resolution))
+
+    def install(self, key: str, annotation: Annotation) -> None:
+        """Make ``annotation`` the labels ``key`` (obs columns too), tell listeners, autosave."""
+        self.annotations[key] = annotation
+        annotation.to_obs(self.adata)
+        self._notify(key, "replaced")
+        self.autosave()
+
+    # ------------------------------------------------------------------ editing
+    def apply_edit(self, key: str, new_image: np.ndarray, bbox=None) -> EditResult:
+        """Map an edited class image (values ``code + 1``) back to cells and mark them curated.
+
+        Each cell with an edited pixel takes the class covering most of its territory
+        (:meth:`napari_stofm.review.raster.Territories.cells_touched`).
+        """
+        ann = self._annotation(key)
+        touched, tcodes = self.territories.cells_touched(ann.codes, new_image, bbox)
+        if touched.size and tcodes.max(initial=-1) >= ann.n_classes:
+            bad = int(tcodes.max()) + 1
+            raise StofmInputError(
+                f"label value {bad} is not a class of '{display_name(key)}' (it has {ann.n_classes}); "
+                "add a class first or pick one of the existing labels."
+            )
+        changed = tcodes != ann.codes[touched]
+        cells, codes = touched[changed], tcodes[changed]
+        previous = PreviousState(cells.copy(), ann.codes[cells].copy(), ann.curated[cells].copy())
+        if cells.size:
+            ann.codes[cells] = codes
+            ann.curated[cells] = True
+            ann._touch()
+            self._notify(key, "codes")
+        after = PreviousState(cells.copy(), ann.codes[cells].copy(), ann.curated[cells].copy())
+        return EditResult(key, cells, codes, touched, tcodes, previous, after)
+
+    def assign(self, key: str, cells, code: int) -> PreviousState:
+        previous = self._annotation(key).assign(cells, code)
+        self._notify(key, "codes")
+        return previous
+
+    def restore(self, key: str, state: PreviousState) -> None:
+        """Set cells back to a recorded state (undo / redo of an edit)."""
+        if state.cell_indices.size:
+            self._annotation(key).restore(*state)
+            self._notify(key, "codes")
+
+    def rename(self, key: str, code: int, name: str) -> None:
+        self._annotation(key).rename(code, name)
+        self._notify(key, "classes")
+
+    def recolor(self, key: str, code: int, color) -> None:
+        self._annotation(key).recolor(code, color)
+        self._notify(key, "classes")
+
+    def add_class(self, key: str, name: str, color=None) -> int:
+        code = self._annotation(key).add_class(name, color)
+        self._notify(key, "classes")
+        return code
+
+    def merge(self, key: str, src: int, dst: int) -> dict:
+        mapping = self._annotation(key).merge(src, dst)
+        self._notify(key, "merged")
+        return mapping
+
+    def refine(self, key: str, *, progress: Optional[ProgressCallback] = None, cancel: CancelToken = None) -> np.ndarray:
+        """Retrain the label head on the curated cells; update only the cells nobody corrected.
+
+        Returns the indices of the cells whose class changed.
+        """
+        pred = self.compute_refinement(key, progress=progress, cancel=cancel)
+        return self.apply_refinement(key, pred)
+
+    def compute_refinement(self, key: str, *, progress=None, cancel=None):
+        from napari_stofm.heads.classifier import refine_from_corrections
+
+        ann = self._annotation(key)
+        if not ann.curated.any():
+            raise StofmInputError(
+                f"no cell of '{display_name(key)}' has been corrected yet: paint, fill or erase some cells first."
+            )
+        if "X_stofm" not in self.adata.obsm:
+            raise StofmInputError("refining needs the SToFM embedding of the slice: run SToFM first.")
+        check_cancelled(cancel)
+        report(progress, 0, 1, "refining")
+        conf = np.nan_to_num(ann.confidence, nan=0.0)
+        # spatial context as predict() uses for its label head
+        pred = refine_from_corrections(np.asarray(self.adata.obsm["X_stofm"]), self.xy, ann.codes.copy(),
+                                       ann.curated.copy(), list(ann.categories), conf, seed=self.seed)
+        report(progress, 1, 1, "refined")
+        return pred
+
+    def apply_refinement(self, key: str, pred) -> np.ndarray:
+        ann = self._annotation(key)
+        free = ~ann.curated
+        codes = np.asarray(pred.codes, dtype=np.int32)
+        if codes.shape != ann.codes.shape:
+            raise StofmInputError("the refined prediction does not cover every cell of the slice.")
+        if codes.max(initial=-1) >= ann.n_classes:
+            raise StofmInputError("the refined prediction uses classes this annotation does not have.")
+        changed = np.flatnonzero(free & (codes != ann.codes))
+        ann.codes[free] = codes[free]
+        ann.predicted_codes[free] = codes[free]
+        ann.confidence[free] = np.asarray(pred.confidence, dtype=np.float32)[free]
+        ann.provenance["n_refinements"] = int(ann.provenance.get("n_refinements", 0)) + 1
+        ann._touch()
+        self._notify(key, "codes")
+        self.autosave()
+        return changed
+
+    def _annotation(self, key: str) -> Annotation:
+        if key not in self.annotations:
+            raise StofmInputError(f"no labels '{display_name(key)}' on this slice yet: run SToFM first.")
+        return self.annotations[key]
+
+    # ------------------------------------------------------------------ saving
+    def autosave(self) -> Optional[Path]:
+        """Write every annotation to the autosave file; returns it (None without annotations)."""
+        if self.store is None or not self.annotations:
+            return None
+        return self.store.save(self.annotations, self.adata.obs_names)
+
+    def export(self, path, *, fmt: Optional[str] = None, overwrite: bool = False, keys: Optional[Sequence[str]] = None) -> Path:
+        """Export the annotations as ``.h5ad``, ``.csv`` or SpatialData ``.zarr`` (by suffix or ``fmt``)."""
+        from napari_stofm.io import export as export_module
+
+        if not self.annotations:
+            raise StofmInputError("there are no labels to export yet: run SToFM or open labelled data first.")
+        anns = {k: a for k, a in self.annotations.items() if keys is None or k in keys}
+        fmt = fmt or export_format_of(path)
+        if fmt == "h5ad":
+            return export_module.export_h5ad(self.adata, anns, path, overwrite=overwrite)
+        if fmt == "csv":
+            return export_module.export_csv(self.adata, anns, path, overwrite=overwrite)
+        if fmt == "spatialdata":
+            return export_module.export_spatialdata(self.adata, anns, path, overwrite=overwrite,
+                                                    labels=self.territories.as_spatialdata_labels())
+        raise StofmInputError(f"unknown export format {fmt!r}: use h5ad, csv or spatialdata (.zarr).")
+
+
+def export_format_of(path) -> str:
+    suffix = Path(str(path).rstrip("/")).suffix.lower()
+    formats = {".h5ad": "h5ad", ".csv": "csv", ".zarr": "spatialdata"}
+    if suffix not in formats:
+        raise StofmInputError(
+            f"cannot tell the export format of '{Path(str(path)).name}': end the name in .h5ad, .csv or .zarr."
+        )
+    return formats[suffix]
+
+
+def _label_arguments(label_source, reference, label_key):
+    """``(reference, label_key)`` from the ``label_source`` shorthand (or as given)."""
+    if label_source is None:
+        return reference, label_key
+    if reference is not None or label_key is not None:
+        raise StofmInputError("give label_source or reference= / label_key=, not both.")
+    kind = label_source[0] if isinstance(label_source, (tuple, list)) and label_source else None
+    if kind == "reference" and len(label_source) == 3:
+        return label_source[1], label_source[2]
+    if kind == "column" and len(label_source) == 2:
+        return None, label_source[1]
+    raise StofmInputError(f"unknown cell-type source {label_source!r}: use ('reference', path, key) or ('column', key).")
