@@ -230,7 +230,7 @@ def load_models(checkpoint: Optional[str], slices: Sequence[Slice]) -> Models:
         print(note, flush=True)
         vocab = build_vocabulary([s.load() for s in slices if not s.held_out] or [s.load() for s in slices])
         # The pretraining recipe's sizes and settings (255 genes per cell), so costs are realistic.
-        from napari_stofm.training.pretrain import PretrainConfig
+        from napari_stofm.training.config import PretrainConfig
         from napari_stofm.model.stofm import PipelineSettings
 
         cfg = PretrainConfig()

@@ -14,14 +14,23 @@ napari does when it reads the plugin manifest) stays cheap.
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = "0.1.0"
+try:  # the one place the version is read: the installed package's metadata (pyproject.toml)
+    __version__ = version("napari-stofm")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree that is not installed
+    __version__ = "0+unknown"
 
 _LAZY = {
     "load_model": "napari_stofm.model.stofm",
     "SToFM": "napari_stofm.model.stofm",
     "embed": "napari_stofm.pipeline.embed",
+    "compute_embedding": "napari_stofm.pipeline.embed",
     "predict": "napari_stofm.pipeline.predict",
+    "run_annotations": "napari_stofm.pipeline.predict",
+    "RunResult": "napari_stofm.pipeline.predict",
+    "Annotation": "napari_stofm.review.annotation",
+    "SliceSession": "napari_stofm.review.session",
     "read_slice": "napari_stofm.io.slices",
     "validate_slice": "napari_stofm.io.slices",
     "export_h5ad": "napari_stofm.io.export",

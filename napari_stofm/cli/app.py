@@ -10,6 +10,7 @@ Every subcommand prints ``--help`` written for a biologist; errors are one line 
 what is wrong and how to fix it (``--debug`` shows the traceback).
 """
 from __future__ import annotations
+from napari_stofm import keys
 
 import argparse
 import logging
@@ -94,7 +95,7 @@ def cmd_embed(args) -> int:
     model = _load_model(args)
     print(f"{args.input}: {adata.n_obs} cells x {adata.n_vars} genes; model {model}", file=sys.stderr)
     _embed(adata, model, args, None if args.quiet else TextProgress())
-    meta = adata.uns["stofm"]
+    meta = adata.uns[keys.UNS]
     print(
         f"embedded {adata.n_obs} cells in {meta['seconds']:.1f} s ({meta['genes_matched']}/{meta['genes_total']} genes "
         f"in the vocabulary, {meta['n_subslices']} sub-slices, {meta['n_virtual_cells']} virtual cells) -> {args.output}",

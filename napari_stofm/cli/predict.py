@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_stofm import keys
 from napari_stofm.cli import app as cli
 from napari_stofm.cli.app import _add_embed_args, _add_model_args, _check_output, _load_model, command
 
-ANNOTATION_KEYS = ("stofm_region", "stofm_cell_type")
+ANNOTATION_KEYS = keys.PREDICTED_KEYS
 
 
 def _add_parsers(sub) -> None:
@@ -124,7 +125,7 @@ def cmd_export(args) -> int:
     if args.zarr:
         from napari_stofm.review.raster import rasterize_territories
 
-        territories = rasterize_territories(np.asarray(adata.obsm["spatial"])[:, :2])
+        territories = rasterize_territories(np.asarray(adata.obsm[keys.SPATIAL])[:, :2])
         export_spatialdata(adata, annotations, args.zarr, labels=territories, overwrite=args.overwrite)
     print(f"exported {', '.join(annotations)} for {adata.n_obs} cells -> {', '.join(targets)}", file=sys.stderr)
     return 0
@@ -154,9 +155,9 @@ def cmd_demo(args) -> int:
     n_true = adata.obs["region"].cat.categories.size
     predict(adata, model, n_regions=n_true, device=None if args.device == "auto" else args.device, progress=_progress(args))
     predict(adata, model, label_key="cell_type_partial", device=None if args.device == "auto" else args.device)
-    ari = adjusted_rand_score(adata.obs["region"], adata.obs["stofm_region"])
+    ari = adjusted_rand_score(adata.obs["region"], adata.obs[keys.REGION])
     hidden = partial.isna().to_numpy()
-    pred_types = adata.obs["stofm_cell_type"].astype(str).to_numpy()[hidden]
+    pred_types = adata.obs[keys.CELL_TYPE].astype(str).to_numpy()[hidden]
     acc = float(np.mean(pred_types == truth_types.astype(str).to_numpy()[hidden]))
     f1 = f1_score(truth_types.astype(str).to_numpy()[hidden], pred_types, average="macro")
     annotations = {k: Annotation.from_obs(adata, k) for k in ANNOTATION_KEYS}

@@ -33,7 +33,7 @@ slices once, where they can be read, then train from the pack:
 
 
 def _add_parser(sub) -> None:
-    from napari_stofm.training.pretrain import PretrainConfig
+    from napari_stofm.training.config import PretrainConfig
 
     d = PretrainConfig()
     p = sub.add_parser("pretrain", help="train SToFM weights on slices (CPU, resumable)",
@@ -94,7 +94,7 @@ _EXTENSIONS.append(_add_parser)
 
 @command("pretrain")
 def cmd_pretrain(args) -> int:
-    from napari_stofm.training.pretrain import PretrainConfig, pack_corpus, pretrain
+    from napari_stofm.training import PretrainConfig, pack_corpus, pretrain
 
     d = PretrainConfig()
     if args.pack:

@@ -21,6 +21,7 @@ from typing import Callable, Dict, Mapping
 
 import numpy as np
 
+from napari_stofm import keys
 from napari_stofm.provenance import canonical, now_iso
 from napari_stofm.review.annotation import Annotation, as_annotation_dict
 from napari_stofm.errors import StofmInputError
@@ -43,9 +44,9 @@ def annotated_copy(adata, annotations=None, *, export_format: str = ""):
     out = adata.copy()
     for ann in annotations.values():
         ann.to_obs(out)
-    stofm = dict(out.uns.get("stofm", {}) or {})
+    stofm = dict(out.uns.get(keys.UNS, {}) or {})
     stofm.update(_export_provenance(out, annotations, export_format))
-    out.uns["stofm"] = stofm
+    out.uns[keys.UNS] = stofm
     return out
 
 
@@ -65,7 +66,7 @@ def _export_provenance(adata, annotations: Dict[str, Annotation], export_format:
         "n_curated": {key: int(ann.curated.sum()) for key, ann in annotations.items()},
         "curated_cells": curated,
     }
-    source = adata.uns.get("stofm_source")
+    source = adata.uns.get(keys.SOURCE)
     if isinstance(source, Mapping) and "path" in source:
         record["source_path"] = str(source["path"])
     return canonical(record)
@@ -168,7 +169,7 @@ def _write_h5ad(adata, tmp: Path) -> None:
     adata.write_h5ad(tmp)
 
 
-def export_csv(adata, annotations=None, path=None, *, overwrite: bool = False, spatial_key: str = "spatial") -> Path:
+def export_csv(adata, annotations=None, path=None, *, overwrite: bool = False, spatial_key: str = keys.SPATIAL) -> Path:
     """One row per cell: cell_id, x, y, then per annotation <key>, <key>_confidence,
     <key>_curated, <key>_predicted (unassigned cells have an empty class)."""
     if path is None:
@@ -180,7 +181,7 @@ def export_csv(adata, annotations=None, path=None, *, overwrite: bool = False, s
     return _atomic_file(target, lambda tmp: _write_csv(table, tmp))
 
 
-def csv_table(adata, annotations, *, spatial_key: str = "spatial"):
+def csv_table(adata, annotations, *, spatial_key: str = keys.SPATIAL):
     """The table :func:`export_csv` writes, as a pandas DataFrame."""
     import pandas as pd
 
@@ -188,10 +189,10 @@ def csv_table(adata, annotations, *, spatial_key: str = "spatial"):
     columns = {"cell_id": np.asarray(adata.obs_names, dtype=object), "x": xy[:, 0], "y": xy[:, 1]}
     for key, ann in as_annotation_dict(annotations).items():
         columns[key] = ann.names()
-        columns[f"{key}_confidence"] = ann.confidence
-        columns[f"{key}_curated"] = ann.curated
+        columns[keys.confidence_key(key)] = ann.confidence
+        columns[keys.curated_key(key)] = ann.curated
         predicted = np.array(ann.categories + [None], dtype=object)[ann.predicted_codes]
-        columns[f"{key}_predicted"] = predicted
+        columns[keys.predicted_key(key)] = predicted
     return pd.DataFrame(columns)
 
 
@@ -203,7 +204,7 @@ def _write_csv(table, tmp: Path) -> None:
 
 
 def export_spatialdata(adata, annotations=None, path=None, *, labels=None, overwrite: bool = False,
-                       spatial_key: str = "spatial") -> Path:
+                       spatial_key: str = keys.SPATIAL) -> Path:
     """Write a SpatialData ``.zarr`` whose table annotates the cells' territories.
 
     ``labels``: the cell territory raster, as a :class:`napari_stofm.review.raster.Territories`, as
@@ -234,7 +235,7 @@ def _write_spatialdata(sdata, tmp: Path) -> None:
     sdata.write(tmp)
 
 
-def build_spatialdata(adata, annotations=None, *, labels=None, spatial_key: str = "spatial"):
+def build_spatialdata(adata, annotations=None, *, labels=None, spatial_key: str = keys.SPATIAL):
     """The in-memory :class:`spatialdata.SpatialData` that :func:`export_spatialdata` writes."""
     import spatialdata as sd
     from spatialdata.models import TableModel

@@ -11,6 +11,7 @@ The slice is deterministic for a seed and follows the layout of the real slices
 (``uns['source']``, raw counts in a CSR ``X``, (x, y) microns in ``obsm['spatial']``).
 """
 from __future__ import annotations
+from napari_stofm import keys
 
 import numpy as np
 
@@ -185,7 +186,7 @@ def make_sample_slice(n_cells: int = 3000, seed: int = 0):
     )
     var = pd.DataFrame({"marker_of": [_marker_of(g) for g in genes]}, index=pd.Index(genes))
     adata = ad.AnnData(X=X, obs=obs, var=var)
-    adata.obsm["spatial"] = xy.astype(np.float64)
+    adata.obsm[keys.SPATIAL] = xy.astype(np.float64)
     adata.uns["region_colors"] = list(REGION_COLORS)
     adata.uns["cell_type_colors"] = list(CELL_TYPE_COLORS)
     adata.uns["source"] = _source(n_cells, seed, len(genes))

@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from napari_stofm import keys
 from napari_stofm.errors import StofmInputError
 
 PathLike = Union[str, os.PathLike]
@@ -93,7 +94,7 @@ def read_slice(
     path: PathLike,
     *,
     table: Optional[str] = None,
-    spatial_key: str = "spatial",
+    spatial_key: str = keys.SPATIAL,
     validate: bool = True,
 ):
     """Read one slice from an ``.h5ad`` file or a SpatialData ``.zarr`` directory.
@@ -161,7 +162,7 @@ def _read_h5ad(path: Path):
             f"could not read {path} as an .h5ad file ({_short(err)}). The file is probably "
             "truncated or corrupt (an interrupted copy or download): re-export or re-download it."
         ) from err
-    adata.uns["stofm_source"] = {"path": str(path), "format": "h5ad"}
+    adata.uns[keys.SOURCE] = {"path": str(path), "format": "h5ad"}
     return adata
 
 
@@ -172,7 +173,7 @@ def _read_anndata_zarr(path: Path):
         adata = ad.read_zarr(path)
     except Exception as err:
         raise StofmInputError(f"could not read {path} as an AnnData .zarr store ({_short(err)}); re-export it.") from err
-    adata.uns["stofm_source"] = {"path": str(path), "format": "anndata_zarr"}
+    adata.uns[keys.SOURCE] = {"path": str(path), "format": "anndata_zarr"}
     return adata
 
 
@@ -229,7 +230,7 @@ def _read_spatialdata(path: Path, *, table: Optional[str], spatial_key: str):
             "region": region if isinstance(region, str) else (regions or None),
         }
     )
-    adata.uns["stofm_source"] = {k: v for k, v in source.items() if v is not None}
+    adata.uns[keys.SOURCE] = {k: v for k, v in source.items() if v is not None}
     return adata
 
 
@@ -367,7 +368,7 @@ def _show_ids(ids: Sequence, n: int = _N_SHOWN) -> str:
     return shown + (f", ... ({len(ids)} in all)" if len(ids) > n else "")
 
 
-def validate_slice(adata, spatial_key: str = "spatial") -> SliceReport:
+def validate_slice(adata, spatial_key: str = keys.SPATIAL) -> SliceReport:
     """Check that ``adata`` is a slice SToFM can use; raise StofmInputError saying how to fix it."""
     n_cells, n_genes = adata.n_obs, adata.n_vars
     if n_cells == 0:

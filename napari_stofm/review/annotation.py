@@ -18,6 +18,7 @@ from typing import Dict, List, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from napari_stofm import keys
 from napari_stofm.errors import StofmInputError
 from napari_stofm.palette import default_colors, to_hex
 from napari_stofm.provenance import canonical, now_iso
@@ -308,16 +309,16 @@ class Annotation:
             )
         key = self.key
         adata.obs[key] = self._categorical(self.codes)
-        adata.obs[f"{key}_confidence"] = self.confidence.copy()
-        adata.obs[f"{key}_curated"] = self.curated.copy()
-        adata.obs[f"{key}_predicted"] = self._categorical(self.predicted_codes)
-        adata.uns[f"{key}_colors"] = list(self.colors)
-        stofm = adata.uns.get("stofm")
+        adata.obs[keys.confidence_key(key)] = self.confidence.copy()
+        adata.obs[keys.curated_key(key)] = self.curated.copy()
+        adata.obs[keys.predicted_key(key)] = self._categorical(self.predicted_codes)
+        adata.uns[keys.colors_key(key)] = list(self.colors)
+        stofm = adata.uns.get(keys.UNS)
         stofm = dict(stofm) if isinstance(stofm, Mapping) else {}
         prov = dict(stofm.get("provenance", {}) or {})
         prov[key] = canonical(self.provenance)
         stofm["provenance"] = prov
-        adata.uns["stofm"] = stofm
+        adata.uns[keys.UNS] = stofm
 
     @classmethod
     def from_obs(cls, adata, key: str) -> "Annotation":
@@ -332,14 +333,14 @@ class Annotation:
         categories = [str(c) for c in column.cat.categories]
         codes = column.cat.codes.to_numpy().astype(np.int32)
         predicted = None
-        if f"{key}_predicted" in adata.obs:
-            predicted = _codes_in(adata.obs[f"{key}_predicted"], categories, key)
-        confidence = adata.obs[f"{key}_confidence"].to_numpy() if f"{key}_confidence" in adata.obs else None
+        if keys.predicted_key(key) in adata.obs:
+            predicted = _codes_in(adata.obs[keys.predicted_key(key)], categories, key)
+        confidence = adata.obs[keys.confidence_key(key)].to_numpy() if keys.confidence_key(key) in adata.obs else None
         curated = None
-        if f"{key}_curated" in adata.obs:
-            curated = adata.obs[f"{key}_curated"].astype("boolean").fillna(False).to_numpy(dtype=bool)
+        if keys.curated_key(key) in adata.obs:
+            curated = adata.obs[keys.curated_key(key)].astype("boolean").fillna(False).to_numpy(dtype=bool)
         colors = _colors_from_uns(adata, key, len(categories))
-        stofm = adata.uns.get("stofm", {})
+        stofm = adata.uns.get(keys.UNS, {})
         prov = (stofm.get("provenance", {}) or {}).get(key, {}) if isinstance(stofm, Mapping) else {}
         return cls(key, categories, colors, codes, predicted, confidence, curated, prov)
 
@@ -356,7 +357,7 @@ def _codes_in(column, categories: List[str], key: str) -> np.ndarray:
 
 
 def _colors_from_uns(adata, key: str, n: int) -> List[str]:
-    colors = adata.uns.get(f"{key}_colors")
+    colors = adata.uns.get(keys.colors_key(key))
     if colors is None or len(colors) != n:
         return default_colors(n)
     return [to_hex(str(c)) for c in list(colors)]

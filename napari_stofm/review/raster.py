@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from napari_stofm import keys
 from napari_stofm.errors import StofmInputError
 
 __all__ = ["Territories", "rasterize_territories", "spacing_of", "territories_for_slice"]
@@ -469,7 +470,7 @@ def _from_masks(xy, masks, mask_ids, mask_scale, mask_translate, max_pixels) -> 
 # ----------------------------------------------------------------------------- slices
 
 
-def territories_for_slice(adata, *, spatial_key: str = "spatial", max_pixels: int = DEFAULT_MAX_PIXELS,
+def territories_for_slice(adata, *, spatial_key: str = keys.SPATIAL, max_pixels: int = DEFAULT_MAX_PIXELS,
                           use_masks: bool = True) -> Territories:
     """Territories of the cells of an AnnData read by :func:`napari_stofm.io.slices.read_slice`.
 
@@ -480,7 +481,7 @@ def territories_for_slice(adata, *, spatial_key: str = "spatial", max_pixels: in
     reason is kept in ``Territories.note``).
     """
     xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
-    source = adata.uns.get("stofm_source", {}) if hasattr(adata, "uns") else {}
+    source = adata.uns.get(keys.SOURCE, {}) if hasattr(adata, "uns") else {}
     note = ""
     if use_masks and isinstance(source, dict) and source.get("labels_element") and source.get("path"):
         try:

@@ -69,11 +69,11 @@ class EditResult:
 class SliceSession:
     """One slice under review: the AnnData, its territories, its annotations, autosave."""
 
-    def __init__(self, adata, path=None, *, name: Optional[str] = None, spatial_key: str = "spatial",
+    def __init__(self, adata, path=None, *, name: Optional[str] = None, spatial_key: str = keys.SPATIAL,
                  autosave_dir=None):
         self.adata = adata
         if path is None:
-            src = adata.uns.get("stofm_source", {}) if hasattr(adata, "uns") else {}
+            src = adata.uns.get(keys.SOURCE, {}) if hasattr(adata, "uns") else {}
             path = src.get("path") if isinstance(src, dict) else None
         self.path: Optional[Path] = Path(path) if path else None
         self.name = name or (self.path.name.split(".")[0] if self.path else "slice")
@@ -265,14 +265,14 @@ class SliceSession:
         from napari_stofm.io.autosave import atomic_write_bytes
 
         path = self.embedding_cache_path
-        meta = self.adata.uns.get("stofm", {})
-        if path is None or "X_stofm" not in self.adata.obsm or not isinstance(meta, dict):
+        meta = self.adata.uns.get(keys.UNS, {})
+        if path is None or keys.EMBEDDING not in self.adata.obsm or not isinstance(meta, dict):
             return None
         keep = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
-        arrays = {"X_stofm": np.asarray(self.adata.obsm["X_stofm"], dtype=np.float32),
+        arrays = {keys.EMBEDDING: np.asarray(self.adata.obsm[keys.EMBEDDING], dtype=np.float32),
                   "meta": np.frombuffer(json.dumps(keep).encode("utf-8"), dtype=np.uint8)}
-        if "X_stofm_cell" in self.adata.obsm:
-            arrays["X_stofm_cell"] = np.asarray(self.adata.obsm["X_stofm_cell"], dtype=np.float32)
+        if keys.CELL_EMBEDDING in self.adata.obsm:
+            arrays[keys.CELL_EMBEDDING] = np.asarray(self.adata.obsm[keys.CELL_EMBEDDING], dtype=np.float32)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +285,7 @@ class SliceSession:
         import json
 
         path = self.embedding_cache_path
-        if path is None or not path.is_file() or "X_stofm" in self.adata.obsm:
+        if path is None or not path.is_file() or keys.EMBEDDING in self.adata.obsm:
             return False
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -296,15 +296,15 @@ class SliceSession:
         from napari_stofm.pipeline.embed import expression_fingerprint
 
         parts = str(meta.get("gene_scale_key", "")).split(":")
-        if (arrays["X_stofm"].shape[0] != self.adata.n_obs or len(parts) < 2
+        if (arrays[keys.EMBEDDING].shape[0] != self.adata.n_obs or len(parts) < 2
                 or parts[1] != expression_fingerprint(self.adata)):
             return False
-        for key in ("X_stofm", "X_stofm_cell"):
+        for key in (keys.EMBEDDING, keys.CELL_EMBEDDING):
             if key in arrays:
                 self.adata.obsm[key] = arrays[key]
-        stofm = dict(self.adata.uns.get("stofm", {}) or {})
+        stofm = dict(self.adata.uns.get(keys.UNS, {}) or {})
         stofm.update(meta)
-        self.adata.uns["stofm"] = stofm
+        self.adata.uns[keys.UNS] = stofm
         return True
 
     # ------------------------------------------------------------------ regions
@@ -417,13 +417,13 @@ class SliceSession:
             raise StofmInputError(
                 f"no cell of '{display_name(key)}' has been corrected yet: paint, fill or erase some cells first."
             )
-        if "X_stofm" not in self.adata.obsm:
+        if keys.EMBEDDING not in self.adata.obsm:
             raise StofmInputError("refining needs the SToFM embedding of the slice: run SToFM first.")
         check_cancelled(cancel)
         report(progress, 0, 1, "refining")
         conf = np.nan_to_num(ann.confidence, nan=0.0)
         # spatial context as predict() uses for its label head
-        pred = refine_from_corrections(np.asarray(self.adata.obsm["X_stofm"]), self.xy, ann.codes.copy(),
+        pred = refine_from_corrections(np.asarray(self.adata.obsm[keys.EMBEDDING]), self.xy, ann.codes.copy(),
                                        ann.curated.copy(), list(ann.categories), conf, seed=self.seed)
         report(progress, 1, 1, "refined")
         return pred

@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 
 from napari_stofm.errors import StofmInputError
-from napari_stofm.training import pretrain as pt
+from napari_stofm.training.batches import make_training_batch
+from napari_stofm.training.config import STATE_DIR, PretrainConfig
+from napari_stofm.training.corpus import HELD_OUT_SLICES, SpatialSlice, find_slices, load_corpus, pack_corpus
+from napari_stofm.training.report import CURVE_NAME, LOG_NAME
+from napari_stofm.training.trainer import Trainer, pretrain
 from napari_stofm.io.sample import make_sample_slice
 
 TINY = dict(bert_hidden=32, bert_layers=1, bert_heads=2, bert_intermediate=64, se2_layers=2, se2_dim=32, se2_ffn=64,
@@ -23,8 +27,8 @@ def slices():
 @pytest.fixture(scope="module")
 def run(slices, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain") / "weights"
-    cfg = pt.PretrainConfig(stage1_steps=6, stage2_steps=5, **TINY)
-    pt.pretrain([], out, cfg, adatas=slices, show_progress=False)
+    cfg = PretrainConfig(stage1_steps=6, stage2_steps=5, **TINY)
+    pretrain([], out, cfg, adatas=slices, show_progress=False)
     return out
 
 
@@ -33,7 +37,7 @@ def test_run_writes_a_loadable_checkpoint(run, slices):
     from napari_stofm.model.checkpoint import load_se2_transformer
     from napari_stofm.model.stofm import load_model
 
-    log = json.loads((run / pt.LOG_NAME).read_text())
+    log = json.loads((run / LOG_NAME).read_text())
     rows = log["history"]["stage1"] + log["history"]["stage2"]
     assert len(log["history"]["stage1"]) == 6 and len(log["history"]["stage2"]) == 5
     assert all(np.isfinite(r["loss"]) for r in rows)
@@ -46,16 +50,16 @@ def test_run_writes_a_loadable_checkpoint(run, slices):
     embed(adata, model)
     assert np.isfinite(adata.obsm["X_stofm"]).all() and adata.obsm["X_stofm"].shape == (400, 32)
     pytest.importorskip("matplotlib")
-    assert (run / pt.CURVE_NAME).stat().st_size > 0
+    assert (run / CURVE_NAME).stat().st_size > 0
 
 
 def test_resume_continues_from_saved_step(run, slices):
-    cfg = pt.PretrainConfig(stage1_steps=6, stage2_steps=8, **{**TINY, "train_split_num": 80, "se2_dim": 64})
-    pt.pretrain([], run, cfg, adatas=slices, resume=True, show_progress=False, resume_overrides=["train_split_num"])
-    log = json.loads((run / pt.LOG_NAME).read_text())
+    cfg = PretrainConfig(stage1_steps=6, stage2_steps=8, **{**TINY, "train_split_num": 80, "se2_dim": 64})
+    pretrain([], run, cfg, adatas=slices, resume=True, show_progress=False, resume_overrides=["train_split_num"])
+    log = json.loads((run / LOG_NAME).read_text())
     assert len(log["history"]["stage1"]) == 6  # stage 1 was finished: not rerun
     assert [r["step"] for r in log["history"]["stage2"]] == list(range(1, 9))
-    state = json.loads((run / pt.STATE_DIR / "state.json").read_text())
+    state = json.loads((run / STATE_DIR / "state.json").read_text())
     assert state["stage"] == 2 and state["step"] == 8
     # the batch setting asked for is taken, the model's shape is not
     assert state["config"]["train_split_num"] == 80 and state["config"]["se2_dim"] == 32
@@ -63,7 +67,7 @@ def test_resume_continues_from_saved_step(run, slices):
 
 def test_new_run_refuses_existing_state(run, slices):
     with pytest.raises(StofmInputError, match="--resume"):
-        pt.pretrain([], run, pt.PretrainConfig(**TINY), adatas=slices, show_progress=False)
+        pretrain([], run, PretrainConfig(**TINY), adatas=slices, show_progress=False)
 
 
 def test_stage2_loss_decreases_on_a_fixed_batch(slices):
@@ -73,16 +77,16 @@ def test_stage2_loss_decreases_on_a_fixed_batch(slices):
     from napari_stofm.genes.tokenizer import tokenize_adata
     from napari_stofm.genes.vocabulary import build_vocabulary
 
-    cfg = pt.PretrainConfig(stage2_steps=40, **{**TINY, "warmup_steps": 1, "lr2": 2e-3})
+    cfg = PretrainConfig(stage2_steps=40, **{**TINY, "warmup_steps": 1, "lr2": 2e-3})
     adatas = [a for _, a in slices]
     vocab = build_vocabulary(adatas, min_cells=1)
-    tr = pt.Trainer("unused", cfg, vocab, ["generated/a"])
+    tr = Trainer("unused", cfg, vocab, ["generated/a"])
     tok = tokenize_adata(adatas[0], vocab, max_genes=cfg.max_genes)[0]
     emb = tr.encoder.encode(tok)
     xy = np.asarray(adatas[0].obsm["spatial"], dtype=float)
     assign = (normalize_coordinates(xy)[:, 0] // 10).astype(int)
-    sl = pt.SpatialSlice("generated/a", xy, emb, assign)
-    batch = pt.make_training_batch(sl, np.random.default_rng(0), cfg)
+    sl = SpatialSlice("generated/a", xy, emb, assign)
+    batch = make_training_batch(sl, np.random.default_rng(0), cfg)
     torch.manual_seed(0)
     rows = [tr.train_on_batch(batch) for _ in range(40)]
     assert all(np.isfinite(r["loss"]) for r in rows)
@@ -97,12 +101,12 @@ def test_held_out_slices_are_refused(tmp_path, slices):
     slices[0][1].write_h5ad(held)
     slices[1][1].write_h5ad(other)
     with pytest.raises(StofmInputError, match="held out"):
-        pt.find_slices([held])
-    used, skipped = pt.find_slices([tmp_path])
+        find_slices([held])
+    used, skipped = find_slices([tmp_path])
     assert used == [other] and skipped == [held]
     with pytest.raises(StofmInputError, match="held-out"):
-        pt.pretrain([], tmp_path / "out", pt.PretrainConfig(**TINY), adatas=[("st_human_her2st/G2", slices[0][1])])
-    assert len(pt.HELD_OUT_SLICES) == 6
+        pretrain([], tmp_path / "out", PretrainConfig(**TINY), adatas=[("st_human_her2st/G2", slices[0][1])])
+    assert len(HELD_OUT_SLICES) == 6
 
 
 def test_packed_corpus_trains_like_the_slices_it_came_from(slices, tmp_path):
@@ -117,17 +121,17 @@ def test_packed_corpus_trains_like_the_slices_it_came_from(slices, tmp_path):
         f.parent.mkdir(exist_ok=True)
         adata.write_h5ad(f)
         files.append(f)
-    pack_file = pt.pack_corpus(files, tmp_path / "corpus.npz", max_genes=TINY["max_genes"], min_cells=1)
+    pack_file = pack_corpus(files, tmp_path / "corpus.npz", max_genes=TINY["max_genes"], min_cells=1)
     pack = load_packed_corpus(pack_file)
     assert pack.names == ["generated/a", "generated/b"] and pack.max_genes == TINY["max_genes"]
-    direct = pt.load_corpus(files, None, True, None, TINY["max_genes"], min_cells=1)
+    direct = load_corpus(files, None, True, None, TINY["max_genes"], min_cells=1)
     assert list(pack.vocabulary.tokens) == list(direct.vocabulary.tokens)
     for a, b in zip(pack.tokenized, direct.tokenized):
         np.testing.assert_array_equal(a.input_ids, b.input_ids)
         np.testing.assert_array_equal(a.offsets, b.offsets)
     cfg = dict(stage1_steps=3, stage2_steps=2, **TINY)
-    w_pack = pt.pretrain([pack_file], tmp_path / "from_pack", pt.PretrainConfig(**cfg), show_progress=False)
-    w_files = pt.pretrain(files, tmp_path / "from_files", pt.PretrainConfig(**cfg, loader_threads=2),
+    w_pack = pretrain([pack_file], tmp_path / "from_pack", PretrainConfig(**cfg), show_progress=False)
+    w_files = pretrain(files, tmp_path / "from_files", PretrainConfig(**cfg, loader_threads=2),
                           show_progress=False)
     sd_pack = load_model(w_pack).se2.state_dict()
     sd_files = load_model(w_files).se2.state_dict()

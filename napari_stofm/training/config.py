@@ -1,0 +1,75 @@
+"""The settings of a pretraining run: :class:`PretrainConfig` (every hyper-parameter of both
+stages, the model's sizes and the output name), which of them a resumed run may change, and
+where a run keeps its resumable state (``OUT/state/``). Plain Python, no torch: the
+``stofm pretrain`` command reads its defaults from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+STATE_DIR = "state"
+#: settings a resumed run may change (the model's shapes and the vocabulary stay)
+RESUME_OVERRIDABLE = ("train_split_num", "batch_subslices", "batch_cells", "stage1_share", "crop_prob",
+                      "subsample_min", "contrastive_weight", "profile_weight", "pair_weight", "device",
+                      "loader_threads")
+
+
+@dataclass
+class PretrainConfig:
+    """Hyper-parameters of a pretraining run (all sizes small enough for a CPU)."""
+
+    seed: int = 0
+    threads: int = 2
+    loader_threads: int = 0  # threads building the next batches while the model trains (0: in line)
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", "mps" or "auto" (the GPU when there is one)
+    # time and steps
+    stage1_steps: int = 1000
+    stage2_steps: int = 2000
+    minutes: Optional[float] = None  # wall-clock budget of one call (both stages)
+    stage1_share: float = 0.4  # part of ``minutes`` stage 1 may use
+    checkpoint_minutes: float = 3.0
+    # stage 1: gene scale
+    max_genes: int = 255
+    batch_cells: int = 32
+    lr1: float = 1e-3
+    mask_prob: float = 0.15
+    profile_weight: float = 1.0
+    contrastive_weight: float = 0.1
+    gene_dropout: float = 0.25
+    temperature: float = 0.1
+    # stage 2: SE(2)
+    train_split_num: int = 400
+    batch_subslices: int = 4
+    lr2: float = 5e-4
+    cell_mask_prob: float = 0.12
+    cell_keep_prob: float = 0.03
+    pair_weight: float = 1.0
+    noise_spacings: float = 5.0
+    crop_prob: float = 0.5
+    min_crop: float = 0.5
+    subsample_min: float = 0.7
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    # sizes
+    bert_hidden: int = 128
+    bert_layers: int = 2
+    bert_heads: int = 4
+    bert_intermediate: int = 256
+    # attention-probability dropout of both transformers while training: 0 lets SDPA use its
+    # fused kernels (with dropout the CPU falls back to the math path, about 4x slower)
+    attention_dropout: float = 0.0
+    se2_layers: int = 4
+    se2_dim: int = 128
+    se2_ffn: int = 256
+    se2_heads: int = 8
+    se2_gaussians: int = 64
+    min_cells_per_gene: int = 10
+    # output
+    name: str = "napari-stofm-small"
+    split_num: int = 1000  # inference sub-slice size written into stofm.json
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PretrainConfig":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,489 @@
+"""The SToFM pretraining recipe (torch + numpy; no napari): :class:`Trainer` holds the model,
+the heads, the optimisers and the loss history of one run and makes its optimisation steps;
+:func:`pretrain` runs both stages on a corpus, checkpointing as it goes, and writes the result.
+
+Two stages, as in the paper, run on the CPU in minutes for a small model (or on a GPU with
+``device="cuda"``; the recipe never needs one):
+
+1. **Gene scale.** The cell encoder's BERT learns masked gene-token modelling on
+   rank-value sequences: 15 % of the gene tokens of a cell are chosen (80 % replaced by
+   ``<mask>``, 10 % by a random gene, 10 % kept) and predicted by a head tied to the word
+   embeddings (cross-entropy over the genes present in the batch). The masked-gene loss
+   never reads the ``<cls>`` output, so two terms train the cell embedding (the
+   ``cell_proj`` output of ``<cls>``):
+
+   * **profile reconstruction** (weight ``profile_weight``): from the embedding of the
+     masked sequence, :class:`~.heads.ProfileHead` predicts the cell's whole gene distribution,
+     each of its genes weighted 1 / rank (KL divergence). This makes the embedding a
+     summary of which genes the cell expresses and how highly, which is what cell types
+     and tissue regions are read from (scGPT's expression prediction for cell modelling,
+     on rank tokens);
+   * **contrastive** (InfoNCE, weight ``contrastive_weight``, temperature 0.1) between
+     that embedding and the one of a second view of the same cell with 25 % of its genes
+     dropped, against the other cells of the batch. Alone it spreads the embeddings but
+     they keep little cell-type information (the first bundled weights, trained that way,
+     lost to their own random initialisation), hence its small weight.
+
+   Sequences are capped at ``max_genes`` genes (the top of the rank order), and the
+   shipped settings use the same cap at inference.
+2. **SE(2) transformer, encoder frozen.** Cell embeddings are computed once per slice and
+   virtual cells (Leiden) once per slice. Each step draws a slice, augments it (random
+   rotation, reflection, translation, a random rectangular crop, random cell
+   subsampling), cuts it into spatial sub-slices of ``train_split_num`` cells and trains
+   on a batch of them with
+
+   * masked cell modelling: 12 % of the cell tokens get the constant input vector -100,
+     3 % are kept but scored; ``lm_head`` (Linear(E, E), ReLU, Linear(E, input_dim)),
+     L2-normalised, predicts the original cell embedding (cosine loss);
+   * pair-distance recovery: the positions of those selected cells get Gaussian noise of
+     sigma = 5 x sqrt(area / n_cells) (normalised units), the distance matrix is rebuilt
+     from the noisy positions, and ``pair_head`` (heads -> heads, ReLU, -> 1) on the pair
+     representation regresses the original distance (in units of the cell spacing
+     sqrt(area / n_cells)) of every original neighbour pair of cells involving a selected
+     cell (MSE).
+
+Joint fine-tuning of both (the paper's third stage) is not part of this recipe.
+
+Every step draws its batch from its own numpy ``Generator`` seeded by (seed, stage, step),
+so batches do not depend on resuming or on ``loader_threads`` (threads that build the next
+batches while the model trains, worth it on a GPU). Slices can be read here and trained on
+elsewhere through a packed corpus (:mod:`.packed`, :func:`~.corpus.pack_corpus`).
+
+Everything is seeded (``torch.manual_seed`` and the per-step generators), checkpoints are
+written every few minutes into ``OUT/state/`` (weights as safetensors, optimiser and torch RNG
+states as plain tensors, the rest as JSON) and :func:`pretrain` with ``resume=True``
+continues from there. The result is a checkpoint directory written by
+:meth:`SToFM.save`, with ``training_log.json`` and ``loss_curve.png`` beside it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from napari_stofm.errors import StofmInputError
+from napari_stofm.training.batches import drop_genes, make_training_batch, mask_tokens, pad_sequences, prefetched
+from napari_stofm.training.config import RESUME_OVERRIDABLE, STATE_DIR, PretrainConfig
+from napari_stofm.training.corpus import (HELD_OUT_SLICES, GeneCorpus, SpatialSlice, load_corpus,
+                                          prepare_spatial_slices)
+from napari_stofm.training.heads import MLMHead, ProfileHead, info_nce, make_lm_head, make_pair_head, profile_targets
+from napari_stofm.training.report import (CURVE_NAME, LOG_NAME, STAGE1_TERMS, STAGE2_TERMS, ProgressLine, mean_recent,
+                                          plot_losses)
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+
+TIED_HEADS = ("mlm_head", "profile_head")  # their decoder is the encoder's word embeddings (not saved twice)
+
+
+# --------------------------------------------------------------------------- training state
+
+
+def _lr_factor(step: int, total: int, warmup: int, time_frac: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10 % over the steps (or over the time budget,
+    whichever runs out first)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = min(1.0, max((step - warmup) / max(1, total - warmup), time_frac))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+class Trainer:
+    """Holds the model, the heads, the optimisers and the loss history of one run."""
+
+    def __init__(self, out: Path, cfg: PretrainConfig, vocabulary, slices: Sequence[str],
+                 progress: Optional[Callable[[str], None]] = None):
+        from napari_stofm.model.stofm import PipelineSettings, build_model
+
+        self.out = Path(out)
+        self.cfg = cfg
+        self.vocabulary = vocabulary
+        self.slices = list(slices)
+        self.settings = PipelineSettings(split_num=cfg.split_num, split_mode="spatial", max_genes=cfg.max_genes,
+                                         name=cfg.name)
+        model = build_model(
+            vocabulary,
+            encoder_config=dict(hidden_size=cfg.bert_hidden, num_hidden_layers=cfg.bert_layers,
+                                num_attention_heads=cfg.bert_heads, intermediate_size=cfg.bert_intermediate,
+                                max_position_embeddings=cfg.max_genes + 1,
+                                attention_probs_dropout_prob=cfg.attention_dropout),
+            se2_config=dict(num_hidden_layers=cfg.se2_layers, embedding_dim=cfg.se2_dim,
+                            ffn_embedding_dim=cfg.se2_ffn, num_attention_heads=cfg.se2_heads,
+                            gaussian_hidden_dim=cfg.se2_gaussians, attention_dropout=cfg.attention_dropout),
+            settings=self.settings, seed=cfg.seed,
+        )
+        self.encoder = model.cell_encoder
+        self.se2 = model.se2
+        torch.manual_seed(cfg.seed + 1)
+        self.mlm_head = MLMHead(cfg.bert_hidden, self.encoder.bert.embeddings.word_embeddings)
+        self.profile_head = ProfileHead(self.encoder.embedding_dim, cfg.bert_hidden,
+                                        self.encoder.bert.embeddings.word_embeddings)
+        self.lm_head = make_lm_head(cfg.se2_dim, self.encoder.embedding_dim)
+        self.pair_head = make_pair_head(cfg.se2_heads)
+        from napari_stofm.model.stofm import resolve_device
+
+        self.device = resolve_device(cfg.device)
+        for mod in self.modules().values():
+            mod.to(self.device)
+        self.opt1 = torch.optim.AdamW(list(self.encoder.parameters())
+                                      + [p for head in (self.mlm_head, self.profile_head)
+                                         for n, p in head.named_parameters() if not n.startswith("word_embeddings")],
+                                      lr=cfg.lr1, weight_decay=cfg.weight_decay)
+        self.opt2 = torch.optim.AdamW(list(self.se2.parameters()) + list(self.lm_head.parameters())
+                                      + list(self.pair_head.parameters()), lr=cfg.lr2, weight_decay=cfg.weight_decay)
+        self.stage = 1
+        self.step = 0  # steps done in the current stage
+        self.stage1_done_steps = 0
+        self.history: Dict[str, list] = {"stage1": [], "stage2": []}
+        self.seconds = {"stage1": 0.0, "stage2": 0.0}
+        self.progress = progress
+        special = {vocabulary.pad_id, vocabulary.mask_id, vocabulary.cls_id}
+        genes = [i for i in range(vocabulary.size) if i not in special]
+        self.gene_low, self.gene_high = min(genes), max(genes) + 1
+        self.time_frac = 0.0  # share of the stage's time budget spent (drives the schedule with --minutes)
+
+    # ------------------------------------------------------------ state I/O
+
+    def modules(self) -> Dict[str, nn.Module]:
+        return {"encoder": self.encoder, "se2": self.se2, "mlm_head": self.mlm_head,
+                "profile_head": self.profile_head, "lm_head": self.lm_head, "pair_head": self.pair_head}
+
+    def save_state(self) -> None:
+        from safetensors.torch import save_file
+
+        d = self.out / STATE_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, mod in self.modules().items():
+            for k, v in mod.state_dict().items():
+                if name in TIED_HEADS and k.startswith("word_embeddings"):
+                    continue  # tied to the encoder
+                tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
+        save_file(tensors, str(d / "weights.tmp"))
+        torch.save({"opt1": self.opt1.state_dict(), "opt2": self.opt2.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, d / "optim.tmp")
+        meta = {"stage": self.stage, "step": self.step, "stage1_done_steps": self.stage1_done_steps,
+                "history": self.history, "seconds": self.seconds,
+                "config": asdict(self.cfg), "slices": self.slices}
+        (d / "state.tmp").write_text(json.dumps(meta))
+        self.vocabulary.save(d / "vocabulary.tsv")
+        for tmp, final in (("weights.tmp", "weights.safetensors"), ("optim.tmp", "optim.pt"),
+                           ("state.tmp", "state.json")):
+            (d / tmp).replace(d / final)
+
+    @classmethod
+    def resume(cls, out: Path, overrides: dict, progress=None) -> "Trainer":
+        from safetensors.torch import load_file
+
+        from napari_stofm.genes.vocabulary import GeneVocabulary
+
+        d = Path(out) / STATE_DIR
+        if not (d / "state.json").is_file():
+            raise StofmInputError(f"{out} holds no pretraining state to resume ({d / 'state.json'} is missing)")
+        meta = json.loads((d / "state.json").read_text())
+        cfg_dict = dict(meta["config"])
+        cfg_dict.update({k: v for k, v in overrides.items() if v is not None})
+        cfg = PretrainConfig.from_dict(cfg_dict)
+        vocab = GeneVocabulary.load(d / "vocabulary.tsv")
+        tr = cls(out, cfg, vocab, meta["slices"], progress=progress)
+        tensors = load_file(str(d / "weights.safetensors"))
+        for name, mod in tr.modules().items():
+            sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            if name in TIED_HEADS:
+                sd["word_embeddings.weight"] = tr.encoder.bert.embeddings.word_embeddings.weight.detach()
+            mod.load_state_dict(sd, strict=True)
+        opt = torch.load(d / "optim.pt", map_location="cpu", weights_only=True)
+        tr.opt1.load_state_dict(opt["opt1"])
+        tr.opt2.load_state_dict(opt["opt2"])
+        torch.set_rng_state(opt["torch_rng"])
+        tr.stage, tr.step = int(meta["stage"]), int(meta["step"])
+        tr.stage1_done_steps = int(meta.get("stage1_done_steps", 0))
+        tr.history = meta["history"]
+        tr.seconds = meta.get("seconds", tr.seconds)
+        return tr
+
+    # ------------------------------------------------------------ stage 1
+
+    def step_rng(self, stage: int, step: int) -> np.random.Generator:
+        """The random stream of one step. Seeded by (seed, stage, step), so a step draws the
+        same batch whether the run was resumed or not and whichever loader thread builds it."""
+        return np.random.default_rng([int(self.cfg.seed), int(stage), int(step)])
+
+    def stage1_batch(self, corpus: GeneCorpus, step: int) -> dict:
+        """The CPU tensors of stage-1 step ``step``: masked sequences, labels, a second view."""
+        cfg, v = self.cfg, self.vocabulary
+        rng = self.step_rng(1, step)
+        rows = rng.choice(len(corpus), size=min(cfg.batch_cells, len(corpus)), replace=False)
+        seqs = corpus.sequences(rows)
+        ids, attn = pad_sequences(seqs, v.pad_id)
+        masked, labels = mask_tokens(ids, rng, mask_prob=cfg.mask_prob, mask_id=v.mask_id, pad_id=v.pad_id,
+                                     gene_low=self.gene_low, gene_high=self.gene_high)
+        batch = {"ids": ids, "attn": attn, "masked": masked, "labels": labels}
+        if cfg.contrastive_weight > 0:
+            batch["ids2"], batch["attn2"] = pad_sequences(drop_genes(seqs, rng, cfg.gene_dropout), v.pad_id)
+        return batch
+
+    def stage1_update(self, batch: dict) -> dict:
+        """One optimisation step of stage 1 on a batch from :meth:`stage1_batch`."""
+        cfg = self.cfg
+        dev = self.device
+        ids, attn, masked, labels = (batch[k].to(dev, non_blocking=True) for k in ("ids", "attn", "masked", "labels"))
+        self.encoder.train()
+        self.mlm_head.train()
+        hidden = self.encoder.bert(masked, attn)
+        scored = labels != -100
+        # Softmax over the genes present in the batch (in-batch candidates): the panels
+        # differ per slice, and the full 17k-gene softmax costs more than the encoder.
+        cand = torch.unique(ids[:, 1:][attn[:, 1:].bool()])
+        remap = torch.full((self.vocabulary.size,), -1, dtype=torch.long, device=dev)
+        remap[cand] = torch.arange(cand.numel(), device=dev)
+        logits = self.mlm_head(hidden[scored], cand)
+        target = remap[labels[scored]]
+        mlm = F.cross_entropy(logits, target)
+        loss = mlm
+        con = torch.zeros((), device=dev)
+        prof = torch.zeros((), device=dev)
+        z1 = self.encoder.cell_proj(hidden[:, 0])
+        if cfg.profile_weight > 0:
+            target_p = profile_targets(ids, attn, remap, cand.numel())
+            logp = F.log_softmax(self.profile_head(z1, cand), dim=-1)
+            # cross-entropy minus the target's entropy = KL(target || prediction), 0 when perfect
+            prof = (target_p * (torch.log(target_p.clamp_min(1e-12)) - logp)).sum(1).mean()
+            loss = loss + cfg.profile_weight * prof
+        if cfg.contrastive_weight > 0:
+            z2 = self.encoder.cell_proj(self.encoder.bert(batch["ids2"].to(dev), batch["attn2"].to(dev))[:, 0])
+            con = info_nce(z1, z2, cfg.temperature)
+            loss = loss + cfg.contrastive_weight * con
+        for g in self.opt1.param_groups:
+            g["lr"] = cfg.lr1 * _lr_factor(self.step, cfg.stage1_steps, cfg.warmup_steps, self.time_frac)
+        self.opt1.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt1.param_groups for p in g["params"]], 1.0)
+        self.opt1.step()
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == target).float().mean()
+            # collapse watch: mean cosine between different cells of the batch
+            zn = F.normalize(z1.detach(), dim=-1)
+            nb = zn.shape[0]
+            cell_cos = ((zn @ zn.t()).sum() - nb) / max(1, nb * (nb - 1))
+            values = torch.stack([loss.detach(), mlm.detach(), acc, prof.detach(), con.detach(), cell_cos]).cpu().tolist()
+        return dict(zip(("loss",) + STAGE1_TERMS, values))
+
+    # ------------------------------------------------------------ stage 2
+
+    def stage2_batch(self, slices: Sequence[SpatialSlice], step: int) -> dict:
+        """The CPU tensors of stage-2 step ``step`` (a slice drawn with weight sqrt(n_cells))."""
+        rng = self.step_rng(2, step)
+        weights = np.sqrt([s.xy.shape[0] for s in slices])
+        sl = slices[rng.choice(len(slices), p=weights / weights.sum())]
+        batch = make_training_batch(sl, rng, self.cfg)
+        batch["slice"] = sl.name
+        return batch
+
+    def train_on_batch(self, batch: dict) -> dict:
+        """One optimisation step of stage 2 on a batch from :func:`make_training_batch`."""
+        cfg = self.cfg
+        dev = self.device
+        batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else
+                     tuple(t.to(dev) for t in v) if isinstance(v, tuple) else v) for k, v in batch.items()}
+        self.se2.train()
+        self.lm_head.train()
+        self.pair_head.train()
+        out = self.se2(batch["token_embeddings"], batch["attn_bias"], batch["token_types"], return_pair_rep=True)
+        hidden = out["last_hidden_state"][batch["selected"]]
+        pred = F.normalize(self.lm_head(hidden), dim=-1)
+        cos = 1.0 - (pred * F.normalize(batch["target"], dim=-1)).sum(-1).mean()
+        b, i, j = batch["pairs"]
+        if b.numel():
+            dist_pred = self.pair_head(out["pair_rep"][b, i, j]).squeeze(-1)
+            pair = F.mse_loss(dist_pred, batch["pair_target"])
+        else:
+            pair = torch.zeros((), device=dev)
+        loss = cos + cfg.pair_weight * pair
+        for g in self.opt2.param_groups:
+            g["lr"] = cfg.lr2 * _lr_factor(self.step, cfg.stage2_steps, cfg.warmup_steps, self.time_frac)
+        self.opt2.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt2.param_groups for p in g["params"]], 1.0)
+        self.opt2.step()
+        values = torch.stack([loss.detach(), cos.detach(), pair.detach()]).cpu().tolist()
+        row = dict(zip(("loss",) + STAGE2_TERMS, values))
+        if "slice" in batch:
+            row["slice"] = batch["slice"]
+        return row
+
+    # ------------------------------------------------------------ output
+
+    def heads_state(self) -> Dict[str, torch.Tensor]:
+        out = {}
+        for prefix, mod in (("lm_head", self.lm_head), ("pair_head", self.pair_head)):
+            for k, v in mod.state_dict().items():
+                out[f"{prefix}.{k}"] = v
+        return out
+
+    def export(self, info: dict) -> Path:
+        """Write the checkpoint directory (``SToFM.save`` layout + heads + log + curve)."""
+        from napari_stofm.model.checkpoint import save_se2_transformer
+        from napari_stofm.model.stofm import SToFM
+
+        for mod in self.modules().values():
+            mod.to("cpu")
+        self.device = torch.device("cpu")
+        settings = self.settings
+        settings.info = info
+        model = SToFM(self.se2, self.encoder, self.vocabulary, settings, source=str(self.out))
+        model.save(self.out)
+        save_se2_transformer(self.se2, self.out, heads=self.heads_state())
+        log_data = {"config": asdict(self.cfg), "slices": self.slices, "history": self.history,
+                    "seconds": self.seconds, "info": info}
+        (self.out / LOG_NAME).write_text(json.dumps(log_data, indent=1) + "\n")
+        plot_losses(self.history, self.out / CURVE_NAME)
+        return self.out
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def pretrain(
+    data: Sequence[PathLike],
+    out: PathLike,
+    config: Optional[PretrainConfig] = None,
+    *,
+    resume: bool = False,
+    exclude_held_out: bool = True,
+    show_progress: bool = True,
+    adatas: Optional[Sequence[Tuple[str, object]]] = None,
+    resume_overrides: Sequence[str] = (),
+) -> Path:
+    """Pretrain SToFM on slices and write a checkpoint directory to ``out``.
+
+    ``data`` are slice files or folders (searched for ``*.h5ad``); ``adatas`` may instead
+    give ``(name, AnnData)`` pairs already in memory. With ``resume=True`` the run
+    continues from ``out/state`` (the stored configuration is used, except the step
+    counts, the time budget and the thread count given in ``config``, and the fields named
+    in ``resume_overrides``, e.g. the stage-2 batch settings ``train_split_num`` and
+    ``batch_subslices``).
+    """
+    cfg = config or PretrainConfig()
+    out = Path(out)
+    t_start = time.monotonic()
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    bar = ProgressLine() if show_progress else (lambda *a, **k: None)
+
+    pack = None
+    if resume:
+        overrides = {k: getattr(cfg, k) for k in ("stage1_steps", "stage2_steps", "minutes", "threads",
+                                                  "checkpoint_minutes", "device", "loader_threads")}
+        overrides.update({k: getattr(cfg, k) for k in resume_overrides if k in RESUME_OVERRIDABLE})
+        tr = Trainer.resume(out, overrides)
+        cfg = tr.cfg
+        pack = load_corpus(data, adatas, exclude_held_out, tr.vocabulary, cfg.max_genes)
+        if sorted(tr.slices) != sorted(pack.names):
+            raise StofmInputError(
+                f"the slices differ from those the run in {out} started with ({', '.join(tr.slices)}): "
+                "pass the same --data to resume")
+        log.info("resuming stage %d at step %d", tr.stage, tr.step)
+    else:
+        if (out / STATE_DIR / "state.json").is_file():
+            raise StofmInputError(f"{out} already holds a pretraining run: pass --resume to continue it, "
+                                  "or choose another output folder")
+        torch.manual_seed(cfg.seed)
+        pack = load_corpus(data, adatas, exclude_held_out, None, cfg.max_genes, min_cells=cfg.min_cells_per_gene)
+        if pack.max_genes != cfg.max_genes:
+            log.info("max_genes %d comes from the packed corpus", pack.max_genes)
+            cfg.max_genes = pack.max_genes
+        log.info("vocabulary: %d genes from %d slices", pack.vocabulary.n_genes, len(pack.names))
+        tr = Trainer(out, cfg, pack.vocabulary, pack.names)
+    names, tokenized = pack.names, pack.tokenized
+    log.info("training on %s", tr.device)
+    budget = None if cfg.minutes is None else cfg.minutes * 60.0
+    last_ckpt = time.monotonic()
+
+    def elapsed() -> float:
+        return time.monotonic() - t_start
+
+    def maybe_checkpoint(force: bool = False):
+        nonlocal last_ckpt
+        if force or time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
+            tr.save_state()
+            last_ckpt = time.monotonic()
+
+    # ---------------- stage 1
+    if tr.stage == 1:
+        gcorpus = GeneCorpus(tokenized, names)
+        log.info("stage 1: %d cells", len(gcorpus))
+        stage_budget = None if budget is None else budget * cfg.stage1_share
+        t0 = time.monotonic()
+        loader = prefetched(lambda k: tr.stage1_batch(gcorpus, k), tr.step, cfg.loader_threads)
+        while tr.step < cfg.stage1_steps:
+            if stage_budget is not None and elapsed() > stage_budget:
+                log.info("stage 1 stops at step %d: its time budget is spent", tr.step)
+                break
+            if stage_budget is not None:
+                tr.time_frac = (time.monotonic() - t0) / max(1.0, stage_budget - (t0 - t_start))
+            row = tr.stage1_update(next(loader))
+            tr.step += 1
+            row["step"] = tr.step
+            row["seconds"] = round(tr.seconds["stage1"] + time.monotonic() - t0, 2)
+            tr.history["stage1"].append(row)
+            bar("stage 1", tr.step, cfg.stage1_steps, mean_recent(tr.history["stage1"], STAGE1_TERMS, 20),
+                elapsed())
+            maybe_checkpoint()
+        bar("stage 1", tr.step, cfg.stage1_steps, mean_recent(tr.history["stage1"], STAGE1_TERMS, 20),
+            elapsed(), force=True)
+        loader.close()
+        tr.seconds["stage1"] += time.monotonic() - t0
+        tr.stage1_done_steps = tr.step
+        tr.stage, tr.step = 2, 0
+        maybe_checkpoint(force=True)
+
+    # ---------------- stage 2
+    spatial = prepare_spatial_slices(names, pack.xy, tokenized, tr, seed=cfg.seed)
+    t0 = time.monotonic()
+    tr.time_frac = 0.0
+    loader = prefetched(lambda k: tr.stage2_batch(spatial, k), tr.step, cfg.loader_threads)
+    while tr.step < cfg.stage2_steps:
+        if budget is not None and elapsed() > budget:
+            log.info("stage 2 stops at step %d: the time budget is spent", tr.step)
+            break
+        if budget is not None:
+            tr.time_frac = (time.monotonic() - t0) / max(1.0, budget - (t0 - t_start))
+        row = tr.train_on_batch(next(loader))
+        tr.step += 1
+        row["step"] = tr.step
+        row["seconds"] = round(tr.seconds["stage2"] + time.monotonic() - t0, 2)
+        tr.history["stage2"].append(row)
+        bar("stage 2", tr.step, cfg.stage2_steps, mean_recent(tr.history["stage2"], STAGE2_TERMS, 20), elapsed())
+        maybe_checkpoint()
+    bar("stage 2", tr.step, cfg.stage2_steps, mean_recent(tr.history["stage2"], STAGE2_TERMS, 20), elapsed(),
+        force=True)
+    loader.close()
+    tr.seconds["stage2"] += time.monotonic() - t0
+    maybe_checkpoint(force=True)
+
+    info = {
+        "training_slices": names,
+        "held_out_excluded": list(HELD_OUT_SLICES) if exclude_held_out else [],
+        "stage1_steps": tr.stage1_done_steps,
+        "stage2_steps": tr.step,
+        "stage3": "not run (joint fine-tuning is not part of this recipe)",
+        "final_losses": {"stage1": mean_recent(tr.history["stage1"], STAGE1_TERMS),
+                         "stage2": mean_recent(tr.history["stage2"], STAGE2_TERMS)},
+        "seed": cfg.seed,
+        "minutes": round((tr.seconds["stage1"] + tr.seconds["stage2"]) / 60, 1),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "vocabulary_genes": tr.vocabulary.n_genes,
+        "recipe": "napari_stofm.training",
+    }
+    return tr.export(info)
