@@ -88,7 +88,7 @@ def dab(shape, rc, radius):
 
 
 def bench_library(path: Path, n_cells: int) -> dict:
-    from napari_stofm.review.annotation import Annotation
+    from napari_stofm.heads.annotation import Annotation
     from napari_stofm.review.raster import territories_for_slice
     from napari_stofm.io.slices import read_slice
 

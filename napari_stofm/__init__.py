@@ -29,7 +29,7 @@ _LAZY = {
     "predict": "napari_stofm.pipeline.predict",
     "run_annotations": "napari_stofm.pipeline.predict",
     "RunResult": "napari_stofm.pipeline.predict",
-    "Annotation": "napari_stofm.review.annotation",
+    "Annotation": "napari_stofm.heads.annotation",
     "SliceSession": "napari_stofm.review.session",
     "read_slice": "napari_stofm.io.slices",
     "validate_slice": "napari_stofm.io.slices",

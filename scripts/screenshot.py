@@ -52,7 +52,9 @@ def _shoot(args, tmp: Path) -> int:
 
     viewer = napari.Viewer(title="napari-stofm", show=True)
     width, height = (int(v) for v in args.size.lower().split("x"))
-    viewer.window._qt_window.resize(width, height)
+    from napari_stofm._napari.compat import qt_window
+
+    qt_window(viewer).resize(width, height)
     app = QApplication.instance()
     layers = viewer.open_sample("napari-stofm", "sample_slice")
     for layer in layers[1:]:  # the sample's ground truth stays hidden
@@ -65,7 +67,7 @@ def _shoot(args, tmp: Path) -> int:
     run.regions_spin.setValue(args.regions)
     run.source_combo.setCurrentText("reference slice")
     run.reference_path.setText(str(reference))
-    run._fill_reference_keys()
+    run._fill_reference_keys()  # the widget's own step after a path is typed
     run.label_key.setCurrentText("cell_type")
     if run.run() is None:
         print(f"could not start: {run.last_error}", file=sys.stderr)

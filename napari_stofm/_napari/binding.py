@@ -1,4 +1,4 @@
-"""Keep a napari Labels layer and its :class:`~napari_stofm.review.annotation.Annotation` in step.
+"""Keep a napari Labels layer and its :class:`~napari_stofm.heads.annotation.Annotation` in step.
 
 napari's paint, fill and erase change pixels; :class:`LabelsBinding` maps every edit back
 to the cells it covers (a cell takes the class that covers most of its territory), marks
@@ -19,8 +19,11 @@ from typing import Optional
 import numpy as np
 
 from napari_stofm.errors import StofmError
-from napari_stofm.review.session import EditResult, SliceSession, display_name
-from napari_stofm._napari.layers import labels_colormap, labels_features, refresh_labels_layer, unwrap
+from napari_stofm.keys import display_name
+from napari_stofm.review.session import EditResult, SliceSession
+from napari_stofm._napari import compat
+from napari_stofm._napari.compat import unwrap_proxy as unwrap
+from napari_stofm._napari.layers import labels_colormap, labels_features, refresh_labels_layer
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +31,17 @@ _BINDINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _BOUND_VIEWERS: "weakref.WeakSet" = weakref.WeakSet()
 
 AUTOSAVE_DELAY_MS = 1500
+_UNKNOWN_STEP = object()  # undo/redo step of a napari whose history compat cannot read
 
 
-class _EditAtom(tuple):
+class _EditAtom(compat.PixelHistoryAtom):
     """A napari history atom ``(indices, old_values, new_values)`` that also records the
     annotation change of the edit it belongs to (napari replays it like any other)."""
 
     edit: Optional[EditResult] = None
 
     def __new__(cls, indices, old, new, edit=None):
-        obj = super().__new__(cls, (indices, old, new))
+        obj = super().__new__(cls, indices, old, new)
         obj.edit = edit
         return obj
 
@@ -114,8 +118,9 @@ class LabelsBinding:
             layer.events.labels_update.disconnect(self._on_labels_update)
         except Exception:
             pass
-        for name in ("undo", "redo", "get_status", "_get_tooltip_text"):
-            layer.__dict__.pop(name, None)
+        for name in ("undo", "redo", "get_status"):
+            compat.unpatch_method(layer, name)
+        compat.unpatch_tooltip(layer)
 
     @property
     def annotation(self):
@@ -131,14 +136,14 @@ class LabelsBinding:
 
         def undo():
             binding = ref()
-            item = _last(getattr(layer, "_undo_history", None))
+            item = compat.last_undo_item(layer, missing=_UNKNOWN_STEP)
             cls.undo(layer)
             if binding is not None:
                 binding._after_history(item, undoing=True)
 
         def redo():
             binding = ref()
-            item = _last(getattr(layer, "_redo_history", None))
+            item = compat.last_redo_item(layer, missing=_UNKNOWN_STEP)
             cls.redo(layer)
             if binding is not None:
                 binding._after_history(item, undoing=False)
@@ -152,8 +157,7 @@ class LabelsBinding:
                     status["coordinates"] = f"{status.get('coordinates', '')}; {text}"
             return status
 
-        def _get_tooltip_text(position, **kwargs):
-            text = cls._get_tooltip_text(layer, position, **kwargs)
+        def tooltip(position, text, **kwargs):
             binding = ref()
             if binding is not None:
                 extra = binding.cell_text(position, world=kwargs.get("world", False))
@@ -161,10 +165,10 @@ class LabelsBinding:
                     text = f"{text}\n{extra}" if text else extra
             return text
 
-        layer.undo = undo
-        layer.redo = redo
-        layer.get_status = get_status
-        layer._get_tooltip_text = _get_tooltip_text
+        compat.patch_method(layer, "undo", undo)
+        compat.patch_method(layer, "redo", redo)
+        compat.patch_method(layer, "get_status", get_status)
+        compat.patch_tooltip(layer, tooltip)
 
     # ------------------------------------------------------------------ hover
     def cell_at(self, position, *, world: bool = True) -> int:
@@ -214,17 +218,7 @@ class LabelsBinding:
             self._process(item)
 
     def _written(self, item) -> bool:
-        atom = item[-1]
-        data = self.layer.data
-        try:
-            if hasattr(atom, "slice_key"):
-                region = np.asarray(data[atom.slice_key])
-                values = region if atom.mask is None else region[atom.mask]
-                return bool(np.all(values == atom.new_value))
-            indices, old, new = atom
-            return bool(np.array_equal(np.asarray(data[indices]), np.broadcast_to(new, np.shape(old))))
-        except Exception:  # an atom napari stores differently: treat as written
-            return True
+        return compat.history_atom_written(self.layer.data, item[-1])
 
     def _process(self, item) -> None:
         bbox = _item_bbox(item, self.layer.data.shape)
@@ -253,10 +247,10 @@ class LabelsBinding:
             new = want[diff]
             if rows.size:
                 data[rows, cols] = new
-            item.append(_EditAtom((rows, cols), old, new, edit))
+            compat.append_to_history_item(self.layer, item, _EditAtom((rows, cols), old, new, edit))
             self.last_edit = edit
             if rows.size:
-                _show_pixels(self.layer, rows, cols, new)
+                compat.refresh_labels_region(self.layer, rows, cols, new)
             if edit is not None and edit.changed:
                 self._update_features()
                 self._schedule_autosave()
@@ -265,6 +259,9 @@ class LabelsBinding:
 
     def _after_history(self, item, *, undoing: bool) -> None:
         """After napari replayed an undo/redo step: put the annotation back in step."""
+        if item is _UNKNOWN_STEP:  # a napari whose history compat cannot read
+            self.resync()
+            return
         if item is None:
             return
         edits = [a.edit for a in item if isinstance(a, _EditAtom) and a.edit is not None]
@@ -365,13 +362,6 @@ class LabelsBinding:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _last(history):
-    try:
-        return history[-1] if history else None
-    except Exception:
-        return None
-
-
 def _item_bbox(item, shape):
     """Union bounding box (2 slices) of the pixels a history item touched."""
     r0 = c0 = None
@@ -379,23 +369,17 @@ def _item_bbox(item, shape):
     for atom in item:
         if isinstance(atom, _EditAtom):
             continue
-        if hasattr(atom, "slice_key"):
-            rs, cs = atom.slice_key[-2], atom.slice_key[-1]
-            a0, a1 = rs.start or 0, rs.stop if rs.stop is not None else shape[-2]
-            b0, b1 = cs.start or 0, cs.stop if cs.stop is not None else shape[-1]
-        else:
-            indices = atom[0]
-            if len(indices) < 2 or np.size(indices[-1]) == 0:
-                continue
-            rr, cc = np.asarray(indices[-2]), np.asarray(indices[-1])
-            a0, a1, b0, b1 = int(rr.min()), int(rr.max()) + 1, int(cc.min()), int(cc.max()) + 1
+        box = compat.history_atom_bbox(atom, shape)
+        if box is None:
+            continue
+        a0, a1, b0, b1 = box
         r0 = a0 if r0 is None else min(r0, a0)
         r1 = a1 if r1 is None else max(r1, a1)
         c0 = b0 if c0 is None else min(c0, b0)
         c1 = b1 if c1 is None else max(c1, b1)
     if r0 is None:
         return None
-    return slice(max(r0, 0), min(r1, shape[-2])), slice(max(c0, 0), min(c1, shape[-1]))
+    return slice(r0, r1), slice(c0, c1)
 
 
 def _union(a, b):
@@ -403,23 +387,6 @@ def _union(a, b):
         return a
     return (slice(min(a[0].start, b[0].start), max(a[0].stop, b[0].stop)),
             slice(min(a[1].start, b[1].start), max(a[1].stop, b[1].stop)))
-
-
-def _show_pixels(layer, rows, cols, values) -> None:
-    """Show pixels written straight into ``layer.data``: the same partial texture update
-    napari's ``data_setitem`` makes (a full refresh costs ~0.1 s per 5 Mpx); a full
-    refresh where that path is not available."""
-    try:
-        image = layer._slice.image
-        if layer.ndim != 2 or not isinstance(layer.data, np.ndarray) or not np.shares_memory(layer.data, image.raw):
-            raise AttributeError("not a 2-D numpy layer")
-        if layer.contour == 0:
-            image.view[rows, cols] = layer.colormap._data_to_texture(np.asarray(values, dtype=layer.data.dtype))
-        layer._accumulate_updated_slice((slice(int(rows.min()), int(rows.max()) + 1),
-                                         slice(int(cols.min()), int(cols.max()) + 1)))
-        layer._partial_labels_refresh()
-    except Exception:  # another napari version or data backend
-        layer.refresh()
 
 
 def _call_soon(func) -> None:

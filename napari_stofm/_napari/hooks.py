@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Union
 
 from napari_stofm.errors import StofmError, StofmInputError
 
@@ -94,13 +94,14 @@ def _tell_restored(session) -> None:
 
 def sample_slice(n_cells: int = 3000, seed: int = 0):
     """The generated sample slice (cortex-like layers + a lesion, 8 cell types)."""
+    from napari_stofm import keys
     from napari_stofm.io.sample import make_sample_slice
     from napari_stofm.review.session import SliceSession
     from napari_stofm._napari.layers import slice_layer_data
 
     adata = make_sample_slice(n_cells=n_cells, seed=seed)
     name = f"sample_seed{seed}_{n_cells}"
-    adata.uns["stofm_source"] = {"format": "generated", "name": name}
+    adata.uns[keys.SOURCE] = {"format": "generated", "name": name}
     session = SliceSession(adata, name="SToFM sample")
     session.store = _sample_store(name)
     session.load_existing_labels()

@@ -13,7 +13,10 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from napari_stofm.review.session import SliceSession, display_name
+from napari_stofm.keys import display_name
+from napari_stofm.review.session import SliceSession
+from napari_stofm._napari import compat
+from napari_stofm._napari.compat import unwrap_proxy as unwrap
 
 ROLE_CELLS = "cells"
 ROLE_LABELS = "labels"
@@ -22,11 +25,6 @@ _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 # ----------------------------------------------------------------------------- registry
-
-
-def unwrap(obj):
-    """The napari object behind the public-only proxy napari hands plugin widgets."""
-    return getattr(obj, "__wrapped__", obj) if obj is not None else None
 
 
 def session_of(layer) -> Optional[SliceSession]:
@@ -211,19 +209,7 @@ def refresh_labels_layer(layer, session: SliceSession, key: str, *, data=None, c
             layer.data = data
         layer.scale = terr.scale
         layer.translate = terr.translate
-        reset_history(layer)
+        compat.clear_history(layer)
     layer.colormap = labels_colormap(ann)
     layer.features = labels_features(ann)
     layer.refresh()
-
-
-def reset_history(layer) -> None:
-    """Forget the layer's undo/redo steps (after its pixels were replaced wholesale)."""
-    reset = getattr(layer, "_reset_history", None)
-    if callable(reset):
-        reset()
-    else:  # older/newer napari: making the layer non-editable clears the history too
-        mode = layer.mode
-        layer.editable = False
-        layer.editable = True
-        layer.mode = mode

@@ -34,6 +34,13 @@ from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled
 PathLike = Union[str, Path]
 CELL_EMBEDDING_DIM = 256
 
+#: bounds on the sizes read from the cell encoder's config.json: far above any real one
+#: (Geneformer: 25,426 tokens, hidden 256-1152, 6-20 layers; 1e9 parameters = 4 GiB float32)
+MAX_BERT_VOCABULARY = 10_000_000
+MAX_BERT_SIZE = 65_536
+MAX_BERT_LAYERS = 1_024
+MAX_BERT_PARAMETERS = 1_000_000_000
+
 _BERT_DEFAULTS = dict(
     vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
     hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=512,
@@ -48,6 +55,7 @@ class BertConfig(dict):
     def __init__(self, **kwargs):
         super().__init__({**_BERT_DEFAULTS, **kwargs})
         self.setdefault("model_type", "bert")
+        self._check_types_and_sizes()
         if self["hidden_size"] % self["num_attention_heads"]:
             raise CheckpointError(
                 f"hidden_size {self['hidden_size']} is not a multiple of num_attention_heads "
@@ -56,6 +64,46 @@ class BertConfig(dict):
             raise CheckpointError(
                 f"position_embedding_type {self['position_embedding_type']!r} is not supported (only 'absolute')")
         _activation(self["hidden_act"])
+
+    def _check_types_and_sizes(self) -> None:
+        """Types and ranges of the keys that size the encoder, and its parameter count, before
+        anything is built (a :class:`CheckpointError` naming the key instead of a ``TypeError``
+        from torch or an attempt to allocate terabytes)."""
+        from napari_stofm.pipeline.checks import integer, number
+
+        kw = dict(error=CheckpointError, where="cell encoder config (cell_bert/config.json)",
+                  fix="fix the cell encoder's config.json")
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size"):
+            self[name] = integer(self[name], name, minimum=1, maximum=MAX_BERT_VOCABULARY if name == "vocab_size"
+                                 else MAX_BERT_SIZE, **kw)
+        self["num_hidden_layers"] = integer(self["num_hidden_layers"], "num_hidden_layers", minimum=1,
+                                            maximum=MAX_BERT_LAYERS, **kw)
+        if self.get("pad_token_id") is not None:
+            self["pad_token_id"] = integer(self["pad_token_id"], "pad_token_id", minimum=0,
+                                           maximum=self["vocab_size"] - 1, **kw)
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            self[name] = number(self[name], name, minimum=0.0, maximum=1.0, exclusive_maximum=True, **kw)
+        self["layer_norm_eps"] = number(self["layer_norm_eps"], "layer_norm_eps", minimum=0.0,
+                                        exclusive_minimum=True, **kw)
+        self["initializer_range"] = number(self["initializer_range"], "initializer_range", minimum=0.0, **kw)
+        if not isinstance(self["hidden_act"], str):
+            raise CheckpointError(f"cell encoder config: hidden_act must be a string, got {self['hidden_act']!r}")
+        n = self.parameter_count()
+        if n > MAX_BERT_PARAMETERS:
+            raise CheckpointError(
+                f"cell encoder config (cell_bert/config.json) describes a BERT of {n:,} parameters "
+                f"({n * 4 / 2**30:,.0f} GiB of float32 weights; vocab_size={self['vocab_size']}, "
+                f"hidden_size={self['hidden_size']}, num_hidden_layers={self['num_hidden_layers']}, "
+                f"intermediate_size={self['intermediate_size']}), more than the {MAX_BERT_PARAMETERS:,} this "
+                "package builds: fix the cell encoder's config.json")
+
+    def parameter_count(self) -> int:
+        """Parameters of the BERT this configuration describes (no pooler; nothing is built)."""
+        h, f = self["hidden_size"], self["intermediate_size"]
+        emb = (self["vocab_size"] + self["max_position_embeddings"] + self["type_vocab_size"]) * h + 2 * h
+        layer = 4 * (h * h + h) + 2 * h + (h * f + f) + (f * h + h) + 2 * h
+        return emb + self["num_hidden_layers"] * layer
 
     def __getattr__(self, name):
         try:
@@ -70,11 +118,15 @@ class BertConfig(dict):
             raise CheckpointError(f"{path} is missing: the cell encoder needs its BERT config.json")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise CheckpointError(f"cannot read {path}: {exc}") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{path} must hold a JSON object")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except CheckpointError as exc:  # name the file
+            message = str(exc).replace("cell encoder config (cell_bert/config.json)", str(path), 1)
+            raise CheckpointError(message) from None
 
     def to_json(self, path: PathLike) -> None:
         data = dict(self)
@@ -439,13 +491,3 @@ def _load_checked(module: nn.Module, sd: Dict[str, torch.Tensor], where: str, pr
                 f"{where}: tensor '{prefix}{k}' has shape {tuple(sd[k].shape)} in the checkpoint, "
                 f"expected {tuple(t.shape)} from config.json")
     module.load_state_dict({k: sd[k].to(t.dtype) for k, t in expected.items()}, strict=True)
-
-
-def encode(model: CellEncoder, tokenized, batch_size: int = 64, device: Union[str, torch.device] = "cpu",
-           progress: Optional[ProgressCallback] = None, cancel: CancelToken = None) -> np.ndarray:
-    """:meth:`CellEncoder.encode` as a function."""
-    return model.encode(tokenized, batch_size=batch_size, device=device, progress=progress, cancel=cancel)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return int(sum(math.prod(p.shape) for p in model.parameters()))

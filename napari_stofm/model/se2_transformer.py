@@ -120,10 +120,6 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(e, e, bias=config.bias)
         self.dropout = nn.Dropout(config.attention_dropout)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, l, _ = x.shape
-        return x.view(b, l, self.num_heads, self.head_dim).transpose(1, 2).reshape(b * self.num_heads, l, self.head_dim)
-
     def forward(
         self,
         x: torch.Tensor,

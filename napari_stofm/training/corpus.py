@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -17,8 +17,6 @@ from napari_stofm.errors import StofmInputError
 from napari_stofm.model.multiscale import build_hypernodes, normalize_coordinates
 from napari_stofm.training.config import STATE_DIR
 
-if TYPE_CHECKING:  # annotation only: the trainer imports this module
-    from napari_stofm.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -190,31 +188,32 @@ class SpatialSlice:
     assignment: np.ndarray  # (n,) virtual cell of each cell
 
 
-def prepare_spatial_slices(names: Sequence[str], xys: Sequence[np.ndarray], tokenized, tr: Trainer,
-                           seed: int = 0) -> List[SpatialSlice]:
-    """Frozen cell embeddings and Leiden virtual-cell assignments of every slice (once;
-    kept in ``state/stage2_inputs.npz`` so that a resumed run does not recompute them)."""
-    cache = tr.out / STATE_DIR / "stage2_inputs.npz"
-    key = f"{tr.stage1_done_steps}:{seed}:" + ",".join(names)
+def prepare_spatial_slices(names: Sequence[str], xys: Sequence[np.ndarray], tokenized, *, encoder, device,
+                           settings, out_dir: Path, stage1_steps: int, seed: int = 0) -> List[SpatialSlice]:
+    """Frozen cell embeddings (``encoder`` on ``device``) and Leiden virtual-cell assignments
+    (``settings``: the model's pipeline settings) of every slice, once; kept in
+    ``out_dir/state/stage2_inputs.npz`` so that a resumed run does not recompute them."""
+    cache = Path(out_dir) / STATE_DIR / "stage2_inputs.npz"
+    key = f"{stage1_steps}:{seed}:" + ",".join(names)
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             if str(z["key"]) == key:
                 return [SpatialSlice(str(z[f"name{i}"]), z[f"xy{i}"], z[f"emb{i}"], z[f"assign{i}"])
                         for i in range(int(z["n"]))]
     log.info("stage 2: embedding the cells of %d slices with the frozen encoder", len(names))
-    tr.encoder.eval()
+    encoder.eval()
     out = []
     for name, xy_all, tok in zip(names, xys, tokenized):
-        emb = tr.encoder.encode(tok, batch_size=128 if tr.device.type == "cpu" else 1024, device=tr.device)
+        emb = encoder.encode(tok, batch_size=128 if device.type == "cpu" else 1024, device=device)
         ok = ~np.asarray(tok.empty, dtype=bool)
         xy = np.asarray(xy_all, dtype=np.float64)[:, :2][ok]
         emb = emb[ok]
         if xy.shape[0] < 20:
             log.warning("%s: fewer than 20 cells with vocabulary genes; not used in stage 2", name)
             continue
-        hyper = build_hypernodes(normalize_coordinates(xy), emb, alpha=tr.settings.hypernode_alpha,
-                                 resolution=tr.settings.hypernode_resolution,
-                                 max_hypernodes=tr.settings.max_hypernodes, seed=seed)
+        hyper = build_hypernodes(normalize_coordinates(xy), emb, alpha=settings.hypernode_alpha,
+                                 resolution=settings.hypernode_resolution,
+                                 max_hypernodes=settings.max_hypernodes, seed=seed)
         out.append(SpatialSlice(name, xy, emb, hyper.assignment))
     if not out:
         raise StofmInputError("no slice has enough cells for the SE(2) stage")

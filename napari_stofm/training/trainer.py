@@ -449,7 +449,9 @@ def pretrain(
         maybe_checkpoint(force=True)
 
     # ---------------- stage 2
-    spatial = prepare_spatial_slices(names, pack.xy, tokenized, tr, seed=cfg.seed)
+    spatial = prepare_spatial_slices(names, pack.xy, tokenized, encoder=tr.encoder, device=tr.device,
+                                     settings=tr.settings, out_dir=tr.out, stage1_steps=tr.stage1_done_steps,
+                                     seed=cfg.seed)
     t0 = time.monotonic()
     tr.time_frac = 0.0
     loader = prefetched(lambda k: tr.stage2_batch(spatial, k), tr.step, cfg.loader_threads)

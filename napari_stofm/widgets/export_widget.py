@@ -22,7 +22,6 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_stofm.errors import StofmInputError
 from napari_stofm._napari.binding import bind_viewer, binding_of
 from napari_stofm.widgets._common import SliceCombo, report_failure, show_error, show_info, start_worker
 from napari_stofm._napari.layers import ROLE_LABELS, session_of

@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
 
 from napari_stofm.errors import StofmError
 from napari_stofm.review.raster import PIXELS_PER_SPACING
-from napari_stofm.review.session import display_name
+from napari_stofm.keys import display_name
 from napari_stofm._napari.binding import bind, bind_viewer, binding_of
 from napari_stofm.widgets._common import report_failure, show_error, start_worker
 from napari_stofm._napari.layers import ROLE_LABELS, session_of

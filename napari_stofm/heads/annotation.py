@@ -322,33 +322,174 @@ class Annotation:
 
     @classmethod
     def from_obs(cls, adata, key: str) -> "Annotation":
-        """Read an annotation written by :meth:`to_obs` (or any Categorical obs column)."""
-        import pandas as pd
+        """Read an annotation written by :meth:`to_obs` (or any obs column of labels).
 
+        What is accepted, the same for the napari session and ``stofm export``:
+
+        * ``obs[key]``: any Categorical / string / number column. Missing values (NaN,
+          None) **and empty or blank strings** (``""``, ``"  "``) mean *unlabelled* (code
+          -1); an empty name never becomes a class. Two classes with the same text (``1``
+          and ``"1"``) are refused (StofmInputError naming the column).
+        * ``obs['<key>_predicted']``: the same; it may only use classes of ``obs[key]``.
+        * ``obs['<key>_confidence']``: numbers, or text holding numbers (``"0.5"``); missing
+          or empty = unknown (NaN). Values outside [0, 1] are **clipped** into [0, 1] and
+          infinite ones become unknown, with a ``UserWarning`` naming the column (a
+          confidence is advice, so a broken column does not block the labels); text that is
+          not a number is refused naming the column.
+        * ``obs['<key>_curated']``: booleans, 0/1, or the text ``"True"``/``"False"`` (also
+          ``"1"``/``"0"``, ``"yes"``/``"no"``, any case); missing or empty = not curated;
+          anything else is refused naming the column.
+        * ``uns['<key>_colors']``: one colour per class; when the list does not fit or holds
+          something that is not a colour, default colours are used (with a warning).
+        """
         if key not in adata.obs:
             raise StofmInputError(f"adata.obs has no column '{key}' (its columns: {list(map(str, adata.obs.columns))}).")
-        column = adata.obs[key]
-        if not isinstance(column.dtype, pd.CategoricalDtype):
-            column = column.astype("category")
-        categories = [str(c) for c in column.cat.categories]
-        codes = column.cat.codes.to_numpy().astype(np.int32)
+        categories, codes, kept, n_names = _label_codes(adata.obs[key], key)
         predicted = None
         if keys.predicted_key(key) in adata.obs:
             predicted = _codes_in(adata.obs[keys.predicted_key(key)], categories, key)
-        confidence = adata.obs[keys.confidence_key(key)].to_numpy() if keys.confidence_key(key) in adata.obs else None
+        confidence = None
+        if keys.confidence_key(key) in adata.obs:
+            confidence = clean_confidence(adata.obs[keys.confidence_key(key)], f"obs['{keys.confidence_key(key)}']")
         curated = None
         if keys.curated_key(key) in adata.obs:
-            curated = adata.obs[keys.curated_key(key)].astype("boolean").fillna(False).to_numpy(dtype=bool)
-        colors = _colors_from_uns(adata, key, len(categories))
+            curated = parse_curated(adata.obs[keys.curated_key(key)], keys.curated_key(key))
+        colors = _colors_from_uns(adata, key, len(categories), kept, n_names)
         stofm = adata.uns.get(keys.UNS, {})
-        prov = (stofm.get("provenance", {}) or {}).get(key, {}) if isinstance(stofm, Mapping) else {}
+        prov = stofm.get("provenance", {}) if isinstance(stofm, Mapping) else {}
+        prov = prov.get(key, {}) if isinstance(prov, Mapping) else {}
+        prov = prov if isinstance(prov, Mapping) else {}
         return cls(key, categories, colors, codes, predicted, confidence, curated, prov)
+
+
+# ----------------------------------------------------------------------------- reading obs
+
+_TRUE = {"true", "t", "yes", "y", "1", "1.0"}
+_FALSE = {"false", "f", "no", "n", "0", "0.0", ""}
+
+
+def _is_blank(value) -> bool:
+    return isinstance(value, str) and not value.strip()
+
+
+def _object_values(column) -> np.ndarray:
+    """The values of an obs column (or array) as an object array (NaN / None kept)."""
+    import pandas as pd
+
+    if isinstance(column, pd.Series):
+        return column.astype(object).to_numpy()
+    return np.asarray(column, dtype=object).reshape(-1)
+
+
+def _show(values, n: int = 5) -> str:
+    shown = []
+    for v in values:
+        if repr(v) not in shown:
+            shown.append(repr(v))
+        if len(shown) == n:
+            break
+    return ", ".join(shown)
+
+
+def _label_codes(column, key: str):
+    """(categories, codes, kept, n_names): class names, the code of each cell (-1 = unlabelled),
+    per class its position among the column's ``n_names`` original categories (for the colours)."""
+    import pandas as pd
+
+    if not isinstance(column.dtype, pd.CategoricalDtype):
+        try:
+            column = column.astype("category")
+        except (TypeError, ValueError):  # values of kinds that do not sort together
+            values = _object_values(column)
+            missing = pd.isna(values)
+            column = pd.Series(np.where(missing, None, [str(v) for v in values]), dtype=object).astype("category")
+    names = [str(c) for c in column.cat.categories]
+    codes = column.cat.codes.to_numpy().astype(np.int32)
+    kept = [i for i, name in enumerate(names) if name.strip()]
+    categories = [names[i] for i in kept]
+    seen = {}
+    for name in categories:
+        if name in seen:
+            raise StofmInputError(
+                f"obs['{key}'] has two different labels written {name!r} (e.g. the number 1 and the text '1'): "
+                f"make them one, e.g. adata.obs['{key}'] = adata.obs['{key}'].astype(str).astype('category')."
+            )
+        seen[name] = True
+    if len(kept) != len(names):  # "" (or blank) means unlabelled
+        lookup = np.full(len(names) + 1, UNASSIGNED, dtype=np.int32)
+        lookup[kept] = np.arange(len(kept), dtype=np.int32)
+        codes = lookup[codes]  # code -1 picks the trailing UNASSIGNED
+    return categories, codes, kept, len(names)
+
+
+def clean_confidence(column, where: str) -> np.ndarray:
+    """Confidences as float32 in [0, 1] (NaN = unknown): numeric text is parsed, values
+    outside [0, 1] are clipped and infinite ones become NaN (with a UserWarning naming
+    ``where``); text that is not a number raises StofmInputError naming ``where``."""
+    import pandas as pd
+
+    raw = column.to_numpy() if isinstance(column, pd.Series) and not isinstance(column.dtype, pd.CategoricalDtype) \
+        else _object_values(column) if isinstance(column, pd.Series) else np.asarray(column)
+    if raw.dtype.kind in "biuf":
+        values = raw.astype(np.float64).reshape(-1)
+    elif raw.dtype.kind == "c":
+        raise StofmInputError(f"{where} holds complex numbers; confidences are numbers in [0, 1].")
+    else:
+        objects = np.asarray(raw, dtype=object).reshape(-1)
+        missing = pd.isna(objects) | np.array([_is_blank(v) for v in objects], dtype=bool)
+        text = pd.Series(objects[~missing], dtype=object).map(lambda v: str(v).strip())
+        parsed = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.isnan(parsed) & ~text.str.lower().isin(["nan", "na", "none", "null"]).to_numpy()
+        if bad.any():
+            raise StofmInputError(
+                f"{where} holds values that are not numbers ({_show(text[bad].tolist())}): confidences are numbers "
+                "in [0, 1] (empty = unknown). Fix or delete that column."
+            )
+        values = np.full(len(objects), np.nan)
+        values[~missing] = parsed
+    infinite = np.isinf(values)
+    outside = np.isfinite(values) & ((values < 0) | (values > 1))
+    if infinite.any() or outside.any():
+        import warnings
+
+        warnings.warn(
+            f"{where}: {int(outside.sum())} confidences outside [0, 1] were clipped into [0, 1] and "
+            f"{int(infinite.sum())} infinite ones set to unknown (NaN); confidences are probabilities.",
+            UserWarning, stacklevel=3,
+        )
+        values = np.where(infinite, np.nan, np.clip(values, 0.0, 1.0))
+    return values.astype(np.float32)
+
+
+def parse_curated(column, name: str) -> np.ndarray:
+    """Curated flags as a bool array: booleans, 0/1 or text True/False/1/0/yes/no (any case);
+    missing / empty = False; anything else raises StofmInputError naming ``obs[name]``."""
+    import pandas as pd
+
+    series = column if isinstance(column, pd.Series) else pd.Series(np.asarray(column).reshape(-1))
+    if series.dtype == bool:
+        return series.to_numpy(dtype=bool)
+    objects = _object_values(series)
+    missing = np.asarray(pd.isna(objects), dtype=bool)
+    text = pd.Series(objects[~missing], dtype=object).map(lambda v: str(v).strip().lower())
+    flags = text.map(lambda t: True if t in _TRUE else (False if t in _FALSE else None))
+    bad = flags.isna().to_numpy()
+    if bad.any():
+        shown = _show(pd.Series(objects[~missing], dtype=object)[bad].tolist())
+        raise StofmInputError(
+            f"obs['{name}'] must hold True/False (or 1/0) for each cell; it has {shown}. Fix the column "
+            f"(e.g. adata.obs['{name}'] = adata.obs['{name}'] == 'yes') or delete it to mark no cell as curated."
+        )
+    out = np.zeros(len(objects), dtype=bool)
+    out[~missing] = flags.to_numpy(dtype=bool)
+    return out
 
 
 def _codes_in(column, categories: List[str], key: str) -> np.ndarray:
     import pandas as pd
 
-    values = column.astype(object).where(pd.notna(column), None).to_numpy()
+    values = _object_values(column)
+    values = np.where(pd.isna(values) | np.array([_is_blank(v) for v in values], dtype=bool), None, values)
     lookup = {name: i for i, name in enumerate(categories)}
     unknown = {str(v) for v in values if v is not None and str(v) not in lookup}
     if unknown:
@@ -356,12 +497,28 @@ def _codes_in(column, categories: List[str], key: str) -> np.ndarray:
     return np.array([UNASSIGNED if v is None else lookup[str(v)] for v in values], dtype=np.int32)
 
 
-def _colors_from_uns(adata, key: str, n: int) -> List[str]:
+def _colors_from_uns(adata, key: str, n: int, kept=None, n_names=None) -> List[str]:
+    """``uns['<key>_colors']`` for the classes kept from the column's categories (default
+    colours, with a warning, when the list does not fit or is not colours)."""
     colors = adata.uns.get(keys.colors_key(key))
-    if colors is None or len(colors) != n:
+    if colors is None or isinstance(colors, (str, bytes)):
         return default_colors(n)
-    return [to_hex(str(c)) for c in list(colors)]
+    try:
+        colors = list(colors)
+    except TypeError:
+        return default_colors(n)
+    if kept is not None and n_names is not None and len(colors) == n_names != n:
+        colors = [colors[i] for i in kept]  # the colours of the blank categories go with them
+    if len(colors) != n:
+        return default_colors(n)
+    try:
+        return [to_hex(str(c) if isinstance(c, (str, bytes, np.str_)) else c) for c in colors]
+    except StofmInputError as err:
+        import warnings
 
+        warnings.warn(f"uns['{keys.colors_key(key)}'] is not a list of colours ({err}); default colours are used.",
+                      UserWarning, stacklevel=3)
+        return default_colors(n)
 
 
 def as_annotation_dict(annotations) -> Dict[str, Annotation]:
