@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from napari_stofm.io import export as export_module
-from napari_stofm.review.annotation import Annotation
+from napari_stofm.heads.annotation import Annotation
 from napari_stofm.errors import StofmInputError
 from napari_stofm.io.export import build_spatialdata, export_csv, export_h5ad, export_spatialdata
 from napari_stofm.io.sample import make_sample_slice

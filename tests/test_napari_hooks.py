@@ -9,11 +9,6 @@ pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
 @pytest.mark.realdata
 def test_reader_on_a_real_slice(make_napari_viewer, shared_data_dir, tmp_path):
     import shutil

@@ -9,7 +9,7 @@ import pytest
 from napari_stofm.errors import StofmInputError
 from napari_stofm.heads.prediction import LabelPrediction, encode_labels
 from napari_stofm.palette import default_colors
-from napari_stofm.review.annotation import Annotation
+from napari_stofm.heads.annotation import Annotation
 
 
 def _prediction():
@@ -26,14 +26,6 @@ def test_types_and_defaults():
     assert pred.confidence[3] == 0.0  # no class, no confidence
     assert pred.colors == default_colors(3)
     assert pred.counts() == {"a": 1, "b": 2, "c": 1}
-
-
-def test_palette_is_deterministic_distinct_hex():
-    colors = default_colors(40)
-    assert colors == default_colors(40)
-    assert len(set(c.lower() for c in colors)) == 40
-    assert all(len(c) == 7 and c.startswith("#") for c in colors)
-    assert colors[:3] == ["#e69f00", "#56b4e9", "#009e73"]  # Okabe-Ito first
 
 
 def test_to_categorical_maps_minus_one_to_nan():

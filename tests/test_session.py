@@ -1,4 +1,7 @@
-"""The review loop without a display: SliceSession, the library object under the widgets."""
+"""The review loop without a display: SliceSession, the library object under the widgets.
+
+Embedding caches and folder-less autosaves go to a per-test cache folder (conftest).
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -6,23 +9,6 @@ import pytest
 
 from napari_stofm.errors import StofmInputError
 from napari_stofm.review.session import CELL_TYPE_KEY, REGION_KEY, SliceSession, export_format_of
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    """Embedding caches and folder-less autosaves go to a per-test cache folder."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from napari_stofm.model.stofm import build_model
-    from napari_stofm.genes.vocabulary import build_vocabulary
-    from napari_stofm.io.sample import make_sample_slice
-
-    path = tmp_path_factory.mktemp("ckpt") / "small_stofm"
-    build_model(build_vocabulary([make_sample_slice(800)]), seed=0).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +23,7 @@ def slice_file(tmp_path_factory):
     return path, truth
 
 
-def test_reference_transfer_autosave_and_reopen(checkpoint, slice_file, tmp_path):
+def test_reference_transfer_autosave_and_reopen(tiny_checkpoint, slice_file, tmp_path):
     from napari_stofm.io.sample import make_sample_slice
 
     ref_path = tmp_path / "reference.h5ad"
@@ -49,7 +35,7 @@ def test_reference_transfer_autosave_and_reopen(checkpoint, slice_file, tmp_path
     session = SliceSession.open(work)
     assert session.annotations == {} and session.store.path.parent == tmp_path
     progress = []
-    result = session.run(weights=str(checkpoint), n_regions=5, label_source=("reference", str(ref_path), "cell_type"),
+    result = session.run(weights=str(tiny_checkpoint), n_regions=5, label_source=("reference", str(ref_path), "cell_type"),
                          progress=lambda d, t, m: progress.append(m))
     assert not result.embedding_reused and progress
     ann = session.annotations[CELL_TYPE_KEY]
@@ -76,7 +62,7 @@ def test_reference_transfer_autosave_and_reopen(checkpoint, slice_file, tmp_path
     np.testing.assert_array_equal(restored.curated, ann.curated)
 
     # re-running reuses the embedding; re-clustering refuses to drop corrected regions
-    assert again.compute(weights=str(checkpoint), n_regions=4).embedding_reused
+    assert again.compute(weights=str(tiny_checkpoint), n_regions=4).embedding_reused
     region = session.annotations[REGION_KEY]
     region.assign([0, 1], 1)
     with pytest.raises(StofmInputError, match="corrected by hand"):
@@ -84,11 +70,11 @@ def test_reference_transfer_autosave_and_reopen(checkpoint, slice_file, tmp_path
     assert session.recluster(3, discard_curated=True).n_classes == 3
 
 
-def test_refine_needs_corrections_and_keeps_them(checkpoint, slice_file, tmp_path):
+def test_refine_needs_corrections_and_keeps_them(tiny_checkpoint, slice_file, tmp_path):
     path, truth = slice_file
     session = SliceSession.open(path, autosave_dir=tmp_path)
     session.adata.obs["partial"] = truth.where(np.arange(len(truth)) % 3 == 0)
-    session.run(weights=str(checkpoint), n_regions=4, label_source=("column", "partial"))
+    session.run(weights=str(tiny_checkpoint), n_regions=4, label_source=("column", "partial"))
     ann = session.annotations[CELL_TYPE_KEY]
     given = session.adata.obs["partial"].notna().to_numpy()
     assert (np.array(ann.categories, dtype=object)[ann.codes[given]] ==
@@ -104,7 +90,7 @@ def test_refine_needs_corrections_and_keeps_them(checkpoint, slice_file, tmp_pat
 
 
 def test_edits_with_unknown_labels_and_export_names(slice_file, tmp_path):
-    from napari_stofm.review.annotation import Annotation
+    from napari_stofm.heads.annotation import Annotation
 
     path, _ = slice_file
     session = SliceSession.open(path, autosave_dir=tmp_path)

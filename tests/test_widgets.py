@@ -1,12 +1,14 @@
 """The plugin in a real napari viewer (Qt + OpenGL; run under Xvfb on a headless machine).
 
-The model is a small randomly initialised SToFM written to a checkpoint folder by the
-tests themselves; the sample slice's embedding is computed once per module and then found
-in the slice's cache (same weights, same expression data), as the run widget does for a
-user who runs twice.
+The model is the suite's small randomly initialised SToFM (``tiny_checkpoint``). The sample
+slice's embedding and one run's result on it are computed once per module, headlessly
+(``sample_embedding``, ``run_result``); a test puts copies of them in its own viewer's
+slice, as the run widget finds a cached embedding for a user who runs twice. No test
+depends on another having run first. Autosaves and caches go to a per-test folder (conftest).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -22,43 +24,47 @@ RUN_TIMEOUT_MS = 120_000
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    """Autosaves of generated samples go to a per-test cache folder."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+@pytest.fixture(scope="module")
+def sample_embedding(tiny_checkpoint):
+    """The sample slice embedded by the test checkpoint (obsm + uns for a session's AnnData;
+    :func:`_inject` puts copies there)."""
+    from napari_stofm.pipeline.embed import embed
+    from napari_stofm.model.stofm import SToFM
+    from napari_stofm.io.sample import make_sample_slice
+
+    adata = make_sample_slice()
+    embed(adata, SToFM.load(tiny_checkpoint), device="cpu")
+    return {"obsm": {k: np.asarray(adata.obsm[k]).copy() for k in ("X_stofm", "X_stofm_cell")},
+            "uns": {k: v for k, v in adata.uns["stofm"].items() if not isinstance(v, dict)}}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from napari_stofm.model.stofm import build_model
-    from napari_stofm.genes.vocabulary import build_vocabulary
+def run_result(tiny_checkpoint, sample_embedding, tmp_path_factory):
+    """What the Run widget computes on the sample with its partial cell types (6 regions,
+    labels from the slice's own column), computed once, headlessly, on the same slice
+    and embedding; :func:`_copy_result` gives each test its own copy to show."""
+    from napari_stofm import keys
     from napari_stofm.io.sample import make_sample_slice
+    from napari_stofm.review.session import SliceSession
 
-    path = tmp_path_factory.mktemp("ckpt") / "small_stofm"
-    build_model(build_vocabulary([make_sample_slice()]), seed=0).save(path)
-    return path
-
-
-_EMBEDDED: dict = {}  # the sample's embedding, kept from the first test that ran the model
-
-
-def _keep_embedding(adata):
-    _EMBEDDED.setdefault("obsm", {k: np.asarray(adata.obsm[k]).copy() for k in ("X_stofm", "X_stofm_cell")})
-    _EMBEDDED.setdefault("uns", {k: v for k, v in adata.uns["stofm"].items() if not isinstance(v, dict)})
+    adata = make_sample_slice()
+    adata.uns[keys.SOURCE] = {"format": "generated", "name": "sample_seed0_3000"}  # as the sample hook names it
+    session = SliceSession(adata, name="SToFM sample", autosave_dir=tmp_path_factory.mktemp("run_result"))
+    _inject(session, sample_embedding)
+    _partial_cell_types(session)
+    result = session.compute(weights=str(tiny_checkpoint), n_regions=6, label_key="partial_cell_type", device="cpu")
+    assert result.embedding_reused is True
+    return result
 
 
-@pytest.fixture
-def sample_embedding(checkpoint):
-    """The sample slice embedded by the test checkpoint (obsm + uns to put in its cache)."""
-    if not _EMBEDDED:
-        from napari_stofm.pipeline.embed import embed
-        from napari_stofm.model.stofm import SToFM
-        from napari_stofm.io.sample import make_sample_slice
+def _copy_result(result):
+    """A run result of one's own, as the widget receives it from its worker (the slice's
+    territories stay those of the viewer's session)."""
+    from napari_stofm.pipeline.predict import RunResult
 
-        adata = make_sample_slice()
-        embed(adata, SToFM.load(checkpoint), device="cpu")
-        _keep_embedding(adata)
-    return _EMBEDDED
+    return RunResult({k: a.copy() for k, a in result.annotations.items()}, copy.deepcopy(result.clusterer),
+                     copy.deepcopy(result.embedding), prediction=copy.deepcopy(result.prediction),
+                     messages=list(result.messages))
 
 
 @pytest.fixture
@@ -92,7 +98,7 @@ def _open_sample(viewer):
 def _inject(session, emb):
     for k, v in emb["obsm"].items():
         session.adata.obsm[k] = v.copy()
-    session.adata.uns["stofm"] = dict(emb["uns"])
+    session.adata.uns["stofm"] = copy.deepcopy(emb["uns"])
 
 
 def _run(viewer, qtbot, checkpoint, *, source=None, label_key=None, n_regions=6):
@@ -163,14 +169,13 @@ def test_edits_are_mapped_without_any_widget_open(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: session.store.exists(), timeout=10_000)
 
 
-def test_run_widget_produces_two_labels_layers(make_napari_viewer, qtbot, checkpoint, messages):
+def test_run_widget_produces_two_labels_layers(make_napari_viewer, qtbot, tiny_checkpoint, messages):
     viewer = make_napari_viewer()
     cells, session = _open_sample(viewer)
     _partial_cell_types(session)
-    widget = _run(viewer, qtbot, checkpoint, source="labels column of this slice", label_key="partial_cell_type")
+    widget = _run(viewer, qtbot, tiny_checkpoint, source="labels column of this slice", label_key="partial_cell_type")
     assert widget.last_result.embedding_reused is False  # the model really ran
     assert session.adata.obsm["X_stofm"].shape[0] == session.adata.n_obs
-    _keep_embedding(session.adata)
 
     regions = _labels(viewer, "tissue regions")
     types = _labels(viewer, "cell types")
@@ -198,12 +203,12 @@ def test_run_widget_produces_two_labels_layers(make_napari_viewer, qtbot, checkp
     assert not [m for m in messages if m[0] == "error"]
 
 
-def test_changing_region_count_reclusters_without_the_model(make_napari_viewer, qtbot, checkpoint,
+def test_changing_region_count_reclusters_without_the_model(make_napari_viewer, qtbot, tiny_checkpoint,
                                                             sample_embedding, monkeypatch):
     viewer = make_napari_viewer()
     cells, session = _open_sample(viewer)
     _inject(session, sample_embedding)
-    widget = _run(viewer, qtbot, checkpoint, n_regions=5)
+    widget = _run(viewer, qtbot, tiny_checkpoint, n_regions=5)
     assert widget.last_result.embedding_reused is True
     layer = _labels(viewer, "tissue regions")
 
@@ -222,12 +227,12 @@ def test_changing_region_count_reclusters_without_the_model(make_napari_viewer, 
     assert len([l for l in viewer.layers if l.name == "tissue regions"]) == 1
 
 
-def test_cancel_leaves_the_slice_unchanged(make_napari_viewer, qtbot, checkpoint, messages):
+def test_cancel_leaves_the_slice_unchanged(make_napari_viewer, qtbot, tiny_checkpoint, messages):
     viewer = make_napari_viewer()
     cells, session = _open_sample(viewer)
     dock, widget = viewer.window.add_plugin_dock_widget("napari-stofm", "Run SToFM")
     widget.weights_combo.setCurrentText("checkpoint folder")
-    widget.weights_path.setText(str(checkpoint))
+    widget.weights_path.setText(str(tiny_checkpoint))
     layer_names = [l.name for l in viewer.layers]
     widget.run()
     widget.cancel()  # before the first cancellation point
@@ -241,27 +246,16 @@ def test_cancel_leaves_the_slice_unchanged(make_napari_viewer, qtbot, checkpoint
 # ----------------------------------------------------------------------------- edits
 
 
-_RESULT: dict = {}  # the first run's result; later tests show a copy through the same widget code
-
-
 @pytest.fixture
-def predicted(make_napari_viewer, qtbot, checkpoint, sample_embedding):
-    from napari_stofm.pipeline.predict import RunResult
-
+def predicted(make_napari_viewer, sample_embedding, run_result):
+    """A viewer on the sample showing a copy of ``run_result`` through the Run widget's own code."""
     viewer = make_napari_viewer()
     cells, session = _open_sample(viewer)
     _inject(session, sample_embedding)
     _partial_cell_types(session)
-    if not _RESULT:
-        widget = _run(viewer, qtbot, checkpoint, source="labels column of this slice", label_key="partial_cell_type")
-        assert widget.last_result.embedding_reused is True
-        _RESULT["result"] = widget.last_result
-    else:  # same slice, same embedding, same parameters: reuse the heads' output (saves CPU time)
-        dock, widget = viewer.window.add_plugin_dock_widget("napari-stofm", "Run SToFM")
-        first = _RESULT["result"]
-        widget._on_result(session, RunResult({k: a.copy() for k, a in first.annotations.items()}, first.clusterer,
-                                             first.embedding))
-        assert widget.last_error is None, widget.last_error
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-stofm", "Run SToFM")
+    widget._on_result(session, _copy_result(run_result))
+    assert widget.last_error is None, widget.last_error
     return viewer, session
 
 
@@ -493,7 +487,7 @@ def test_export_widget_writes_and_rereads(predicted, qtbot, tmp_path, messages):
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_bad_input_gives_messages_not_crashes(make_napari_viewer, qtbot, tmp_path, messages, checkpoint):
+def test_bad_input_gives_messages_not_crashes(make_napari_viewer, qtbot, tmp_path, messages, tiny_checkpoint):
     viewer = make_napari_viewer()
     broken = tmp_path / "broken.h5ad"
     broken.write_bytes(b"this is not HDF5")
@@ -523,7 +517,7 @@ def test_bad_input_gives_messages_not_crashes(make_napari_viewer, qtbot, tmp_pat
     assert [l.name for l in viewer.layers] == names
 
     # reference source without a file
-    run.weights_path.setText(str(checkpoint))
+    run.weights_path.setText(str(tiny_checkpoint))
     run.source_combo.setCurrentText("reference slice")
     run.reference_path.setText("")
     assert run.run() is None and "reference" in run.last_error
