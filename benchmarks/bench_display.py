@@ -89,8 +89,8 @@ def dab(shape, rc, radius):
 
 def bench_library(path: Path, n_cells: int) -> dict:
     from napari_stofm.heads.annotation import Annotation
-    from napari_stofm.review.raster import territories_for_slice
     from napari_stofm.io.slices import read_slice
+    from napari_stofm.review.raster import territories_for_slice
 
     t0 = time.perf_counter()
     adata = read_slice(path)

@@ -35,19 +35,24 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from napari_stofm.pipeline.embed import embed, embed_cells
-    from napari_stofm.model.stofm import build_model, load_model
+    from napari_stofm.errors import CheckpointError
     from napari_stofm.genes.vocabulary import build_vocabulary
     from napari_stofm.io.slices import read_slice
+    from napari_stofm.model.stofm import build_model, load_model
+    from napari_stofm.pipeline.embed import embed, embed_cells
 
     adata = read_slice(args.slice)
     try:
         model = load_model(args.checkpoint)
         which = model.source
-    except Exception:  # noqa: BLE001 - no bundled weights: same-size random model
+    except CheckpointError as err:
+        if args.checkpoint:  # weights were asked for: timing a random model instead would mislead
+            raise
+        # no bundled weights: a same-size random model (same cost); the reason is printed below
         model = build_model(build_vocabulary([adata]), seed=0)
-        which = "random init (bundled size)"
-    print(f"slice: {args.slice}: {adata.n_obs} cells x {adata.n_vars} genes; model: {which}; threads {torch.get_num_threads()}")
+        which = f"random init (bundled size; {err})"
+    print(f"slice: {args.slice}: {adata.n_obs} cells x {adata.n_vars} genes; model: {which}; "
+          f"threads {torch.get_num_threads()}")
 
     t0 = time.perf_counter()
     embed_cells(adata, model)

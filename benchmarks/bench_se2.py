@@ -66,14 +66,16 @@ def main():
     cfg = SToFMConfig(num_hidden_layers=4, input_dim=256, embedding_dim=256, ffn_embedding_dim=256,
                       num_attention_heads=8, gaussian_hidden_dim=128)
     se2 = SE2Transformer(cfg).init_weights(seed=0).eval()
-    layer = torch.nn.TransformerEncoderLayer(256, 8, dim_feedforward=256, dropout=0.0, activation="gelu", batch_first=True)
+    layer = torch.nn.TransformerEncoderLayer(256, 8, dim_feedforward=256, dropout=0.0, activation="gelu",
+                                             batch_first=True)
     plain = torch.nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False).eval()
     proj = torch.nn.Linear(256, 256)
     batch = make_batch()
     emb, dist, types = batch["token_embeddings"], batch["attn_bias"], batch["token_types"]
     pad = types.eq(3)
     n_cells = int((types == 0).sum())
-    print(f"input: {tuple(emb.shape[:2])} tokens, {n_cells} cells, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"input: {tuple(emb.shape[:2])} tokens, {n_cells} cells, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
 
     runs = {}
     with torch.inference_mode():
@@ -82,7 +84,8 @@ def main():
         runs["se2"] = timeit(lambda: se2(emb, dist, types, return_pair_rep=False), args.repeats)
         runs["kernel-distinct"] = timeit(lambda: se2.gaussian(dist), args.repeats)
         if not args.skip_dense:
-            runs["se2-dense"] = timeit(lambda: se2(emb, dist, types, return_pair_rep=False, dense_kernel=True), max(1, args.repeats // 2))
+            runs["se2-dense"] = timeit(lambda: se2(emb, dist, types, return_pair_rep=False, dense_kernel=True),
+                                       max(1, args.repeats // 2))
             runs["kernel-dense"] = timeit(lambda: se2.gaussian.dense_forward(dist), max(1, args.repeats // 2))
     floor = statistics.median(runs["plain"])
     print(f"{'model':<16}{'median s':>10}{'min s':>9}{'max s':>9}{'ms/cell':>9}{'x plain':>9}")

@@ -56,6 +56,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -230,8 +231,8 @@ def load_models(checkpoint: Optional[str], slices: Sequence[Slice]) -> Models:
         print(note, flush=True)
         vocab = build_vocabulary([s.load() for s in slices if not s.held_out] or [s.load() for s in slices])
         # The pretraining recipe's sizes and settings (255 genes per cell), so costs are realistic.
-        from napari_stofm.training.config import PretrainConfig
         from napari_stofm.model.stofm import PipelineSettings
+        from napari_stofm.training.config import PretrainConfig
 
         cfg = PretrainConfig()
         trained = build_model(
@@ -386,11 +387,15 @@ def banksy_backend() -> str:
     global _BACKEND
     if _BACKEND is None:
         try:
-            import banksy.embed_banksy  # noqa: F401
+            import banksy.embed_banksy
             import banksy.initialize_banksy  # noqa: F401
 
             _BACKEND = "pybanksy"
-        except Exception:  # noqa: BLE001 - not installed or broken: own implementation
+        except ImportError:  # not installed: own implementation (the backend is printed and recorded)
+            _BACKEND = "own"
+        except Exception as exc:  # noqa: BLE001 - a broken pybanksy install fails in any way on import; reported
+            print(f"pybanksy is installed but cannot be imported ({type(exc).__name__}: {exc}); "
+                  "using the own BANKSY implementation", file=sys.stderr, flush=True)
             _BACKEND = "own"
     return _BACKEND
 
@@ -483,6 +488,7 @@ def fit_predict(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: n
                 categories: Sequence[str]) -> np.ndarray:
     """The shared supervised head: LabelHead (logistic regression, library defaults but max_iter)."""
     import pandas as pd
+
     from napari_stofm.heads.classifier import LabelHead
 
     labels = pd.Categorical(list(train_labels), categories=list(categories))
@@ -540,29 +546,36 @@ def run_slice_tasks(s: Slice, emb: Embeddings, methods: Sequence[str], res: Resu
     regions, types = s.labels("region"), s.labels("cell_type")
     # A head is never fitted on a held-out slice and then scored on it (data README).
     within = not s.held_out
-    tasks = (["regions-unsup"] + (["regions-8:2", "regions-8:2-emb"] if within else []) if regions is not None else []) + \
-            (["celltype-8:2"] if types is not None and within else [])
+    tasks = ((["regions-unsup"] + (["regions-8:2", "regions-8:2-emb"] if within else [])
+              if regions is not None else [])
+             + (["celltype-8:2"] if types is not None and within else []))
     xy = s.xy
+
+    def score(task, e, compute):
+        """Scores of ``compute()`` (a head on the embeddings ``e``), cached by task, slice and ``e``."""
+        return cached_scores((task, s.key), [e], compute, emb.use_cache)
+
     for method in methods:
         try:
             e = emb.get(method, s)
-        except Exception as err:  # noqa: BLE001 - one method failing on one slice is a result
+        except Exception as err:  # noqa: BLE001 - one method failing on one slice is a result (a FAILED row)
             for task in tasks:
                 res.failed(task, method, s, err)
             continue
-        def score(task, compute):
-            return cached_scores((task, s.key), [e], compute, emb.use_cache)
-
+        # Each head is bound to this method's embeddings (e=e), not to whatever ``e`` holds later.
         if regions is not None:
-            res.add("regions-unsup", method, s, score("regions-unsup", lambda: unsupervised_regions(e, xy, regions)))
+            res.add("regions-unsup", method, s,
+                    score("regions-unsup", e, lambda e=e: unsupervised_regions(e, xy, regions)))
             if method == "pca":
-                res.add("regions-unsup", "pca-kmeans", s, score("pca-kmeans", lambda: kmeans_regions(e, regions)))
+                res.add("regions-unsup", "pca-kmeans", s,
+                        score("pca-kmeans", e, lambda e=e: kmeans_regions(e, regions)))
             if within:
                 res.add("regions-8:2", method, s,
-                        score("regions-8:2", lambda: within_slice(region_features(e, xy), regions)))
-                res.add("regions-8:2-emb", method, s, score("regions-8:2-emb", lambda: within_slice(e, regions)))
+                        score("regions-8:2", e, lambda e=e: within_slice(region_features(e, xy), regions)))
+                res.add("regions-8:2-emb", method, s,
+                        score("regions-8:2-emb", e, lambda e=e: within_slice(e, regions)))
         if types is not None and within:
-            res.add("celltype-8:2", method, s, score("celltype-8:2", lambda: within_slice(e, types)))
+            res.add("celltype-8:2", method, s, score("celltype-8:2", e, lambda e=e: within_slice(e, types)))
 
 
 def run_cross_slice(cs: CrossSlice, slices: Dict[str, Slice], emb: Embeddings, methods: Sequence[str],
@@ -590,18 +603,27 @@ def run_cross_slice(cs: CrossSlice, slices: Dict[str, Slice], emb: Embeddings, m
             out[s.key] = classification_scores(labels[s.key][m], pred)
         return out
 
+    # Regions: with spatial context (our head) and on the embedding alone (paper-style probe).
+    variants = [(task, True), (task + "-emb", False)] if cs.task == "region" else [(task, False)]
     for method in methods:
         try:
             embs = {s.key: emb.get(method, s, group=group, train=train) for s in group}
-            # Regions: with spatial context (our head) and on the embedding alone (paper-style probe).
-            for name, context in ([(task, True), (task + "-emb", False)] if cs.task == "region" else [(task, False)]):
-                scores = cached_scores((name, *embs), list(embs.values()), lambda: scores_for(embs, context),
-                                       emb.use_cache)
+        except Exception as err:  # noqa: BLE001 - one method failing on one split is a result (FAILED rows)
+            for name, _ in variants:
                 for s in test:
-                    res.add(name, method, s, scores[s.key], trained_on=[t.name for t in train])
-        except Exception as err:  # noqa: BLE001
+                    res.failed(name, method, s, err)
+            continue
+        for name, context in variants:
+            try:
+                # bound now (partial), so the head scores this method's embeddings with this variant
+                scores = cached_scores((name, *embs), list(embs.values()), partial(scores_for, embs, context),
+                                       emb.use_cache)
+            except Exception as err:  # noqa: BLE001 - one head failing on one split is a result (FAILED rows)
+                for s in test:
+                    res.failed(name, method, s, err)
+                continue
             for s in test:
-                res.failed(task, method, s, err)
+                res.add(name, method, s, scores[s.key], trained_on=[t.name for t in train])
 
 
 # ------------------------------------------------------------------------- profiling
@@ -620,9 +642,9 @@ def profile_largest(s: Slice, checkpoint: Optional[str]) -> dict:
 
 
 def profile_child(path: str, checkpoint: Optional[str]) -> None:
-    from napari_stofm.pipeline.embed import embed
     from napari_stofm.heads.regions import RegionClusterer
     from napari_stofm.io.slices import read_slice
+    from napari_stofm.pipeline.embed import embed
 
     adata = read_slice(path)
     s = Slice(Path(path).parent.name, Path(path).stem, Path(path), adata.n_obs, adata)
@@ -724,7 +746,7 @@ def markdown_per_dataset(rows: List[dict]) -> str:
         groups.setdefault((r["dataset"], split), []).append(r)
     for (dataset, split), rs in sorted(groups.items()):
         n = len({r["slice"] for r in rs})
-        for task, metric, label in TASKS:
+        for task, metric, _label in TASKS:
             if (task, metric) not in PER_DATASET:
                 continue
             vals = {}
@@ -734,7 +756,8 @@ def markdown_per_dataset(rows: List[dict]) -> str:
                     vals[c] = float(np.mean(v))
             if vals:
                 short = f"{task} {METRIC_SHORT[metric]}"
-                lines.append(f"| {dataset} ({n}) | {split} | {short} | " + " | ".join(fmt(vals.get(c)) for c in cols) + " |")
+                lines.append(f"| {dataset} ({n}) | {split} | {short} | "
+                             + " | ".join(fmt(vals.get(c)) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -784,7 +807,8 @@ def render(summary, rows, dlpfc, profile, meta) -> str:
         f"`banksy` = {'pybanksy' if meta['banksy'] == 'pybanksy' else 'own BANKSY-style implementation'} "
         f"(lambda {BANKSY_LAMBDA}, k {BANKSY_K}) then PCA({N_PCS}). Unsupervised regions: every method through "
         f"`RegionClusterer(emb, xy).regions(n_regions=K)`, K = true number of regions. Supervised: `LabelHead` "
-        f"(logistic regression, library defaults except max_iter {HEAD_MAX_ITER}) on [embedding, mean of 15 spatial neighbours] for regions and on the "
+        f"(logistic regression, library defaults except max_iter {HEAD_MAX_ITER}) on [embedding, mean of 15 "
+        "spatial neighbours] for regions and on the "
         f"embedding for cell types; seeded random 8:2 split of the labelled cells; cross-slice: DLPFC "
         f"151673-151675 -> 151676, her2st A1-F1 -> G2, H1, MERFISH hypothalamus animal 1 -> animal 7 (2 slices). "
         f"Macro-F1 over the classes present in the scored cells. Nothing is tuned: all heads run at fixed "
@@ -802,18 +826,22 @@ def render(summary, rows, dlpfc, profile, meta) -> str:
     ]
     if dlpfc:
         parts += ["DLPFC region macro-F1, ours vs the paper's full SToFM (paper: random 8:2 split and "
-                  "cross-slice; ours: mean of the 8:2 splits of 151673-151675 (151676 is test-only), and 151673-151675 -> 151676; our default "
+                  "cross-slice; ours: mean of the 8:2 splits of 151673-151675 (151676 is test-only), and "
+                  "151673-151675 -> 151676; our default "
                   "head sees the neighbours' mean embedding too, the 'embedding only' rows are the closer match "
                   "to the paper's probe):", "",
                   "| split | paper SToFM | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
         for key, v in dlpfc.items():
-            parts.append(f"| {key} | {v['paper_stofm']:.4f} | " + " | ".join(fmt(v["ours"].get(m)) for m in METHODS) + " |")
+            parts.append(f"| {key} | {v['paper_stofm']:.4f} | "
+                         + " | ".join(fmt(v["ours"].get(m)) for m in METHODS) + " |")
         parts.append("")
     if profile:
         if "error" in profile:
-            parts += [f"Cost on the largest slice ({profile['slice']}): profiling failed: {profile['error'][-200:]}", ""]
+            parts += [f"Cost on the largest slice ({profile['slice']}): profiling failed: "
+                      f"{profile['error'][-200:]}", ""]
         else:
-            parts += [f"Cost on the largest slice ({profile['slice']}, {profile['n_cells']} cells x {profile['n_genes']} "
+            parts += [f"Cost on the largest slice ({profile['slice']}, {profile['n_cells']} cells x "
+                      f"{profile['n_genes']} "
                       f"genes, CPU, {profile['threads']} threads, fresh process, no cache): `embed` "
                       f"{profile['embed_s']:.1f} s + region head fit and K cut {profile['regions_s']:.1f} s = "
                       f"{profile['total_s']:.1f} s; peak RSS {profile['peak_rss_mb']} MB.", ""]
@@ -883,7 +911,8 @@ def main(argv=None):
     by_key = {s.key: s for s in slices}
     print(f"{len(slices)} labelled slices from {root}; held out: {', '.join(s.key for s in slices if s.held_out)}")
     models = load_models(args.checkpoint, slices)
-    print(f"model: {models.trained!r}\nrandom baseline: {models.random!r}\nBANKSY backend: {banksy_backend()}", flush=True)
+    print(f"model: {models.trained!r}\nrandom baseline: {models.random!r}\nBANKSY backend: {banksy_backend()}",
+          flush=True)
     emb = Embeddings(models, use_cache=not args.no_cache)
 
     res = Results()

@@ -6,7 +6,6 @@ from typing import Iterable, List
 
 from napari_stofm.errors import StofmInputError
 
-
 # Okabe-Ito (colour-blind safe; black left out: it reads as "no label") first, then
 # distinct colours from scanpy's default_20 / godsnot palettes.
 PALETTE = [

@@ -78,9 +78,9 @@ def tiny_checkpoint(tmp_path_factory):
     """The one test checkpoint: a small randomly initialised SToFM (our safetensors layout)
     whose vocabulary covers the generated sample slice's genes (every seed and size of
     ``make_sample_slice`` measures the same panel). Read-only: load it, never write into it."""
-    from napari_stofm.model.stofm import build_model
     from napari_stofm.genes.vocabulary import build_vocabulary
     from napari_stofm.io.sample import make_sample_slice
+    from napari_stofm.model.stofm import build_model
 
     vocab = build_vocabulary([make_sample_slice(n_cells=500, seed=11)])
     model = build_model(

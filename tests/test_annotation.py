@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_stofm.palette import default_colors, to_hex
-from napari_stofm.heads.annotation import Annotation
 from napari_stofm.errors import StofmInputError
+from napari_stofm.heads.annotation import Annotation
+from napari_stofm.palette import default_colors, to_hex
 
 
 def _annotation(n=12, seed=0):
@@ -19,7 +19,8 @@ def _annotation(n=12, seed=0):
     confidence[1] = np.nan
     return Annotation.from_prediction(
         "stofm_region", ["cortex", "white matter", "lesion", "meninges"], codes, confidence,
-        provenance={"model": "SToFM", "weights_fingerprint": "sha256:abc", "parameters": {"n_regions": 4, "resolution": 0.5}},
+        provenance={"model": "SToFM", "weights_fingerprint": "sha256:abc",
+                    "parameters": {"n_regions": 4, "resolution": 0.5}},
     )
 
 
@@ -88,7 +89,7 @@ def test_merge_renumbers_consistently():
     ann.assign([5, 6], 3)
     names_before = ann.names()
     predicted_names_before = np.array(ann.categories + [None], dtype=object)[ann.predicted_codes]
-    colors_before = dict(zip(ann.categories, ann.colors))
+    colors_before = dict(zip(ann.categories, ann.colors, strict=True))
     mapping = ann.merge(1, 3)  # 'white matter' into 'meninges'
     assert mapping == {-1: -1, 0: 0, 1: 2, 2: 1, 3: 2}
     assert ann.categories == ["cortex", "lesion", "meninges"]

@@ -19,7 +19,8 @@ def _annotation(n=12, seed=0):
     confidence[1] = np.nan
     return Annotation.from_prediction(
         "stofm_region", ["cortex", "white matter", "lesion", "meninges"], codes, confidence,
-        provenance={"model": "SToFM", "weights_fingerprint": "sha256:abc", "parameters": {"n_regions": 4, "resolution": 0.5}},
+        provenance={"model": "SToFM", "weights_fingerprint": "sha256:abc",
+                    "parameters": {"n_regions": 4, "resolution": 0.5}},
     )
 
 

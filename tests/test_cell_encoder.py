@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from napari_stofm.errors import Cancelled, CheckpointError, StofmInputError
-from napari_stofm.model.cell_encoder import BertConfig, CellEncoder
 from napari_stofm.genes.tokenizer import TokenizedCells
+from napari_stofm.model.cell_encoder import BertConfig, CellEncoder
 
 CFG = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
            max_position_embeddings=24, layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0)
@@ -55,7 +55,8 @@ def _reference_bert(sd, cfg, ids, mask):
     bias = (1.0 - mask[:, None, None, :].double()) * -1e30
     for i in range(cfg["num_hidden_layers"]):
         p = f"encoder.layer.{i}."
-        q, k, v = (lin(x, p + f"attention.self.{n}").view(b, L, nh, d).transpose(1, 2) for n in ("query", "key", "value"))
+        q, k, v = (lin(x, p + f"attention.self.{n}").view(b, L, nh, d).transpose(1, 2)
+                   for n in ("query", "key", "value"))
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + bias, dim=-1)
         ctx = (att @ v).transpose(1, 2).reshape(b, L, h)
         x = ln(lin(ctx, p + "attention.output.dense") + x, p + "attention.output.LayerNorm")

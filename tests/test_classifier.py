@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from napari_stofm.heads.classifier import LabelHead, complete_labels, refine_from_corrections, transfer_labels
 from napari_stofm.errors import StofmInputError
+from napari_stofm.heads.classifier import LabelHead, complete_labels, refine_from_corrections, transfer_labels
 
 REGIONS = np.array(["L1", "L2", "L3", "L4"])
 TYPES = np.array(["Astro", "Exc", "Inh", "Micro", "Oligo"])

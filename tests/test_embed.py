@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from napari_stofm.cli.app import main as cli_main
-from napari_stofm.pipeline.embed import embed
 from napari_stofm.errors import Cancelled, CheckpointError, StofmInputError
+from napari_stofm.genes.identifiers import ensembl_to_symbol_table
+from napari_stofm.io.sample import make_sample_slice
 from napari_stofm.model.cell_encoder import BertConfig, CellEncoder
 from napari_stofm.model.config import SToFMConfig
-from napari_stofm.genes.identifiers import ensembl_to_symbol_table
 from napari_stofm.model.se2_transformer import SE2Transformer
 from napari_stofm.model.stofm import SToFM, load_model
-from napari_stofm.io.sample import make_sample_slice
+from napari_stofm.pipeline.embed import embed
 
 
 @pytest.fixture(scope="module")

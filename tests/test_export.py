@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_stofm.io import export as export_module
-from napari_stofm.heads.annotation import Annotation
 from napari_stofm.errors import StofmInputError
+from napari_stofm.heads.annotation import Annotation
+from napari_stofm.io import export as export_module
 from napari_stofm.io.export import build_spatialdata, export_csv, export_h5ad, export_spatialdata
 from napari_stofm.io.sample import make_sample_slice
 from napari_stofm.io.slices import read_slice
@@ -21,7 +21,7 @@ def slice_and_annotations():
     adata = make_sample_slice(300, seed=4)
     rng = np.random.default_rng(0)
     out = {}
-    for key, truth in zip(KEYS, ("region", "cell_type")):
+    for key, truth in zip(KEYS, ("region", "cell_type"), strict=True):
         categories = list(adata.obs[truth].cat.categories)
         codes = adata.obs[truth].cat.codes.to_numpy().copy()
         confidence = rng.random(adata.n_obs).astype(np.float32)
@@ -78,7 +78,8 @@ def test_csv_round_trip(tmp_path, slice_and_annotations):
         names = table[key].astype(object).where(table[key].notna(), None).to_numpy()
         assert list(names) == list(ann.names())
         predicted = np.array(ann.categories + [None], dtype=object)[ann.predicted_codes]
-        assert list(table[f"{key}_predicted"].astype(object).where(table[f"{key}_predicted"].notna(), None)) == list(predicted)
+        column = table[f"{key}_predicted"]
+        assert list(column.astype(object).where(column.notna(), None)) == list(predicted)
         np.testing.assert_array_equal(table[f"{key}_confidence"].to_numpy(np.float32), ann.confidence)
         np.testing.assert_array_equal(table[f"{key}_curated"].to_numpy(bool), ann.curated)
 
@@ -137,8 +138,8 @@ def test_spatialdata_with_territory_labels(tmp_path, slice_and_annotations):
 
     as_tuple = build_spatialdata(adata, annotations,
                                  labels=(territories.instance_map, territories.scale, territories.translate))
-    assert get_transformation(as_tuple.labels["cell_territories"]).to_affine_matrix(("x", "y"), ("x", "y")).tolist() == \
-        get_transformation(sdata.labels["cell_territories"]).to_affine_matrix(("x", "y"), ("x", "y")).tolist()
+    assert (get_transformation(as_tuple.labels["cell_territories"]).to_affine_matrix(("x", "y"), ("x", "y")).tolist()
+            == get_transformation(sdata.labels["cell_territories"]).to_affine_matrix(("x", "y"), ("x", "y")).tolist())
     with pytest.raises(StofmInputError, match="values must be 0.."):
         export_spatialdata(adata, annotations, tmp_path / "bad.zarr",
                            labels=(territories.instance_map + adata.n_obs, 1.0))

@@ -8,8 +8,14 @@ import pytest
 import scipy.sparse as sp
 
 from napari_stofm.errors import StofmInputError
-from napari_stofm.genes.identifiers import (canonical_gene_id, control_probe_mask, detect_species,
-                                            ensembl_to_symbol_table, is_ensembl_id, strip_ensembl_version)
+from napari_stofm.genes.identifiers import (
+    canonical_gene_id,
+    control_probe_mask,
+    detect_species,
+    ensembl_to_symbol_table,
+    is_ensembl_id,
+    strip_ensembl_version,
+)
 
 
 def _adata(var_names, var=None, species=None, n=4):

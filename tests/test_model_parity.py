@@ -26,7 +26,8 @@ def reference(parity_dir):
 
 
 def test_normalisation_matches(reference):
-    np.testing.assert_allclose(normalize_coordinates(reference["raw_xy"]), reference["normalized_xy"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(normalize_coordinates(reference["raw_xy"]), reference["normalized_xy"],
+                               rtol=0, atol=1e-10)
 
 
 def test_subslices_match_published_order(reference):

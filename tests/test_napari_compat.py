@@ -19,10 +19,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from napari_stofm._napari import compat  # imports without napari; the importorskip below skips this module
+
 pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
-
-from napari_stofm._napari import compat
 
 RED, BLUE = (1.0, 0.0, 0.0, 1.0), (0.0, 0.0, 1.0, 1.0)
 
@@ -119,7 +119,8 @@ def test_module_docstring_names_every_private_name_it_uses():
     used = {node.attr for node in ast.walk(tree)
             if isinstance(node, ast.Attribute) and re.match(r"^_[a-z]", node.attr)}
     used |= {node.value for node in ast.walk(tree)
-             if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"_[a-z][a-z_]*", node.value)}
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)
+             and re.fullmatch(r"_[a-z][a-z_]*", node.value)}
     used -= {"_missing", "_last_history_item"}  # compat's own helpers
     doc = compat.__doc__
     assert used, "expected the private names compat wraps"

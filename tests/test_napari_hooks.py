@@ -55,7 +55,7 @@ def _spatialdata_with_masks(path):
     masks = np.zeros((h, w), dtype=np.int32)
     ids = np.arange(1000, 1000 + src.n_obs)  # instance ids unrelated to row order
     rr, cc = np.ogrid[:h, :w]
-    for cell_id, (x, y) in zip(ids, xy):
+    for cell_id, (x, y) in zip(ids, xy, strict=True):
         r, c = (y - y0) / pixel - 0.5, (x - x0) / pixel - 0.5  # SpatialData: pixel i spans [i, i + 1)
         masks[((rr - r) ** 2 + (cc - c) ** 2 <= 2.25) & (masks == 0)] = cell_id
     assert np.isin(ids, masks).all()

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from napari_stofm.io.sample import make_sample_slice
 from napari_stofm.model.stofm import load_model
 from napari_stofm.pipeline.predict import predict
-from napari_stofm.io.sample import make_sample_slice
 
 
 def test_predict_regions_and_partial_labels(tiny_checkpoint, sample_file):
@@ -60,7 +60,7 @@ def test_reference_with_another_gene_panel_is_matched_on_shared_genes(tiny_check
     accuracy = np.mean(query.obs["stofm_cell_type"].astype(str).to_numpy() == truth)
     chance = pd.Series(truth).value_counts(normalize=True).max()
     assert accuracy > chance + 0.1
-    # the same panel: no restriction, nothing recorded
+    # the same panel: no restriction; the count of genes the transfer used is still recorded
     same = make_sample_slice(n_cells=500, seed=5)
     predict(same, model, reference=ref, label_key="cell_type", split_num=300)
-    assert "transfer_genes" not in same.uns["stofm"]["prediction"]
+    assert same.uns["stofm"]["prediction"]["transfer_genes"] == same.n_vars

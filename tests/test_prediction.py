@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from napari_stofm.errors import StofmInputError
+from napari_stofm.heads.annotation import Annotation
 from napari_stofm.heads.prediction import LabelPrediction, encode_labels
 from napari_stofm.palette import default_colors
-from napari_stofm.heads.annotation import Annotation
 
 
 def _prediction():

@@ -35,7 +35,8 @@ def test_reference_transfer_autosave_and_reopen(tiny_checkpoint, slice_file, tmp
     session = SliceSession.open(work)
     assert session.annotations == {} and session.store.path.parent == tmp_path
     progress = []
-    result = session.run(weights=str(tiny_checkpoint), n_regions=5, label_source=("reference", str(ref_path), "cell_type"),
+    result = session.run(weights=str(tiny_checkpoint), n_regions=5,
+                         label_source=("reference", str(ref_path), "cell_type"),
                          progress=lambda d, t, m: progress.append(m))
     assert not result.embedding_reused and progress
     ann = session.annotations[CELL_TYPE_KEY]

@@ -9,8 +9,7 @@ import scipy.sparse as sp
 
 from napari_stofm.errors import StofmInputError
 from napari_stofm.genes.matching import resolve_genes
-from napari_stofm.genes.tokenizer import (empty_cells, normalize_expression, require_nonempty, tokenize,
-                                          tokenize_adata)
+from napari_stofm.genes.tokenizer import empty_cells, normalize_expression, require_nonempty, tokenize, tokenize_adata
 from napari_stofm.genes.vocabulary import GeneVocabulary
 
 # tokens: <pad>=0 <mask>=1 A=2 B=3 C=4 D=5 <cls>=6

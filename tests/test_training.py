@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from napari_stofm.errors import StofmInputError
+from napari_stofm.io.sample import make_sample_slice
 from napari_stofm.training.batches import make_training_batch
 from napari_stofm.training.config import STATE_DIR, PretrainConfig
 from napari_stofm.training.corpus import HELD_OUT_SLICES, SpatialSlice, find_slices, load_corpus, pack_corpus
 from napari_stofm.training.report import CURVE_NAME, LOG_NAME
 from napari_stofm.training.trainer import Trainer, pretrain
-from napari_stofm.io.sample import make_sample_slice
 
 TINY = dict(bert_hidden=32, bert_layers=1, bert_heads=2, bert_intermediate=64, se2_layers=2, se2_dim=32, se2_ffn=64,
             se2_heads=4, se2_gaussians=16, batch_cells=16, train_split_num=100, batch_subslices=2, warmup_steps=3,
@@ -21,7 +21,8 @@ TINY = dict(bert_hidden=32, bert_layers=1, bert_heads=2, bert_intermediate=64, s
 
 @pytest.fixture(scope="module")
 def slices():
-    return [("generated/a", make_sample_slice(n_cells=400, seed=1)), ("generated/b", make_sample_slice(n_cells=400, seed=2))]
+    return [("generated/a", make_sample_slice(n_cells=400, seed=1)),
+            ("generated/b", make_sample_slice(n_cells=400, seed=2))]
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,9 @@ def run(slices, tmp_path_factory):
 
 
 def test_run_writes_a_loadable_checkpoint(run, slices):
-    from napari_stofm.pipeline.embed import embed
     from napari_stofm.model.checkpoint import load_se2_transformer
     from napari_stofm.model.stofm import load_model
+    from napari_stofm.pipeline.embed import embed
 
     log = json.loads((run / LOG_NAME).read_text())
     rows = log["history"]["stage1"] + log["history"]["stage2"]
@@ -73,9 +74,9 @@ def test_new_run_refuses_existing_state(run, slices):
 def test_stage2_loss_decreases_on_a_fixed_batch(slices):
     import torch
 
-    from napari_stofm.model.multiscale import normalize_coordinates
     from napari_stofm.genes.tokenizer import tokenize_adata
     from napari_stofm.genes.vocabulary import build_vocabulary
+    from napari_stofm.model.multiscale import normalize_coordinates
 
     cfg = PretrainConfig(stage2_steps=40, **{**TINY, "warmup_steps": 1, "lr2": 2e-3})
     adatas = [a for _, a in slices]
@@ -112,8 +113,8 @@ def test_held_out_slices_are_refused(tmp_path, slices):
 def test_packed_corpus_trains_like_the_slices_it_came_from(slices, tmp_path):
     """A pack holds the same vocabulary and tokens; training from it gives the same weights,
     and so do batches built ahead by loader threads."""
-    from napari_stofm.training.packed import load_packed_corpus
     from napari_stofm.model.stofm import load_model
+    from napari_stofm.training.packed import load_packed_corpus
 
     files = []
     for name, adata in slices:
@@ -126,7 +127,7 @@ def test_packed_corpus_trains_like_the_slices_it_came_from(slices, tmp_path):
     assert pack.names == ["generated/a", "generated/b"] and pack.max_genes == TINY["max_genes"]
     direct = load_corpus(files, None, True, None, TINY["max_genes"], min_cells=1)
     assert list(pack.vocabulary.tokens) == list(direct.vocabulary.tokens)
-    for a, b in zip(pack.tokenized, direct.tokenized):
+    for a, b in zip(pack.tokenized, direct.tokenized, strict=True):
         np.testing.assert_array_equal(a.input_ids, b.input_ids)
         np.testing.assert_array_equal(a.offsets, b.offsets)
     cfg = dict(stage1_steps=3, stage2_steps=2, **TINY)

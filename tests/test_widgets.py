@@ -28,9 +28,9 @@ RUN_TIMEOUT_MS = 120_000
 def sample_embedding(tiny_checkpoint):
     """The sample slice embedded by the test checkpoint (obsm + uns for a session's AnnData;
     :func:`_inject` puts copies there)."""
-    from napari_stofm.pipeline.embed import embed
-    from napari_stofm.model.stofm import SToFM
     from napari_stofm.io.sample import make_sample_slice
+    from napari_stofm.model.stofm import SToFM
+    from napari_stofm.pipeline.embed import embed
 
     adata = make_sample_slice()
     embed(adata, SToFM.load(tiny_checkpoint), device="cpu")

@@ -18,12 +18,12 @@ from typing import Optional
 
 import numpy as np
 
-from napari_stofm.errors import StofmError
-from napari_stofm.keys import display_name
-from napari_stofm.review.session import EditResult, SliceSession
 from napari_stofm._napari import compat
 from napari_stofm._napari.compat import unwrap_proxy as unwrap
 from napari_stofm._napari.layers import labels_colormap, labels_features, refresh_labels_layer
+from napari_stofm.errors import StofmError
+from napari_stofm.keys import display_name
+from napari_stofm.review.session import EditResult, SliceSession
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,17 @@ def bind_viewer(viewer) -> list:
         def _on_inserted(event):
             _bind(event.value)
 
+        def _on_removed(event):
+            # the last layer of a slice is gone: release its autosave lock now, not at exit
+            meta = event.value.metadata or {}
+            session = meta.get("stofm_session")
+            if session is None or not hasattr(session, "close"):
+                return
+            if not any((layer.metadata or {}).get("stofm_session") is session for layer in viewer.layers):
+                session.close()
+
         viewer.layers.events.inserted.connect(_on_inserted)
+        viewer.layers.events.removed.connect(_on_removed)
         _BOUND_VIEWERS.add(viewer)
     return [b for b in (_bind(layer) for layer in list(viewer.layers)) if b is not None]
 
@@ -116,8 +126,8 @@ class LabelsBinding:
         try:
             layer.events.paint.disconnect(self._on_paint)
             layer.events.labels_update.disconnect(self._on_labels_update)
-        except Exception:
-            pass
+        except (AttributeError, RuntimeError, TypeError):  # events already torn down / method not rebindable
+            log.debug("could not disconnect the paint listeners of %s", getattr(layer, "name", layer), exc_info=True)
         for name in ("undo", "redo", "get_status"):
             compat.unpatch_method(layer, name)
         compat.unpatch_tooltip(layer)
@@ -180,7 +190,8 @@ class LabelsBinding:
     def cell_text(self, position, *, world: bool = True) -> str:
         try:
             cell = self.cell_at(position, world=world)
-        except Exception:
+        except Exception:  # noqa: BLE001 - napari calls this on every mouse move: a hover text must never raise
+            log.debug("no cell under %r", position, exc_info=True)
             return ""
         if cell < 0:
             return ""
@@ -338,7 +349,7 @@ class LabelsBinding:
     def _schedule_autosave(self) -> None:
         try:
             from qtpy.QtCore import QTimer
-        except Exception:  # no Qt: save now
+        except ImportError:  # no Qt: save now
             self._autosave()
             return
         if self._autosave_timer is None:
@@ -350,7 +361,8 @@ class LabelsBinding:
     def _autosave(self) -> None:
         try:
             self.session.autosave()
-        except Exception as err:  # never lose the UI over a failed autosave
+        except Exception as err:  # noqa: BLE001 - timer callback: never lose the UI over a failed autosave; reported
+            log.debug("autosave of %s failed", self.key, exc_info=True)
             _show_error(f"autosave of {display_name(self.key)} failed: {err}")
 
     def autosave_now(self) -> None:
@@ -394,7 +406,7 @@ def _call_soon(func) -> None:
         from qtpy.QtCore import QTimer
 
         QTimer.singleShot(0, func)
-    except Exception:  # pragma: no cover - no Qt
+    except (ImportError, RuntimeError):  # pragma: no cover - no Qt (or no usable Qt application)
         func()
 
 
@@ -403,5 +415,6 @@ def _show_error(message: str) -> None:
         from napari.utils.notifications import show_error
 
         show_error(message)
-    except Exception:  # pragma: no cover
+    except Exception:  # pragma: no cover  # noqa: BLE001 - last-resort error reporter: falls back to the log
+        log.debug("napari could not show the error", exc_info=True)
         log.error(message)

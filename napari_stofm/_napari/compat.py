@@ -47,9 +47,9 @@ WRITTEN_AGAINST = "0.9.1"
 Bbox = Tuple[int, int, int, int]  # (row0, row1, col0, col1), half-open
 
 
-def _missing(what: str, consequence: str) -> None:
+def _missing(what: str, consequence: str, *, exc_info: bool = False) -> None:
     log.debug("napari compat: %s is not available in this napari (written against %s); %s",
-              what, WRITTEN_AGAINST, consequence)
+              what, WRITTEN_AGAINST, consequence, exc_info=exc_info)
 
 
 # ----------------------------------------------------------------------------- proxies
@@ -76,8 +76,8 @@ def _last_history_item(layer, name: str, missing):
         return missing
     try:
         return history[-1] if len(history) else None
-    except Exception as err:  # a history napari stores differently
-        _missing(f"Labels.{name}[-1] ({err})", "the undo/redo step is unknown")
+    except Exception as err:  # noqa: BLE001 - private-API shim: a history napari stores differently
+        _missing(f"Labels.{name}[-1] ({err})", "the undo/redo step is unknown", exc_info=True)
         return missing
 
 
@@ -120,7 +120,8 @@ def append_to_history_item(layer, item: list, atom) -> bool:
         return False
     try:
         stored = any(h is item for h in reversed(history))
-    except Exception:
+    except Exception:  # noqa: BLE001 - private-API shim: any unreadable history means "not stored"
+        log.debug("napari compat: Labels._undo_history cannot be searched", exc_info=True)
         stored = False
     if not stored:
         _missing("the announced history item in Labels._undo_history",
@@ -184,8 +185,9 @@ def history_atom_bbox(atom, shape) -> Optional[Bbox]:
                 return None
             rr, cc = np.asarray(indices[-2]), np.asarray(indices[-1])
             a0, a1, b0, b1 = int(rr.min()), int(rr.max()) + 1, int(cc.min()), int(cc.max()) + 1
-    except Exception as err:
-        _missing(f"the history-atom format {type(atom).__name__} ({err})", "mapping the edit over the whole image")
+    except Exception as err:  # noqa: BLE001 - private-API shim: any unknown atom form falls back to the whole image
+        _missing(f"the history-atom format {type(atom).__name__} ({err})", "mapping the edit over the whole image",
+                 exc_info=True)
         return 0, rows, 0, cols
     return max(a0, 0), min(a1, rows), max(b0, 0), min(b1, cols)
 
@@ -206,8 +208,9 @@ def history_atom_written(data, atom) -> bool:
             return bool(np.all(values == atom.new_value))
         indices, old, new = atom
         return bool(np.array_equal(np.asarray(data[indices]), np.broadcast_to(new, np.shape(old))))
-    except Exception as err:
-        _missing(f"the history-atom format {type(atom).__name__} ({err})", "treating the edit as written")
+    except Exception as err:  # noqa: BLE001 - private-API shim: any unknown atom form counts as written
+        _missing(f"the history-atom format {type(atom).__name__} ({err})", "treating the edit as written",
+                 exc_info=True)
         return True
 
 
@@ -276,8 +279,8 @@ def refresh_labels_region(layer, rows, cols, values=None) -> bool:
         accumulate((slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1)))
         partial()
         return True
-    except Exception as err:  # another napari version or data backend
-        _missing(f"the partial labels refresh ({err})", "refreshing the whole layer")
+    except Exception as err:  # noqa: BLE001 - private-API shim: another napari version or data backend
+        _missing(f"the partial labels refresh ({err})", "refreshing the whole layer", exc_info=True)
         layer.refresh()
         return False
 
@@ -297,8 +300,8 @@ def patch_method(layer, name: str, func: Callable) -> bool:
     layer = unwrap_proxy(layer)
     try:
         setattr(layer, name, func)
-    except Exception as err:
-        _missing(f"an instance override of {type(layer).__name__}.{name} ({err})", "not patched")
+    except Exception as err:  # noqa: BLE001 - private-API shim: a layer refusing the override is left unpatched
+        _missing(f"an instance override of {type(layer).__name__}.{name} ({err})", "not patched", exc_info=True)
         return False
     return True
 
@@ -317,8 +320,8 @@ def unpatch_method(layer, name: str) -> None:
         pass
     try:
         delattr(layer, name)
-    except Exception as err:
-        _missing(f"removing the override of {type(layer).__name__}.{name} ({err})", "left as it is")
+    except Exception as err:  # noqa: BLE001 - private-API shim: an override that cannot be removed is left as it is
+        _missing(f"removing the override of {type(layer).__name__}.{name} ({err})", "left as it is", exc_info=True)
 
 
 def patch_tooltip(layer, func: Callable) -> bool:
@@ -368,7 +371,8 @@ def qt_window(viewer):
 
         app = QApplication.instance()
         mains = [w for w in (app.topLevelWidgets() if app is not None else []) if isinstance(w, QMainWindow)]
-    except Exception:
+    except (ImportError, RuntimeError):  # no Qt binding, or a Qt application being torn down
+        log.debug("napari compat: the Qt top-level widgets cannot be listed", exc_info=True)
         mains = []
     if len(mains) == 1:
         return mains[0]

@@ -47,8 +47,8 @@ def get_reader(path: PathOrPaths):
 
 def read_slice_layers(path: PathOrPaths):
     """Layer data of a slice: its cells and the labels it already has (see module docs)."""
-    from napari_stofm.review.session import SliceSession
     from napari_stofm._napari.layers import slice_layer_data
+    from napari_stofm.review.session import SliceSession
 
     if isinstance(path, (list, tuple)):
         path = path[0]
@@ -66,7 +66,7 @@ def _bind_when_added() -> None:
         from qtpy.QtCore import QTimer
 
         from napari_stofm._napari.binding import bind_viewer
-    except Exception:  # headless use of the reader
+    except ImportError:  # headless use of the reader (qtpy's "no Qt binding" error is an ImportError too)
         return
     viewer = napari.current_viewer()
     if viewer is not None:
@@ -80,12 +80,17 @@ def _tell_restored(session) -> None:
                    "(delete that file to start from the predictions again).")
     elif getattr(session, "restore_error", None):
         message = session.restore_error
+    notes = [getattr(session, "autosave_error", None)] + [
+        f"obs column {key!r} was not opened as labels: {why}" for key, why in
+        dict(getattr(session, "skipped_columns", None) or {}).items()]
+    message = " ".join(m for m in [message, *notes] if m) or None
     if message:
         try:
             from napari.utils.notifications import show_info
 
             show_info(message)
-        except Exception:  # pragma: no cover - headless use
+        except Exception:  # pragma: no cover  # noqa: BLE001 - a note must never fail the open; falls back to the log
+            log.debug("napari could not show the note", exc_info=True)
             log.info(message)
 
 
@@ -95,9 +100,9 @@ def _tell_restored(session) -> None:
 def sample_slice(n_cells: int = 3000, seed: int = 0):
     """The generated sample slice (cortex-like layers + a lesion, 8 cell types)."""
     from napari_stofm import keys
+    from napari_stofm._napari.layers import slice_layer_data
     from napari_stofm.io.sample import make_sample_slice
     from napari_stofm.review.session import SliceSession
-    from napari_stofm._napari.layers import slice_layer_data
 
     adata = make_sample_slice(n_cells=n_cells, seed=seed)
     name = f"sample_seed{seed}_{n_cells}"
@@ -112,8 +117,7 @@ def sample_slice(n_cells: int = 3000, seed: int = 0):
 
 
 def _sample_store(name: str):
-    from napari_stofm.io.autosave import CurationStore
-    from napari_stofm.io.autosave import cache_dir
+    from napari_stofm.io.autosave import CurationStore, cache_dir
 
     return CurationStore(f"{name}.h5ad", directory=cache_dir() / "curation")
 

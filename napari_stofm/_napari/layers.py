@@ -13,10 +13,10 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from napari_stofm.keys import display_name
-from napari_stofm.review.session import SliceSession
 from napari_stofm._napari import compat
 from napari_stofm._napari.compat import unwrap_proxy as unwrap
+from napari_stofm.keys import display_name
+from napari_stofm.review.session import SliceSession
 
 ROLE_CELLS = "cells"
 ROLE_LABELS = "labels"
@@ -46,7 +46,7 @@ def session_of(layer) -> Optional[SliceSession]:
     session = meta.get("stofm_session")
     if session is None and meta.get("adata") is not None:
         adata = meta["adata"]
-        for other, s in list(_SESSIONS.items()):
+        for s in list(_SESSIONS.values()):
             if s.adata is adata:
                 session = s
                 break
@@ -66,7 +66,8 @@ def slice_layers(viewer):
     out = [l for l in viewer.layers if (l.metadata or {}).get("stofm_role") == ROLE_CELLS]
     seen = {id(session_of(l)) for l in out}
     for layer in viewer.layers:
-        s = session_of(layer) if "adata" in (layer.metadata or {}) or "stofm_session" in (layer.metadata or {}) else None
+        meta = layer.metadata or {}
+        s = session_of(layer) if "adata" in meta or "stofm_session" in meta else None
         if s is not None and id(s) not in seen:
             out.append(layer)
             seen.add(id(s))
@@ -125,7 +126,8 @@ def _point_features(adata) -> pd.DataFrame:
     cols = {"cell_id": pd.Categorical(np.asarray(adata.obs_names).astype(str))}
     for name in obs.columns:
         col = obs[name]
-        if isinstance(col.dtype, pd.CategoricalDtype) or pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+        if (isinstance(col.dtype, pd.CategoricalDtype) or pd.api.types.is_numeric_dtype(col)
+                or pd.api.types.is_bool_dtype(col)):
             cols[str(name)] = col.to_numpy() if not isinstance(col.dtype, pd.CategoricalDtype) else col.array
         elif pd.api.types.is_object_dtype(col) or pd.api.types.is_string_dtype(col):
             cols[str(name)] = pd.Categorical(col.astype(str))

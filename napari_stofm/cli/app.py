@@ -10,13 +10,14 @@ Every subcommand prints ``--help`` written for a biologist; errors are one line 
 what is wrong and how to fix it (``--debug`` shows the traceback).
 """
 from __future__ import annotations
-from napari_stofm import keys
 
 import argparse
 import logging
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
+
+from napari_stofm import keys
 
 _COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -27,6 +28,53 @@ def command(name: str):
         return fn
 
     return register
+
+
+def _int_type(what: str, minimum: int, kind: str):
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be {kind}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be {kind}, got {value}")
+        return value
+    convert.__name__ = kind  # argparse names the type in some messages
+    return convert
+
+
+def positive_int(what: str):
+    """argparse ``type=`` for a count >= 1: ``0``, ``-5`` or ``3.7`` are argparse's one-line
+    error (``argument --split-num: cells per sub-slice must be a positive integer, got 0``)."""
+    return _int_type(what, 1, "a positive integer")
+
+
+def nonnegative_int(what: str):
+    """argparse ``type=`` for an integer >= 0."""
+    return _int_type(what, 0, "an integer >= 0")
+
+
+def bounded_float(what: str, minimum: Optional[float] = None, maximum: Optional[float] = None,
+                  exclusive_minimum: bool = False):
+    """argparse ``type=`` for a finite number in a range (one-line error otherwise)."""
+    import math
+
+    lo = "" if minimum is None else (f"> {minimum:g}" if exclusive_minimum else f">= {minimum:g}")
+    hi = "" if maximum is None else f"<= {maximum:g}"
+    kind = "a number" + (f" {' and '.join(b for b in (lo, hi) if b)}" if (lo or hi) else "")
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be {kind}, got {text!r}") from None
+        if (not math.isfinite(value) or (minimum is not None and (value <= minimum if exclusive_minimum
+                                                                  else value < minimum))
+                or (maximum is not None and value > maximum)):
+            raise argparse.ArgumentTypeError(f"{what} must be {kind}, got {text}")
+        return value
+    convert.__name__ = "number"
+    return convert
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -43,9 +91,14 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spatial-key", default="spatial", help="obsm key of the (x, y) cell positions (default: spatial)")
     p.add_argument("--gene-key", default=None,
                    help="var column holding gene symbols or Ensembl IDs, if var_names do not (default: detect)")
-    p.add_argument("--split-num", type=int, default=None,
-                   help="cells per sub-slice (default: the checkpoint's, 1000 for the published one)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for the virtual-cell clustering (default: 0)")
+    p.add_argument("--split-num", type=positive_int("cells per sub-slice"), default=None, metavar="N",
+                   help="cells per sub-slice, a positive integer "
+                        "(default: the checkpoint's, 1000 for the published one)")
+    p.add_argument("--seed", type=nonnegative_int("random seed"), default=0,
+                   help="random seed for the virtual-cell clustering (default: 0)")
+    p.add_argument("--values", choices=["raw_counts", "volume_normalized", "log_normalized"], default=None,
+                   help="what X holds (default: uns['source']['values'], else log_normalized when uns['log1p'] is "
+                   "there, else read off the values: non-integers no larger than 20 are taken as log1p data)")
 
 
 def _read(path: str):
@@ -71,7 +124,7 @@ def _embed(adata, model, args, progress):
 
     embed(
         adata, model, device=None if args.device == "auto" else args.device, spatial_key=args.spatial_key,
-        gene_key=args.gene_key, split_num=args.split_num, seed=args.seed, progress=progress,
+        gene_key=args.gene_key, split_num=args.split_num, seed=args.seed, progress=progress, values=args.values,
     )
 
 
@@ -98,7 +151,8 @@ def cmd_embed(args) -> int:
     meta = adata.uns[keys.UNS]
     print(
         f"embedded {adata.n_obs} cells in {meta['seconds']:.1f} s ({meta['genes_matched']}/{meta['genes_total']} genes "
-        f"in the vocabulary, {meta['n_subslices']} sub-slices, {meta['n_virtual_cells']} virtual cells) -> {args.output}",
+        f"in the vocabulary, {meta['n_subslices']} sub-slices, {meta['n_virtual_cells']} virtual cells) "
+        f"-> {args.output}",
         file=sys.stderr,
     )
     _write_h5ad(adata, args.output, args.overwrite)
@@ -112,8 +166,10 @@ def cmd_info(args) -> int:
     enc = model.cell_encoder.config
     print(model)
     print(f"  weights: {model.source} (fingerprint {model.fingerprint})")
-    print(f"  gene scale: BERT {enc.num_hidden_layers} layers, hidden {enc.hidden_size}, vocabulary {model.vocabulary.n_genes} genes")
-    print(f"  SE(2): {cfg.num_hidden_layers} layers, E={cfg.embedding_dim}, {cfg.num_attention_heads} heads, K={cfg.gaussian_hidden_dim}")
+    print(f"  gene scale: BERT {enc.num_hidden_layers} layers, hidden {enc.hidden_size}, "
+          f"vocabulary {model.vocabulary.n_genes} genes")
+    print(f"  SE(2): {cfg.num_hidden_layers} layers, E={cfg.embedding_dim}, {cfg.num_attention_heads} heads, "
+          f"K={cfg.gaussian_hidden_dim}")
     s = model.settings
     print(f"  sub-slices of {s.split_num} cells ({s.split_mode} split), virtual cells alpha={s.hypernode_alpha}, "
           f"at most {s.max_hypernodes}")
@@ -155,9 +211,9 @@ _EXTENSIONS: List[Callable] = []
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from napari_stofm.errors import StofmError
-
     import warnings
+
+    from napari_stofm.errors import StofmError
 
     # Library deprecation chatter (zarr, pandas, anndata) is not for the terminal user.
     for category in (FutureWarning, DeprecationWarning):
@@ -172,7 +228,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return _COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return _COMMANDS[args.command](args)
     except (StofmError, FileExistsError, FileNotFoundError) as exc:
         if args.debug:
             raise
@@ -181,6 +239,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"stofm {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
+
+
+def _one_line_warning(command_name: str):
+    """``warnings.showwarning`` for the terminal: ``stofm CMD: warning: message``, no source line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"stofm {command_name}: warning: {message}", file=file or sys.stderr)
+    return show
 
 
 def _load_extensions() -> None:

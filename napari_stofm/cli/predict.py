@@ -8,7 +8,15 @@ import numpy as np
 
 from napari_stofm import keys
 from napari_stofm.cli import app as cli
-from napari_stofm.cli.app import _add_embed_args, _add_model_args, _check_output, _load_model, command
+from napari_stofm.cli.app import (
+    _add_embed_args,
+    _add_model_args,
+    _check_output,
+    _load_model,
+    bounded_float,
+    command,
+    positive_int,
+)
 
 ANNOTATION_KEYS = keys.PREDICTED_KEYS
 
@@ -24,10 +32,12 @@ def _add_parsers(sub) -> None:
     )
     p.add_argument("input", help="the slice: .h5ad file or SpatialData .zarr folder")
     p.add_argument("-o", "--output", required=True, help="the .h5ad to write")
-    p.add_argument("--regions", type=int, default=None, metavar="K", help="number of tissue regions (default 7)")
-    p.add_argument("--resolution", type=float, default=None,
-                   help="instead of K: Leiden resolution (larger = more regions)")
-    p.add_argument("--reference", default=None, metavar="REF", help="a labelled slice (.h5ad/.zarr) to learn labels from")
+    p.add_argument("--regions", type=positive_int("number of tissue regions"), default=None, metavar="K",
+                   help="number of tissue regions (default 7)")
+    p.add_argument("--resolution", type=bounded_float("Leiden resolution", minimum=0.0, exclusive_minimum=True),
+                   default=None, help="instead of K: Leiden resolution, > 0 (larger = more regions)")
+    p.add_argument("--reference", default=None, metavar="REF",
+                   help="a labelled slice (.h5ad/.zarr) to learn labels from")
     p.add_argument("--label-key", default=None, help="obs column with the labels to learn (in REF, or in INPUT)")
     p.add_argument("--target", choices=["cell_type", "region"], default="cell_type",
                    help="what the learned labels are: written to obs['stofm_cell_type'] or obs['stofm_region']")
@@ -47,7 +57,8 @@ def _add_parsers(sub) -> None:
     p.add_argument("--h5ad", default=None, help="write an .h5ad copy with the labels and provenance")
     p.add_argument("--csv", default=None, help="write a CSV: cell id, x, y, classes, confidence, curated")
     p.add_argument("--zarr", default=None, help="write a SpatialData .zarr whose table annotates the cell territories")
-    p.add_argument("--keys", nargs="+", default=None, help=f"obs columns to export (default: those of {ANNOTATION_KEYS} present)")
+    p.add_argument("--keys", nargs="+", default=None,
+                   help=f"obs columns to export (default: those of {ANNOTATION_KEYS} present)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
     p = sub.add_parser(
@@ -57,7 +68,8 @@ def _add_parsers(sub) -> None:
         "results (.h5ad + CSV) into a folder.",
     )
     p.add_argument("-o", "--output", default="stofm-demo", help="folder for the results (default: stofm-demo)")
-    p.add_argument("--n-cells", type=int, default=3000, help="cells in the generated sample slice")
+    p.add_argument("--n-cells", type=positive_int("cells in the sample slice"), default=3000,
+                   help="cells in the generated sample slice")
     p.add_argument("--overwrite", action="store_true", help="replace existing results in the folder")
     _add_model_args(p)
 
@@ -82,11 +94,11 @@ def cmd_predict(args) -> int:
         adata, model, n_regions=args.regions, resolution=args.resolution, reference=args.reference,
         label_key=args.label_key, target_key=f"stofm_{args.target}", spatial_key=args.spatial_key,
         device=None if args.device == "auto" else args.device, seed=args.seed, gene_key=args.gene_key,
-        split_num=args.split_num, progress=_progress(args),
+        split_num=args.split_num, progress=_progress(args), values=args.values,
     )
     for key, ann in result.annotations.items():
         table = ann.summary()
-        counts = ", ".join(f"{name}: {n}" for name, n in zip(table["name"], table["n_cells"]))
+        counts = ", ".join(f"{name}: {n}" for name, n in zip(table["name"], table["n_cells"], strict=True))
         print(f"{key}: {ann.n_classes} classes, mean confidence {np.nanmean(ann.confidence):.2f} ({counts})",
               file=sys.stderr)
     cli._write_h5ad(adata, args.output, args.overwrite)
@@ -95,13 +107,14 @@ def cmd_predict(args) -> int:
 
 
 def _annotations(adata, keys):
-    from napari_stofm.review.annotation import Annotation
     from napari_stofm.errors import StofmInputError
+    from napari_stofm.heads.annotation import Annotation
 
     keys = keys or [k for k in ANNOTATION_KEYS if k in adata.obs]
     if not keys:
         raise StofmInputError(
-            f"no label columns to export: the file has none of {ANNOTATION_KEYS}; run `stofm predict` first or pass --keys"
+            f"no label columns to export: the file has none of {ANNOTATION_KEYS}; "
+            "run `stofm predict` first or pass --keys"
         )
     return {k: Annotation.from_obs(adata, k) for k in keys}
 
@@ -109,13 +122,15 @@ def _annotations(adata, keys):
 @command("export")
 def cmd_export(args) -> int:
     from napari_stofm.errors import StofmInputError
-    from napari_stofm.io.export import export_csv, export_h5ad, export_spatialdata
+    from napari_stofm.io.export import check_export_target, export_csv, export_h5ad, export_spatialdata
 
-    targets = [t for t in (args.h5ad, args.csv, args.zarr) if t]
+    targets = [(t, fmt) for t, fmt in ((args.h5ad, "h5ad"), (args.csv, "csv"), (args.zarr, "spatialdata")) if t]
     if not targets:
         raise StofmInputError("nothing to write: give at least one of --h5ad, --csv, --zarr")
-    for t in targets:
+    for t, fmt in targets:  # every target is checked before any is written
         _check_output(t, args.overwrite)
+        check_export_target(t, overwrite=args.overwrite, fmt=fmt)
+    targets = [t for t, _ in targets]
     adata = cli._read(args.input)
     annotations = _annotations(adata, args.keys)
     if args.h5ad:
@@ -135,10 +150,10 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from sklearn.metrics import adjusted_rand_score, f1_score
 
-    from napari_stofm.review.annotation import Annotation
+    from napari_stofm.heads.annotation import Annotation
     from napari_stofm.io.export import export_csv, export_h5ad
-    from napari_stofm.pipeline.predict import predict
     from napari_stofm.io.sample import make_sample_slice
+    from napari_stofm.pipeline.predict import predict
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +168,8 @@ def cmd_demo(args) -> int:
     model = _load_model(args)
     print(f"sample slice: {adata.n_obs} cells, {adata.n_vars} genes; model {model}", file=sys.stderr)
     n_true = adata.obs["region"].cat.categories.size
-    predict(adata, model, n_regions=n_true, device=None if args.device == "auto" else args.device, progress=_progress(args))
+    predict(adata, model, n_regions=n_true, device=None if args.device == "auto" else args.device,
+            progress=_progress(args))
     predict(adata, model, label_key="cell_type_partial", device=None if args.device == "auto" else args.device)
     ari = adjusted_rand_score(adata.obs["region"], adata.obs[keys.REGION])
     hidden = partial.isna().to_numpy()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from napari_stofm.cli.app import _EXTENSIONS, command
+from napari_stofm.cli.app import _EXTENSIONS, bounded_float, command, nonnegative_int, positive_int
 
 _DESCRIPTION = """\
 Train SToFM weights from spatial-transcriptomics slices (.h5ad files with cell positions in
@@ -48,43 +48,56 @@ def _add_parser(sub) -> None:
                      "to FILE.npz, which --data then accepts on a machine without anndata")
     p.add_argument("--exclude-held-out", action=argparse.BooleanOptionalAction, default=True,
                    help="skip / refuse the evaluation slices listed in the data README (default: on)")
-    p.add_argument("--stage1-steps", type=int, default=d.stage1_steps,
+    p.add_argument("--stage1-steps", type=nonnegative_int("stage-1 steps"), default=d.stage1_steps,
                    help=f"training steps of the gene-scale encoder (default: {d.stage1_steps})")
-    p.add_argument("--stage2-steps", type=int, default=d.stage2_steps,
+    p.add_argument("--stage2-steps", type=nonnegative_int("stage-2 steps"), default=d.stage2_steps,
                    help=f"training steps of the SE(2) transformer (default: {d.stage2_steps})")
-    p.add_argument("--minutes", type=float, default=None,
+    p.add_argument("--minutes", type=bounded_float("minutes", minimum=0.0, exclusive_minimum=True), default=None,
                    help="wall-clock budget for this call; stage 1 may use --stage1-share of it and each stage stops "
                    "early when its share is spent (default: no limit, the step counts decide)")
-    p.add_argument("--stage1-share", type=float, default=d.stage1_share,
+    p.add_argument("--stage1-share", type=bounded_float("stage-1 share", minimum=0.0, maximum=1.0),
+                   default=d.stage1_share,
                    help=f"part of --minutes given to stage 1 (default: {d.stage1_share})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    p.add_argument("--seed", type=nonnegative_int("random seed"), default=d.seed,
+                   help=f"random seed (default: {d.seed})")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/state/")
-    p.add_argument("--threads", type=int, default=d.threads, help=f"CPU threads for torch (default: {d.threads})")
-    p.add_argument("--loader-threads", type=int, default=0,
+    p.add_argument("--threads", type=positive_int("CPU threads"), default=d.threads,
+                   help=f"CPU threads for torch (default: {d.threads})")
+    p.add_argument("--loader-threads", type=nonnegative_int("loader threads"), default=0,
                    help="threads that build the next batches while the model trains; worth it on a GPU "
                    "(e.g. 4), not on a small CPU (default: 0, built in line; the batches are the same either way)")
     p.add_argument("--device", default="auto",
                    help="where to train: cpu, cuda, cuda:N, mps, or auto = the GPU when there is one (default: auto)")
-    p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes,
+    p.add_argument("--checkpoint-minutes",
+                   type=bounded_float("checkpoint minutes", minimum=0.0, exclusive_minimum=True),
+                   default=d.checkpoint_minutes,
                    help=f"save a resumable checkpoint this often (default: {d.checkpoint_minutes})")
     p.add_argument("--name", default=d.name, help=f"model name written into stofm.json (default: {d.name})")
     g = p.add_argument_group("sizes and batches (defaults suit a CPU)")
-    g.add_argument("--max-genes", type=int, default=d.max_genes,
-                   help=f"genes per cell, top of the rank order, in training and later embedding (default: {d.max_genes})")
-    g.add_argument("--batch-cells", type=int, default=d.batch_cells, help=f"cells per stage-1 step (default: {d.batch_cells})")
-    g.add_argument("--train-split-num", type=int, default=None,
+    g.add_argument("--max-genes", type=positive_int("genes per cell"), default=d.max_genes,
+                   help="genes per cell, top of the rank order, in training and later embedding "
+                        f"(default: {d.max_genes})")
+    g.add_argument("--batch-cells", type=positive_int("cells per stage-1 step"), default=d.batch_cells,
+                   help=f"cells per stage-1 step (default: {d.batch_cells})")
+    g.add_argument("--train-split-num", type=positive_int("cells per training sub-slice"), default=None,
                    help=f"cells per training sub-slice in stage 2 (default: {d.train_split_num}; may be changed "
                    "on --resume)")
-    g.add_argument("--batch-subslices", type=int, default=None,
+    g.add_argument("--batch-subslices", type=positive_int("sub-slices per stage-2 step"), default=None,
                    help=f"sub-slices per stage-2 step (default: {d.batch_subslices}; may be changed on --resume)")
-    g.add_argument("--bert-hidden", type=int, default=d.bert_hidden, help=f"cell encoder width (default: {d.bert_hidden})")
-    g.add_argument("--bert-layers", type=int, default=d.bert_layers, help=f"cell encoder layers (default: {d.bert_layers})")
-    g.add_argument("--se2-dim", type=int, default=d.se2_dim, help=f"SE(2) transformer width E (default: {d.se2_dim})")
-    g.add_argument("--se2-layers", type=int, default=d.se2_layers, help=f"SE(2) transformer layers (default: {d.se2_layers})")
-    g.add_argument("--se2-heads", type=int, default=d.se2_heads, help=f"SE(2) attention heads (default: {d.se2_heads})")
-    g.add_argument("--profile-weight", type=float, default=d.profile_weight,
+    g.add_argument("--bert-hidden", type=positive_int("cell encoder width"), default=d.bert_hidden,
+                   help=f"cell encoder width (default: {d.bert_hidden})")
+    g.add_argument("--bert-layers", type=positive_int("cell encoder layers"), default=d.bert_layers,
+                   help=f"cell encoder layers (default: {d.bert_layers})")
+    g.add_argument("--se2-dim", type=positive_int("SE(2) transformer width"), default=d.se2_dim,
+                   help=f"SE(2) transformer width E (default: {d.se2_dim})")
+    g.add_argument("--se2-layers", type=positive_int("SE(2) transformer layers"), default=d.se2_layers,
+                   help=f"SE(2) transformer layers (default: {d.se2_layers})")
+    g.add_argument("--se2-heads", type=positive_int("SE(2) attention heads"), default=d.se2_heads,
+                   help=f"SE(2) attention heads (default: {d.se2_heads})")
+    g.add_argument("--profile-weight", type=bounded_float("profile weight", minimum=0.0), default=d.profile_weight,
                    help=f"weight of the stage-1 profile-reconstruction term (default: {d.profile_weight})")
-    g.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight,
+    g.add_argument("--contrastive-weight", type=bounded_float("contrastive weight", minimum=0.0),
+                   default=d.contrastive_weight,
                    help=f"weight of the stage-1 contrastive term, 0 to switch it off (default: {d.contrastive_weight})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

@@ -1,7 +1,7 @@
 """Expression matrices as the gene scale reads them: CSR, per-cell normalised."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -14,9 +14,39 @@ TARGET_SUM = 10_000.0
 VALUE_KINDS = ("raw_counts", "volume_normalized", "log_normalized")
 
 
-def expression_values_kind(adata) -> str:
-    """What ``X`` holds: ``uns['source']['values']`` if given, ``'log_normalized'`` when scanpy's
-    ``uns['log1p']`` is present, else ``'raw_counts'`` (any linear scale works the same)."""
+#: largest value a log1p-normalised matrix plausibly holds (log1p(1e6) = 13.8: even counts
+#: per million stay below it), and the share of non-integer values above which a matrix
+#: with no larger value is read as log-normalised
+LOG_MAX = 20.0
+LOG_NONINTEGER_FRACTION = 0.5
+#: rows looked at to tell what X holds (evenly spaced; keeps the check fast on huge slices)
+_SAMPLE_ROWS = 20_000
+
+LINEAR_KINDS = ("raw_counts", "volume_normalized")
+
+
+def check_values_kind(values, what: str = "values") -> str:
+    """``values`` if it is one of :data:`VALUE_KINDS`, else :class:`StofmInputError`."""
+    if not isinstance(values, str) or values not in VALUE_KINDS:
+        raise StofmInputError(
+            f"{what}={values!r} is not one of {', '.join(VALUE_KINDS)}: say whether X holds counts, "
+            "volume-normalised or log-normalised values")
+    return values
+
+
+def infer_values_kind(adata=None, X=None, values: Optional[str] = None) -> Tuple[str, str]:
+    """``(kind, basis)``: what the expression matrix holds and how that was decided.
+
+    In order: ``values`` when given (basis ``'values='``); ``uns['source']['values']``;
+    ``'log_normalized'`` when scanpy's ``uns['log1p']`` is present; else it is read off the
+    values of ``X`` (default ``adata.X``; basis ``'detected: ...'``): whole numbers are
+    ``'raw_counts'``; non-integer values none of which exceeds :data:`LOG_MAX` (mostly
+    non-integers) are ``'log_normalized'`` (scanpy / Seurat log1p data that lost its
+    ``uns['log1p']``, e.g. written by another tool); other non-integer values are a linear
+    scale (``'volume_normalized'``, which the tokenizer reads like counts).
+    """
+    if values is not None:
+        return check_values_kind(values), "values="
     uns = getattr(adata, "uns", None) or {}
     source = uns.get("source")
     if isinstance(source, dict) and source.get("values") is not None:
@@ -26,10 +56,51 @@ def expression_values_kind(adata) -> str:
                 f"uns['source']['values'] is {kind!r}; expected one of {', '.join(VALUE_KINDS)} "
                 f"(set it to say whether X holds counts, volume-normalised or log-normalised values)"
             )
-        return kind
+        return kind, "uns['source']['values']"
     if "log1p" in uns:
-        return "log_normalized"
-    return "raw_counts"
+        return "log_normalized", "uns['log1p']"
+    if X is None:
+        X = getattr(adata, "X", None)
+    if X is None:
+        return "raw_counts", "default (no expression matrix to look at)"
+    return _detect_values_kind(X)
+
+
+def _detect_values_kind(X) -> Tuple[str, str]:
+    if hasattr(X, "to_memory"):  # a backed matrix
+        X = X.to_memory()
+    if sp.issparse(X):
+        M = as_csr(X)
+        if M.shape[0] > _SAMPLE_ROWS:
+            M = M[np.linspace(0, M.shape[0] - 1, _SAMPLE_ROWS).astype(np.int64)]
+        data = M.data
+    else:
+        arr = np.asarray(X)
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number):
+            return "raw_counts", "default (the expression matrix is not a 2-D numeric array)"
+        if arr.shape[0] > _SAMPLE_ROWS:
+            arr = arr[np.linspace(0, arr.shape[0] - 1, _SAMPLE_ROWS).astype(np.int64)]
+        data = arr.ravel()
+    if not np.issubdtype(np.asarray(data).dtype, np.number):
+        return "raw_counts", "default (the expression matrix does not hold numbers)"
+    data = np.asarray(data, dtype=np.float64)
+    data = data[np.isfinite(data) & (data != 0)]
+    if data.size == 0:
+        return "raw_counts", "default (no non-zero value)"
+    nonint = float(np.mean(np.abs(data - np.round(data)) > 1e-6 * np.maximum(1.0, np.abs(data))))
+    vmax = float(data.max())
+    if nonint == 0.0:
+        return "raw_counts", "detected: whole numbers"
+    if vmax <= LOG_MAX and nonint >= LOG_NONINTEGER_FRACTION:
+        return "log_normalized", (f"detected: {100 * nonint:.0f} % non-integer values, none above {vmax:.3g} "
+                                  f"(log1p-like range <= {LOG_MAX:g})")
+    return "volume_normalized", (f"detected: {100 * nonint:.0f} % non-integer values up to {vmax:.3g} "
+                                 "(a linear scale)")
+
+
+def expression_values_kind(adata, X=None) -> str:
+    """What ``X`` holds (one of :data:`VALUE_KINDS`); see :func:`infer_values_kind`."""
+    return infer_values_kind(adata, X)[0]
 
 
 def as_csr(X) -> sp.csr_matrix:

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import gzip
 import re
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,7 +28,6 @@ from napari_stofm.errors import StofmInputError
 
 HUMAN = "human"
 MOUSE = "mouse"
-SPECIES = (HUMAN, MOUSE)
 
 ID_SYMBOL = "symbol"
 ID_ENSEMBL = "ensembl"
@@ -235,7 +233,7 @@ def _string_columns(var: pd.DataFrame) -> list:
         dt = var[c].dtype
         if isinstance(dt, pd.CategoricalDtype):
             dt = dt.categories.dtype
-        if dt == object or pd.api.types.is_string_dtype(dt):
+        if pd.api.types.is_object_dtype(dt) or pd.api.types.is_string_dtype(dt):
             cols.append(c)
     return cols
 

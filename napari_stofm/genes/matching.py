@@ -7,11 +7,25 @@ from typing import Optional, Sequence
 import numpy as np
 
 from napari_stofm.errors import StofmInputError
-from napari_stofm.genes.expression import expression_values_kind
-from napari_stofm.genes.identifiers import (VAR_NAMES, names_for_key, require_species, var_frame,
-                                            canonical_gene_ids, control_probe_mask, detect_species,
-                                            gene_name_sources, id_kind)
+from napari_stofm.genes.expression import infer_values_kind
+from napari_stofm.genes.identifiers import (
+    VAR_NAMES,
+    canonical_gene_ids,
+    control_probe_mask,
+    detect_species,
+    gene_name_sources,
+    id_kind,
+    names_for_key,
+    require_species,
+    var_frame,
+)
 from napari_stofm.genes.vocabulary import GeneVocabulary
+
+#: below this many vocabulary genes (or this share of the panel) a slice is embedded with a
+#: warning: a rank-value token sequence over 10 genes holds a few tokens per cell in sparse
+#: spatial data, and with under a fifth of the panel most of what was measured is unused
+MIN_MATCHED_GENES = 10
+MIN_MATCHED_FRACTION = 0.2
 
 
 @dataclass
@@ -32,6 +46,8 @@ class GeneMatch:
     id_kind: str
     source: str = VAR_NAMES
     values: str = "raw_counts"
+    #: how ``values`` was decided (see :func:`~napari_stofm.genes.expression.infer_values_kind`)
+    values_basis: str = "default"
     gene_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=object))
     #: columns left out of every cell's total (blank / control probes)
     control_index: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
@@ -43,6 +59,22 @@ class GeneMatch:
     def summary(self) -> str:
         return (f"{self.n_matched} of {self.n_total} genes ({100 * self.fraction:.1f} %) matched the "
                 f"vocabulary ({self.species}, {self.id_kind} IDs from {self.source})")
+
+    @property
+    def few_genes(self) -> bool:
+        """True when so few genes matched that cell embeddings carry little information:
+        fewer than :data:`MIN_MATCHED_GENES`, or less than :data:`MIN_MATCHED_FRACTION` of the panel."""
+        return self.n_matched < MIN_MATCHED_GENES or self.fraction < MIN_MATCHED_FRACTION
+
+    def few_genes_message(self) -> str:
+        """What :attr:`few_genes` means for the user, and what to do ('' when enough matched)."""
+        if not self.few_genes:
+            return ""
+        return (f"only {self.n_matched} of the slice's {self.n_total} genes ({100 * self.fraction:.1f} %) are in the "
+                f"model's gene vocabulary (read as {self.species} {self.id_kind} IDs from {self.source}): each cell is "
+                f"encoded from at most {self.n_matched} genes, so its embedding says little about it. Check gene_key= "
+                "(a var column of gene symbols or Ensembl IDs) and species=, or use a checkpoint whose vocabulary "
+                "covers this panel")
 
 
 def _match(names: Sequence[str], vocabulary: GeneVocabulary, species: str):
@@ -107,7 +139,7 @@ def resolve_genes(adata, vocabulary: GeneVocabulary, gene_key: Optional[str] = N
 
     hit = np.flatnonzero(tokens >= 0)
     token_ids = tokens[hit].astype(np.int64)
-    values = expression_values_kind(adata) if is_adata else "raw_counts"
+    values, basis = infer_values_kind(adata) if is_adata else ("raw_counts", "default (no expression matrix)")
     return GeneMatch(
         var_index=hit.astype(np.int64),
         token_ids=token_ids,
@@ -118,6 +150,7 @@ def resolve_genes(adata, vocabulary: GeneVocabulary, gene_key: Optional[str] = N
         id_kind=id_kind(names),
         source=str(key),
         values=values,
+        values_basis=basis,
         gene_ids=canon[hit],
         control_index=np.flatnonzero(controls).astype(np.int64),
     )

@@ -16,8 +16,14 @@ import numpy as np
 import scipy.sparse as sp
 
 from napari_stofm.errors import StofmInputError
-from napari_stofm.genes.expression import TARGET_SUM, as_csr, normalize_expression  # noqa: F401 (re-exported)
-from napari_stofm.genes.expression import VALUE_KINDS
+from napari_stofm.genes.expression import (  # noqa: F401 - re-exported
+    TARGET_SUM,
+    VALUE_KINDS,
+    as_csr,
+    check_values_kind,
+    infer_values_kind,
+    normalize_expression,
+)
 from napari_stofm.genes.matching import GeneMatch, resolve_genes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,8 +84,9 @@ class TokenizedCells:
     def batches(self, batch_size: int, indices: Optional[Sequence[int]] = None
                 ) -> Iterator[Tuple["torch.Tensor", "torch.Tensor"]]:
         """Padded ``(input_ids, attention_mask)`` batches over ``indices`` (default: all cells, in order)."""
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+        from napari_stofm.pipeline.checks import integer
+
+        batch_size = integer(batch_size, "batch_size", minimum=1)
         idx = np.arange(self.n_cells) if indices is None else np.asarray(indices, dtype=np.int64)
         for start in range(0, idx.size, batch_size):
             yield self.padded(idx[start:start + batch_size])
@@ -109,8 +116,9 @@ def tokenize(X_csr, gene_match: GeneMatch, vocabulary: "GeneVocabulary", max_gen
     ``values`` overrides ``gene_match.values`` ('raw_counts', 'volume_normalized',
     'log_normalized'). Columns sharing a token are summed.
     """
-    if max_genes < 1:
-        raise ValueError("max_genes must be at least 1")
+    from napari_stofm.pipeline.checks import integer
+
+    max_genes = integer(max_genes, "max_genes", minimum=1, fix="the number of genes kept per cell")
     X = as_csr(X_csr)
     n_cells, n_var = X.shape
     if n_var != gene_match.n_total:
@@ -133,7 +141,7 @@ def tokenize(X_csr, gene_match: GeneMatch, vocabulary: "GeneVocabulary", max_gen
     inv_norm = 1.0 / np.asarray(vocabulary.norm_factors, dtype=np.float64)[col_tokens]
     if not np.all(np.isfinite(inv_norm)) or np.any(inv_norm <= 0):
         raise StofmInputError("the gene match holds genes without a normalisation factor: call resolve_genes again")
-    values = values or gene_match.values
+    values = check_values_kind(values or gene_match.values)
 
     id_parts, len_parts = [], []
     for start in range(0, n_cells, _CHUNK_ROWS):
@@ -178,13 +186,22 @@ def _rank_rows(M: sp.csr_matrix, col_tokens: np.ndarray, max_genes: int, cls_id:
 
 
 def tokenize_adata(adata, vocabulary: "GeneVocabulary", gene_key: Optional[str] = None,
-                   species: Optional[str] = None, max_genes: int = DEFAULT_MAX_GENES, layer: Optional[str] = None
-                   ) -> Tuple[TokenizedCells, GeneMatch]:
-    """:func:`resolve_genes` then :func:`tokenize` on ``adata.X`` (or ``adata.layers[layer]``)."""
+                   species: Optional[str] = None, max_genes: int = DEFAULT_MAX_GENES, layer: Optional[str] = None,
+                   values: Optional[str] = None) -> Tuple[TokenizedCells, GeneMatch]:
+    """:func:`resolve_genes` then :func:`tokenize` on ``adata.X`` (or ``adata.layers[layer]``).
+
+    ``values`` says what the matrix holds (one of ``VALUE_KINDS``); by default it is read
+    from ``uns`` or from the matrix itself (:func:`~napari_stofm.genes.expression.infer_values_kind`);
+    ``match.values`` / ``match.values_basis`` record what was used and why.
+    """
+    if values is not None:
+        check_values_kind(values)
     match = resolve_genes(adata, vocabulary, gene_key=gene_key, species=species)
     if layer is not None and layer not in adata.layers:
         raise StofmInputError(f"layer {layer!r} is not in adata.layers ({', '.join(adata.layers) or 'none'})")
     X = adata.X if layer is None else adata.layers[layer]
     if X is None:
         raise StofmInputError("adata.X is empty: load the expression matrix, or pass layer=")
+    if values is not None or layer is not None:  # decided on the matrix that is tokenized
+        match.values, match.values_basis = infer_values_kind(adata, X, values)
     return tokenize(X, match, vocabulary, max_genes=max_genes), match

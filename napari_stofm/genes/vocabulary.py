@@ -20,6 +20,7 @@ import json
 import math
 import pickle
 from pathlib import Path
+from struct import error as struct_error
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -27,10 +28,16 @@ import pandas as pd
 import scipy.sparse as sp
 
 from napari_stofm.errors import CheckpointError, StofmInputError
-from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report
 from napari_stofm.genes.expression import as_csr, expression_values_kind, normalize_expression
-from napari_stofm.genes.identifiers import (HUMAN, canonical_gene_ids, control_probe_mask, default_gene_names,
-                                            detect_species, normalize_species)
+from napari_stofm.genes.identifiers import (
+    HUMAN,
+    canonical_gene_ids,
+    control_probe_mask,
+    default_gene_names,
+    detect_species,
+    normalize_species,
+)
+from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report
 
 PAD = "<pad>"
 MASK = "<mask>"
@@ -40,6 +47,8 @@ TSV_NAME = "vocabulary.tsv"
 TSV_COLUMNS = ("token_id", "gene", "norm_factor", "n_cells_seen")
 
 PathLike = Union[str, Path]
+#: largest token id read from a Geneformer dictionary (the published one has about 25,000)
+MAX_TOKEN_ID = 10_000_000
 
 
 def _is_special(name: str) -> bool:
@@ -151,7 +160,7 @@ class GeneVocabulary:
         """The text of ``vocabulary.tsv``."""
         buf = io.StringIO()
         buf.write("\t".join(TSV_COLUMNS) + "\n")
-        for i, (t, f, n) in enumerate(zip(self.tokens, self.norm_factors, self.n_cells_seen)):
+        for i, (t, f, n) in enumerate(zip(self.tokens, self.norm_factors, self.n_cells_seen, strict=True)):
             if "\t" in t or "\n" in t:
                 raise ValueError(f"gene id {t!r} holds a tab or newline")
             buf.write(f"{i}\t{t}\t{'' if math.isnan(f) else repr(float(f))}\t{int(n)}\n")
@@ -196,6 +205,13 @@ class GeneVocabulary:
                              int(seen) if seen.strip() else -1))
             except (IndexError, ValueError) as exc:
                 raise CheckpointError(f"{path}, line {lineno}: cannot read {row!r} ({exc})") from None
+            if not 0 <= rows[-1][0] <= MAX_TOKEN_ID:
+                raise CheckpointError(f"{path}, line {lineno}: token id {tid!r} is outside 0..{MAX_TOKEN_ID}")
+            if not -1 <= rows[-1][3] < 2**62:
+                raise CheckpointError(f"{path}, line {lineno}: n_cells_seen {seen!r} is not a cell count (or -1)")
+            if math.isinf(rows[-1][2]):
+                raise CheckpointError(f"{path}, line {lineno}: norm_factor {nf!r} of {gene!r} is infinite; "
+                                      "give a positive number (or leave it empty for a special token)")
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         if not np.array_equal(np.sort(ids), np.arange(len(rows))):
             raise CheckpointError(f"{path}: token ids must be 0..{len(rows) - 1}, each once")
@@ -218,18 +234,24 @@ class GeneVocabulary:
         """
         tokens = _read_dictionary(token_dictionary, int, "token dictionary")
         medians = _read_dictionary(gene_median_dictionary, float, "gene median dictionary")
+        where = ("the Geneformer token dictionary" if isinstance(token_dictionary, Mapping)
+                 else f"the Geneformer token dictionary {token_dictionary}")
         for special in (PAD, MASK):
             if special not in tokens:
-                raise CheckpointError(f"the Geneformer token dictionary has no {special} token")
+                raise CheckpointError(f"{where} has no {special} token")
         ids = np.array(list(tokens.values()), dtype=np.int64)
         if ids.min() < 0 or np.unique(ids).size != ids.size:
-            raise CheckpointError("the Geneformer token dictionary has negative or repeated token ids")
+            raise CheckpointError(f"{where} has negative or repeated token ids")
+        if int(ids.max()) >= 2 * ids.size + 1024:  # the id range sizes the vocabulary arrays
+            raise CheckpointError(
+                f"{where} has {ids.size} tokens but ids up to {int(ids.max())}: most ids would be unused; the "
+                "dictionary is corrupt (Geneformer's ids are 0..n-1)")
         size = int(ids.max()) + 1 + (0 if CLS in tokens else 1)
         names = [f"<unused{i}>" for i in range(size)]
         nf = np.full(size, np.nan)
         keys = [k for k in tokens if not _is_special(k)]
         canon = canonical_gene_ids(keys, HUMAN)
-        for key, c in zip(keys, canon):
+        for key, c in zip(keys, canon, strict=True):
             i = tokens[key]
             names[i] = str(c)
             m = medians.get(key, medians.get(str(c)))
@@ -265,18 +287,41 @@ def _safe_codecs_encode(text, encoding="utf-8"):
     return text.encode("latin1")
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _checked_builtin(kind):
+    """``kind`` (int, float, ...) as a pickle may call it: a call that fails (``int('notanint')``,
+    ``dict(5)``) is an ``UnpicklingError`` that shows the call, not a raw ``ValueError``."""
+    def call(*args):
+        try:
+            return kind(*args)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise pickle.UnpicklingError(
+                f"the pickle calls {kind.__name__}({', '.join(_short(a) for a in args)}), which fails ({exc})"
+            ) from None
+    call.__name__ = kind.__name__
+    return call
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles only dicts, lists, str, int, float (and numpy number scalars, as plain numbers).
 
     Any other class or function in the stream raises ``pickle.UnpicklingError``, so a
-    malicious pickle cannot run code.
+    malicious pickle cannot run code; a malformed one (a call that fails, a truncated
+    stream) raises it too.
     """
 
     _BUILTINS = {"dict", "list", "str", "int", "float"}
+    _PY2_NAMES = {"long": "int", "unicode": "str"}  # protocol-2 pickles name builtins as Python 2 did
 
     def find_class(self, module, name):
+        if module == "__builtin__":
+            module, name = "builtins", self._PY2_NAMES.get(name, name)
         if module == "builtins" and name in self._BUILTINS:
-            return getattr(builtins, name)
+            return _checked_builtin(getattr(builtins, name))
         if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "scalar":
             return _safe_scalar
         if module == "numpy" and name == "dtype":
@@ -287,8 +332,14 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def restricted_load(fh) -> object:
-    """``pickle.load`` through :class:`RestrictedUnpickler`."""
-    return RestrictedUnpickler(fh).load()
+    """``pickle.load`` through :class:`RestrictedUnpickler`; any failure is an ``UnpicklingError``."""
+    try:
+        return RestrictedUnpickler(fh).load()
+    except (pickle.UnpicklingError, EOFError):
+        raise
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError, OverflowError, RecursionError,
+            struct_error) as exc:
+        raise pickle.UnpicklingError(f"malformed pickle ({type(exc).__name__}: {exc})") from None
 
 
 def _read_dictionary(source, kind, what: str) -> dict:
@@ -308,16 +359,24 @@ def _read_dictionary(source, kind, what: str) -> dict:
                     raw = restricted_load(fh)
             else:
                 raise CheckpointError(f"{path}: a {what} must be .json or .pkl")
-        except (pickle.UnpicklingError, json.JSONDecodeError, EOFError, UnicodeDecodeError) as exc:
+        except (pickle.UnpicklingError, json.JSONDecodeError, EOFError, UnicodeDecodeError, RecursionError) as exc:
+            raise CheckpointError(f"cannot read {what} {path}: {exc}") from None
+        except OSError as exc:
             raise CheckpointError(f"cannot read {what} {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{label}: expected a dictionary, found {type(raw).__name__}")
     out = {}
     for k, v in raw.items():
         if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise CheckpointError(f"{label}: entry {k!r}: {v!r} is not a gene id -> number pair")
-        if kind is int and float(v) != int(v):
-            raise CheckpointError(f"{label}: token id {v!r} of {k!r} is not an integer")
+            raise CheckpointError(f"{label}: entry {_short(k)}: {_short(v)} is not a gene id -> number pair; "
+                                  f"every value of a {what} must be a number")
+        if not math.isfinite(v):
+            raise CheckpointError(f"{label}: entry {_short(k)}: {v!r} is not a finite number; fix or remove the entry")
+        if kind is int:
+            if float(v) != math.floor(v):
+                raise CheckpointError(f"{label}: token id {v!r} of {_short(k)} is not an integer")
+            if not 0 <= v <= MAX_TOKEN_ID:
+                raise CheckpointError(f"{label}: token id {int(v)} of {_short(k)} is outside 0..{MAX_TOKEN_ID}")
         out[k] = kind(v)
     return out
 
@@ -338,8 +397,11 @@ def build_vocabulary(adatas: Sequence, min_cells: int = 10, gene_key: Optional[s
     are neither genes nor part of the totals). Genes are ordered by canonical id.
     """
 
+    from napari_stofm.pipeline.checks import integer
+
     if not len(adatas):
         raise StofmInputError("build_vocabulary needs at least one slice")
+    min_cells = integer(min_cells, "min_cells", minimum=1, fix="cells that must express a gene for it to enter")
     if species is not None and normalize_species(species) is None:
         raise StofmInputError(f"species {species!r} is not supported: pass 'human' or 'mouse'")
     per_gene: dict = {}

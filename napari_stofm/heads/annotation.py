@@ -69,13 +69,15 @@ class Annotation:
         n = len(self.codes)
         self.colors = [to_hex(c) for c in colors] if colors is not None else default_colors(len(self.categories))
         if len(self.colors) != len(self.categories):
-            raise StofmInputError(f"{self.key}: {len(self.colors)} colours for {len(self.categories)} classes; give one colour per class.")
+            raise StofmInputError(f"{self.key}: {len(self.colors)} colours for {len(self.categories)} classes; "
+                                  "give one colour per class.")
         self.predicted_codes = (self.codes.copy() if predicted_codes is None
                                 else np.array(predicted_codes, dtype=np.int32).reshape(-1))
         self.confidence = (np.full(n, np.nan, np.float32) if confidence is None
                            else np.array(confidence, dtype=np.float32).reshape(-1))
         self.curated = np.zeros(n, bool) if curated is None else np.array(curated, dtype=bool).reshape(-1)
-        for name, arr in (("predicted_codes", self.predicted_codes), ("confidence", self.confidence), ("curated", self.curated)):
+        for name, arr in (("predicted_codes", self.predicted_codes), ("confidence", self.confidence),
+                          ("curated", self.curated)):
             if len(arr) != n:
                 raise StofmInputError(f"{self.key}: {name} has {len(arr)} values for {n} cells; give one per cell.")
         for name, arr in (("codes", self.codes), ("predicted_codes", self.predicted_codes)):
@@ -195,7 +197,8 @@ class Annotation:
         if not name:
             raise StofmInputError("class names must not be empty.")
         if name in others:
-            raise StofmInputError(f"{self.key}: a class named {name!r} already exists; pick another name or merge the two classes.")
+            raise StofmInputError(f"{self.key}: a class named {name!r} already exists; pick another name or "
+                                  "merge the two classes.")
         self.categories[code] = name
         self._touch()
 
@@ -343,7 +346,8 @@ class Annotation:
           something that is not a colour, default colours are used (with a warning).
         """
         if key not in adata.obs:
-            raise StofmInputError(f"adata.obs has no column '{key}' (its columns: {list(map(str, adata.obs.columns))}).")
+            raise StofmInputError(
+                f"adata.obs has no column '{key}' (its columns: {list(map(str, adata.obs.columns))}).")
         categories, codes, kept, n_names = _label_codes(adata.obs[key], key)
         predicted = None
         if keys.predicted_key(key) in adata.obs:
@@ -428,8 +432,11 @@ def clean_confidence(column, where: str) -> np.ndarray:
     ``where``); text that is not a number raises StofmInputError naming ``where``."""
     import pandas as pd
 
-    raw = column.to_numpy() if isinstance(column, pd.Series) and not isinstance(column.dtype, pd.CategoricalDtype) \
-        else _object_values(column) if isinstance(column, pd.Series) else np.asarray(column)
+    if isinstance(column, pd.Series):
+        categorical = isinstance(column.dtype, pd.CategoricalDtype)
+        raw = _object_values(column) if categorical else column.to_numpy()
+    else:
+        raw = np.asarray(column)
     if raw.dtype.kind in "biuf":
         values = raw.astype(np.float64).reshape(-1)
     elif raw.dtype.kind == "c":
@@ -493,7 +500,8 @@ def _codes_in(column, categories: List[str], key: str) -> np.ndarray:
     lookup = {name: i for i, name in enumerate(categories)}
     unknown = {str(v) for v in values if v is not None and str(v) not in lookup}
     if unknown:
-        raise StofmInputError(f"obs['{key}_predicted'] has classes {sorted(unknown)[:5]} that obs['{key}'] lacks; keep all classes as categories of obs['{key}'].")
+        raise StofmInputError(f"obs['{key}_predicted'] has classes {sorted(unknown)[:5]} that obs['{key}'] lacks; "
+                              f"keep all classes as categories of obs['{key}'].")
     return np.array([UNASSIGNED if v is None else lookup[str(v)] for v in values], dtype=np.int32)
 
 

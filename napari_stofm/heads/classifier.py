@@ -63,15 +63,15 @@ class LabelHead:
         max_iter: int = 1000,
         seed: int = 0,
     ):
-        if C <= 0:
-            raise StofmInputError(f"C must be positive, got {C}")
+        from napari_stofm.pipeline.checks import integer, number
+
         self.spatial_context = spatial_context
-        self.n_neighbors = int(n_neighbors)
-        self.C = float(C)
+        self.n_neighbors = integer(n_neighbors, "n_neighbors", minimum=1)
+        self.C = number(C, "C", minimum=0.0, exclusive_minimum=True)
         self.class_balance = class_balance
-        self.max_train_cells = int(max_train_cells)
-        self.max_iter = int(max_iter)
-        self.seed = int(seed)
+        self.max_train_cells = integer(max_train_cells, "max_train_cells", minimum=2)
+        self.max_iter = integer(max_iter, "max_iter", minimum=1)
+        self.seed = integer(seed, "seed", minimum=0, maximum=2**32 - 1)
         self.categories_: Optional[list[str]] = None
 
     # ------------------------------------------------------------------------------ fit
@@ -166,9 +166,11 @@ class LabelHead:
 
 def with_spatial_context(embeddings, xy, n_neighbors: int = 15) -> np.ndarray:
     """``[embedding, mean embedding of the n_neighbors nearest cells]`` per cell, (n, 2d)."""
+    from napari_stofm.pipeline.checks import integer
+
     emb = _embeddings(embeddings)
     pos = _positions(xy, emb.shape[0])
-    k = min(int(n_neighbors), emb.shape[0] - 1)
+    k = min(integer(n_neighbors, "n_neighbors", minimum=1), emb.shape[0] - 1)
     if k < 1:
         return np.hstack([emb, emb])
     context = neighbor_mean_operator(spatial_neighbors(pos, k)) @ emb
@@ -261,6 +263,12 @@ def refine_from_corrections(
     their curated code (confidence 1, one-hot probabilities); every other cell gets the
     retrained head's prediction. ``xy`` may be None (no spatial context).
     """
+    from napari_stofm.pipeline.checks import integer, number
+
+    min_confidence = number(min_confidence, "min_confidence", minimum=0.0, maximum=1.0)
+    pseudo_weight = number(pseudo_weight, "pseudo_weight", minimum=0.0)
+    max_pseudo_per_class = integer(max_pseudo_per_class, "max_pseudo_per_class", minimum=0)
+    claim_fraction = number(claim_fraction, "claim_fraction", minimum=0.0, maximum=1.0)
     emb = _embeddings(embeddings)
     n = emb.shape[0]
     codes = _codes(codes, n, len(categories))
@@ -340,21 +348,21 @@ def _override(pred: LabelPrediction, mask: np.ndarray, codes: np.ndarray) -> Lab
 
 def _check_classes(train_codes: np.ndarray, categories: list[str]) -> list[str]:
     counts = np.bincount(train_codes, minlength=len(categories))
-    present = [c for c, k in zip(categories, counts) if k > 0]
+    present = [c for c, k in zip(categories, counts, strict=True) if k > 0]
     if len(present) < 2:
         found = f"only {present[0]!r}" if present else "none"
         raise StofmInputError(
             f"need labelled cells of at least two classes to train a classifier, found {found}; "
             "label cells of another class (or use unsupervised regions instead)"
         )
-    single = [c for c, k in zip(categories, counts) if k == 1]
+    single = [c for c, k in zip(categories, counts, strict=True) if k == 1]
     if single:
         warnings.warn(
             f"classes {single} have a single labelled cell; their predictions are unreliable - "
             "label a few more cells of them",
             stacklevel=3,
         )
-    empty = [c for c, k in zip(categories, counts) if k == 0]
+    empty = [c for c, k in zip(categories, counts, strict=True) if k == 0]
     if empty:
         warnings.warn(
             f"classes {empty} have no labelled cells and will not be predicted; label some cells of them",

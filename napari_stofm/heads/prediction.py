@@ -17,6 +17,7 @@ import pandas as pd
 from napari_stofm.errors import StofmInputError
 from napari_stofm.palette import default_colors
 
+
 def encode_labels(labels, categories: Optional[Sequence[str]] = None) -> tuple[np.ndarray, list[str]]:
     """Turn per-cell labels into ``(codes int32, categories)``; missing labels get code -1.
 
@@ -113,7 +114,7 @@ class LabelPrediction:
     def counts(self) -> dict[str, int]:
         """Number of cells per category (in category order)."""
         counts = np.bincount(self.codes[self.codes >= 0], minlength=len(self.categories))
-        return {c: int(n) for c, n in zip(self.categories, counts)}
+        return {c: int(n) for c, n in zip(self.categories, counts, strict=True)}
 
     def to_categorical(self) -> pd.Categorical:
         """A pandas Categorical with this prediction's categories; code -1 becomes NaN."""

@@ -96,15 +96,19 @@ class RegionClusterer:
         progress: Optional[ProgressCallback] = None,
         cancel: CancelToken = None,
     ):
+        from napari_stofm.pipeline.checks import integer, number
+
         emb, xy = _validated(embeddings, xy)
-        if not 0.0 <= spatial_weight <= 1.0:
-            raise StofmInputError(f"spatial_weight must lie in [0, 1], got {spatial_weight}")
-        if n_neighbors < 1:
-            raise StofmInputError(f"n_neighbors must be at least 1, got {n_neighbors}")
+        spatial_weight = number(spatial_weight, "spatial_weight", minimum=0.0, maximum=1.0)
+        n_neighbors = integer(n_neighbors, "n_neighbors", minimum=1)
+        n_pcs = integer(n_pcs, "n_pcs", minimum=1)
+        n_micro = integer(n_micro, "n_micro", minimum=1)
+        seed = integer(seed, "seed", minimum=0, maximum=2**32 - 1)
+        smoothing_iterations = integer(smoothing_iterations, "smoothing_iterations", minimum=0, maximum=1000)
         self.n_cells = emb.shape[0]
         self.xy = xy
-        self.seed = int(seed)
-        self.smoothing_iterations = int(smoothing_iterations)
+        self.seed = seed
+        self.smoothing_iterations = smoothing_iterations
         steps = 5
         report(progress, 0, steps, "reducing embeddings")
         reduced = _standardised_pca(emb, n_pcs, self.seed)
@@ -147,16 +151,14 @@ class RegionClusterer:
         if n_regions is not None and resolution is not None:
             raise StofmInputError("give n_regions or resolution, not both")
         if n_regions is not None:
-            n_regions = int(n_regions)
+            n_regions = check_n_regions(n_regions)
             if not 1 <= n_regions <= self.n_micro:
                 raise StofmInputError(
                     f"n_regions must be between 1 and {self.n_micro} for this slice, got {n_regions}; "
                     "use fewer regions (or a larger n_micro for very fine partitions)"
                 )
             return _cut_tree(self._merges, self.n_micro, n_regions)
-        resolution = DEFAULT_RESOLUTION if resolution is None else float(resolution)
-        if not resolution > 0:
-            raise StofmInputError(f"resolution must be positive, got {resolution}")
+        resolution = DEFAULT_RESOLUTION if resolution is None else check_resolution(resolution)
         return _leiden(self._micro_graph, resolution, self.seed)
 
     def _prediction(self, labels: np.ndarray) -> LabelPrediction:
@@ -179,6 +181,22 @@ def cluster_regions(
 ) -> LabelPrediction:
     """One-shot :class:`RegionClusterer` (``kwargs`` go to its constructor) then ``.regions``."""
     return RegionClusterer(embeddings, xy, seed=seed, **kwargs).regions(n_regions=n_regions, resolution=resolution)
+
+
+def check_n_regions(n_regions) -> int:
+    """``n_regions`` as an int >= 1: ints, numpy ints and whole floats (``4.0``) pass; ``3.7``,
+    ``True`` or ``'4'`` are a :class:`StofmInputError` (never silently cut to 3)."""
+    from napari_stofm.pipeline.checks import integer
+
+    return integer(n_regions, "n_regions", minimum=1, fix="the number of tissue regions, e.g. 7")
+
+
+def check_resolution(resolution) -> float:
+    """``resolution`` as a finite float > 0, else a :class:`StofmInputError`."""
+    from napari_stofm.pipeline.checks import number
+
+    return number(resolution, "resolution", minimum=0.0, exclusive_minimum=True,
+                  fix="a Leiden resolution such as 0.5 (larger = more regions)")
 
 
 # ----------------------------------------------------------------------------- fit steps
@@ -358,7 +376,7 @@ def _leiden(graph: sp.coo_matrix, resolution: float, seed: int) -> np.ndarray:
     rows, cols, weights = graph.row[upper], graph.col[upper], graph.data[upper].astype(float)
     # igraph counts a self-loop twice in a vertex's strength; halve it to match the matrix.
     weights = np.where(rows == cols, weights / 2.0, weights)
-    g = ig.Graph(n=graph.shape[0], edges=list(zip(rows.tolist(), cols.tolist())), directed=False)
+    g = ig.Graph(n=graph.shape[0], edges=list(zip(rows.tolist(), cols.tolist(), strict=True)), directed=False)
     g.es["weight"] = weights.tolist()
     part = leidenalg.find_partition(
         g,

@@ -2,9 +2,18 @@
 
 Every writer builds the whole output in a temporary file (or folder) beside the target
 and only then moves it into place, so an interrupted export never damages an existing
-file. An existing target is replaced only with ``overwrite=True``.
+file. An existing target is replaced only with ``overwrite=True``, and then only when it is
+what this package writes there: a file for ``.h5ad`` / CSV (never a folder), and for
+SpatialData an empty folder or a store napari-stofm wrote (marked by
+:data:`STORE_MARKER`, or for older exports by its table's ``uns['stofm']['package']``) that
+holds nothing else; any other folder is refused (:class:`~napari_stofm.errors.ExportTargetNotOurs`).
+A store swap interrupted between its two renames is put back from its backup by the next
+export to that target; temporary files of killed exports (``.<name>.stofm-<host>-<pid>-*.tmp*``)
+are deleted by the next export into that folder. Write failures raise
+:class:`~napari_stofm.errors.ExportError` (:class:`~napari_stofm.errors.ExportPermissionError`
+for a read-only folder) naming the target, its folder and the fix.
 
-What is written for each annotation (see :class:`~napari_stofm.review.annotation.Annotation`):
+What is written for each annotation (see :class:`~napari_stofm.heads.annotation.Annotation`):
 obs columns ``<key>`` (Categorical with every class), ``<key>_confidence``,
 ``<key>_curated`` and ``<key>_predicted``; colours in ``uns['<key>_colors']``; and in
 ``uns['stofm']``: package version, export time, the provenance of each annotation (model,
@@ -12,19 +21,38 @@ weights fingerprint, parameters, timestamps) and the ids of the curated cells.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 import shutil
-import tempfile
+import time
 import uuid
+import warnings
 from pathlib import Path
-from typing import Callable, Dict, Mapping
+from typing import Callable, Dict, Mapping, Optional
 
 import numpy as np
 
 from napari_stofm import keys
+from napari_stofm.errors import (
+    ExportError,
+    ExportPermissionError,
+    ExportTargetNotOurs,
+    StofmInputError,
+)
+from napari_stofm.heads.annotation import Annotation, as_annotation_dict
+from napari_stofm.io.autosave import (
+    STALE_TEMP_SECONDS,
+    host_tag,
+    make_temp,
+    pid_alive,
+    release_temp,
+    remove_stale_temps,
+)
 from napari_stofm.provenance import canonical, now_iso
-from napari_stofm.review.annotation import Annotation, as_annotation_dict
-from napari_stofm.errors import StofmInputError
+
+log = logging.getLogger(__name__)
 
 LABELS_ELEMENT = "cell_territories"
 SHAPES_ELEMENT = "cell_circles"
@@ -83,7 +111,8 @@ def _check_sizes(adata, annotations: Dict[str, Annotation]) -> None:
 
 def _xy(adata, spatial_key: str) -> np.ndarray:
     if spatial_key not in adata.obsm:
-        raise StofmInputError(f"adata.obsm has no '{spatial_key}' (its keys: {list(adata.obsm.keys())}); pass spatial_key=...")
+        raise StofmInputError(f"adata.obsm has no '{spatial_key}' (its keys: {list(adata.obsm.keys())}); "
+                              "pass spatial_key=...")
     xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
     if xy.ndim != 2 or xy.shape[1] < 2:
         raise StofmInputError(f"adata.obsm['{spatial_key}'] has shape {xy.shape}; expected (n_cells, 2).")
@@ -92,53 +121,294 @@ def _xy(adata, spatial_key: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- atomic writes
 
+#: written into every SpatialData store this package exports: only such a store (or an empty
+#: folder) is ever replaced by ``overwrite=True``.
+STORE_MARKER = ".napari-stofm-export.json"
+_ZARR_META = {"zarr.json", ".zgroup", ".zattrs", ".zmetadata", ".zarray"}
+#: the folders of a store this package writes, and the elements in them
+_OUR_ELEMENTS = {"tables": {TABLE_NAME}, "shapes": {SHAPES_ELEMENT}, "labels": {LABELS_ELEMENT}}
 
-def _target(path, overwrite: bool) -> Path:
+
+def _dir_tag() -> str:
+    """``stofm-<host>-<pid>-<random>``: names the temporary and backup folders of one export."""
+    return f"stofm-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _target(path, overwrite: bool, kind: str = "file") -> Path:
+    """Check an export target before any work: folder exists and is writable, an existing
+    target is replaced only with ``overwrite`` and (for a folder) only when this package wrote it.
+
+    Also tidies the folder: temporary files of killed exports are deleted and a SpatialData
+    store left missing by an interrupted swap is put back from its backup.
+    """
     path = Path(path).expanduser()
-    if not path.parent.is_dir():
-        raise StofmInputError(f"cannot write {path}: the folder {path.parent} does not exist; create it first.")
-    if path.exists() and not overwrite:
-        raise ExportTargetExists(f"{path} already exists; pass overwrite=True to replace it (the old one is kept until the new one is complete).")
+    folder = path.parent
+    if not folder.is_dir():
+        raise StofmInputError(f"cannot write {path}: the folder {folder} does not exist; create it first.")
+    remove_stale_temps(folder)
+    restored = _recover_interrupted_swap(path) if kind == "dir" else None
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            note = f" ({restored})" if restored else ""
+            raise ExportTargetExists(f"{path} already exists{note}; pass overwrite=True to replace it "
+                                     "(the old one is kept until the new one is complete).")
+        if kind == "file" and path.is_dir():
+            raise StofmInputError(f"{path} is a folder; choose a file name for the export "
+                                  "(a folder is never replaced by a file).")
+        if kind == "dir":
+            if not path.is_dir():
+                raise StofmInputError(f"{path} is a file; a SpatialData store is a folder: "
+                                      "choose another name (e.g. ending in .zarr).")
+            reason = _not_replaceable(path)
+            if reason:
+                raise ExportTargetNotOurs(
+                    f"{path} exists and is not a SpatialData store written by napari-stofm ({reason}), so it is not "
+                    "replaced, even with overwrite=True: choose another name, or move or delete that folder yourself."
+                )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise _permission_error(path)
     return path
+
+
+def check_export_target(path, *, overwrite: bool = False, fmt: Optional[str] = None) -> Path:
+    """Raise now (a StofmError naming the problem and the fix) if an export to ``path`` would be
+    refused: missing or read-only folder, an existing target without ``overwrite``, a folder
+    where a file goes, or a folder this package did not write. Call it before long work (or
+    before writing several outputs, so none is written when one would be refused).
+    ``fmt``: 'h5ad', 'csv' or 'spatialdata' (default: from the suffix; '.zarr' = spatialdata)."""
+    if fmt is None:
+        fmt = "spatialdata" if str(path).rstrip("/").lower().endswith(".zarr") else "file"
+    return _target(path, overwrite, kind="dir" if fmt == "spatialdata" else "file")
+
+
+def _permission_error(path: Path) -> ExportPermissionError:
+    return ExportPermissionError(
+        f"cannot write {path}: permission denied in the folder {path.parent} (it is read-only for you). Export into "
+        f"a folder you can write to (e.g. in your home folder), or ask for write access to {path.parent}."
+    )
+
+
+def _write_error(path: Path, err: OSError) -> ExportError:
+    if isinstance(err, ExportError):
+        return err
+    if isinstance(err, PermissionError):
+        return _permission_error(path)
+    detail = err.strerror or str(err) or type(err).__name__
+    return ExportError(
+        f"could not write {path} ({detail}); an existing {path.name} was not changed. Check the free space and "
+        f"permissions of {path.parent}, or export into another folder."
+    )
 
 
 def _atomic_file(path: Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` on a temporary file beside ``path``, then ``os.replace`` it in."""
     if path.is_dir():
         raise StofmInputError(f"{path} is a folder; choose a file name for the export.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
     try:
-        write(Path(tmp))
+        fd, tmp = make_temp(path, ".tmp" + path.suffix)
+        os.close(fd)
+    except OSError as err:
+        raise _write_error(path, err) from err
+    try:
+        write(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        _remove(tmp)
+        raise _write_error(path, err) from err
     except BaseException:
-        _remove(Path(tmp))
+        _remove(tmp)
         raise
+    finally:
+        release_temp(tmp)
     return path
 
 
 def _atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write a folder at ``path.tmp-XXXX``, then swap it in (the old one kept until the swap)."""
-    tag = uuid.uuid4().hex[:8]
+    """Write a folder at ``path.tmp-<tag>``, then swap it in (the old one kept until the swap).
+
+    The swap is two renames (old -> ``path.bak-<tag>``, new -> ``path``); when the process is
+    killed between them, the next export to ``path`` puts the backup back
+    (:func:`_recover_interrupted_swap`).
+    """
+    tag = _dir_tag()
     tmp = path.with_name(f"{path.name}.tmp-{tag}")
     try:
         write(tmp)
+        _write_marker(tmp)
+    except OSError as err:
+        _remove(tmp)
+        raise _write_error(path, err) from err
     except BaseException:
         _remove(tmp)
         raise
-    if not path.exists():
-        os.rename(tmp, path)
+    if not path.exists() and not path.is_symlink():
+        try:
+            os.rename(tmp, path)
+        except OSError as err:
+            _remove(tmp)
+            raise _write_error(path, err) from err
         return path
     backup = path.with_name(f"{path.name}.bak-{tag}")
-    os.rename(path, backup)
+    try:
+        os.rename(path, backup)
+    except OSError as err:
+        _remove(tmp)
+        raise _write_error(path, err) from err
     try:
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as err:
         os.rename(backup, path)
         _remove(tmp)
+        if isinstance(err, OSError):
+            raise _write_error(path, err) from err
         raise
     _remove(backup)
     return path
+
+
+def _write_marker(store: Path) -> None:
+    from napari_stofm import __version__
+
+    record = {"package": "napari-stofm", "package_version": __version__, "written_at": now_iso(),
+              "format": "spatialdata"}
+    (store / STORE_MARKER).write_text(json.dumps(record), encoding="utf-8")
+
+
+_NO_RECORD = "it has no record of being written by napari-stofm"
+
+
+def _names(folder: Path, limit: int = 10_000) -> Optional[set]:
+    """Entry names of a folder (None when it cannot be listed or has more than ``limit``)."""
+    try:
+        with os.scandir(folder) as it:
+            names = set()
+            for entry in it:
+                names.add(entry.name)
+                if len(names) > limit:
+                    return None
+            return names
+    except OSError:
+        return None
+
+
+def _not_replaceable(store: Path) -> Optional[str]:
+    """Why ``store`` must not be replaced (None: an empty folder, or a store this package wrote
+    and nobody added to)."""
+    top = _names(store)
+    if top is None:
+        return "its contents cannot be listed"
+    if not top:
+        return None
+    if not (top & {"zarr.json", ".zgroup"}):
+        return "it is not a zarr store"
+    extra = sorted(top - _ZARR_META - {STORE_MARKER} - set(_OUR_ELEMENTS))
+    if extra:
+        return f"it holds {', '.join(map(repr, extra[:3]))}, which napari-stofm does not write"
+    for group, ours in _OUR_ELEMENTS.items():
+        if group in top:
+            inner = _names(store / group)
+            if inner is None:
+                return f"its {group} cannot be listed"
+            others = sorted(inner - _ZARR_META - ours)
+            if others:
+                return f"it holds {group} {', '.join(map(repr, others[:3]))}, which napari-stofm does not write"
+    if _has_marker(store) or _table_says_ours(store):
+        return None
+    return _NO_RECORD
+
+
+def _has_marker(store: Path) -> bool:
+    try:
+        with open(store / STORE_MARKER, "rb") as handle:
+            record = json.loads(handle.read(64 * 1024).decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("package") == "napari-stofm"
+
+
+def _table_says_ours(store: Path) -> bool:
+    """A store exported before the marker existed: its table's ``uns['stofm']['package']``."""
+    try:
+        import zarr
+
+        node = zarr.open_group(str(store / "tables" / TABLE_NAME / "uns" / keys.UNS), mode="r")["package"]
+        if getattr(node, "shape", None) != ():
+            return False
+        return str(node[()]) == "napari-stofm"
+    except Exception:  # noqa: BLE001 - probing a store on disk: any failure to read the record means "not ours"
+        log.debug("cannot read uns/stofm/package of %s", store, exc_info=True)
+        return False
+
+
+def _recover_interrupted_swap(path: Path) -> Optional[str]:
+    """Tidy what an interrupted SpatialData export left beside ``path``.
+
+    * temporary folders ``<name>.tmp-stofm-<host>-<pid>-<x>`` of dead writers are deleted;
+    * when ``path`` is missing but a backup ``<name>.bak-...`` (the old store, moved aside
+      for the swap) is there, the backup is renamed back to ``path``;
+    * backups left after a completed swap are deleted when their writer is dead and they
+      are stores this package wrote.
+
+    Returns a note when ``path`` was restored (None otherwise).
+    """
+    folder, name = path.parent, path.name
+    pattern = re.compile(re.escape(name) + r"\.(?P<what>tmp|bak)-"
+                         r"(?:stofm-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}"
+                         r"|(?P<legacy>[0-9a-f]{8}))$")
+    found = []
+    for entry in sorted(_names(folder, limit=100_000) or ()):
+        match = pattern.match(entry)
+        candidate = folder / entry
+        if match and candidate.is_dir() and not candidate.is_symlink():
+            found.append((match, candidate))
+    now = time.time()
+
+    def gone(match, candidate) -> bool:
+        if match.group("legacy"):
+            try:
+                return now - candidate.stat().st_mtime > STALE_TEMP_SECONDS
+            except OSError:
+                return False
+        host, pid = match.group("host"), int(match.group("pid"))
+        if host == host_tag():
+            return pid != os.getpid() and not pid_alive(pid)
+        try:
+            return now - candidate.stat().st_mtime > STALE_TEMP_SECONDS
+        except OSError:
+            return False
+
+    restored = None
+    backups = [(m, c) for m, c in found if m.group("what") == "bak"]
+    if not path.exists() and not path.is_symlink() and backups:
+        # any backup of ours is a former target: the newest one is the store the swap moved away
+        def age(item):
+            try:
+                return item[1].stat().st_mtime
+            except OSError:
+                return 0.0
+        live = [(m, c) for m, c in backups if m.group("legacy") or gone(m, c)]
+        if live:
+            match, backup = max(live, key=age)
+            try:
+                os.rename(backup, path)
+                restored = f"restored from {backup.name}, the backup left by an interrupted export"
+                warnings.warn(f"{path} was missing after an interrupted export; it was {restored}.",
+                              UserWarning, stacklevel=4)
+            except OSError:
+                pass
+    for match, candidate in found:
+        if not candidate.exists() or not gone(match, candidate):
+            continue
+        reason = _not_replaceable(candidate)
+        if match.group("what") == "bak":
+            ok = reason is None  # only a store of ours is deleted
+        elif match.group("legacy"):
+            ok = reason in (None, _NO_RECORD)  # a half-written store: it must look like one of ours
+        else:
+            ok = True  # named by this package, with a writer that is gone
+        if ok:
+            _remove(candidate)
+    return restored
 
 
 def _remove(path: Path) -> None:
@@ -221,12 +491,12 @@ def export_spatialdata(adata, annotations=None, path=None, *, labels=None, overw
     try:
         import spatialdata  # noqa: F401
     except ImportError as err:
-        raise StofmInputError("SpatialData export needs the 'spatialdata' package: pip install 'napari-stofm[spatialdata]'.") from err
+        raise StofmInputError(
+            "SpatialData export needs the 'spatialdata' package: pip install 'napari-stofm[spatialdata]'."
+        ) from err
     annotations = as_annotation_dict(annotations)
     _check_sizes(adata, annotations)
-    target = _target(path, overwrite)
-    if target.exists() and not target.is_dir():
-        raise StofmInputError(f"{target} is a file; a SpatialData store is a folder: choose another name (e.g. ending in .zarr).")
+    target = _target(path, overwrite, kind="dir")
     sdata = build_spatialdata(adata, annotations, labels=labels, spatial_key=spatial_key)
     return _atomic_dir(target, lambda tmp: _write_spatialdata(sdata, tmp))
 
@@ -329,11 +599,13 @@ def _labels_element(labels, n_cells: int):
     image = np.asarray(image)
     if image.ndim != 2 or not np.issubdtype(image.dtype, np.integer):
         raise StofmInputError(
-            f"the labels raster must be a 2-D integer image (0 = background, i + 1 = cell i); got {image.dtype} {image.shape}."
+            "the labels raster must be a 2-D integer image (0 = background, i + 1 = cell i); "
+            f"got {image.dtype} {image.shape}."
         )
     if image.size and (image.min() < 0 or image.max() > n_cells):
         raise StofmInputError(
-            f"the labels raster has values {image.min()}..{image.max()} but the slice has {n_cells} cells (values must be 0..{n_cells})."
+            f"the labels raster has values {image.min()}..{image.max()} but the slice has {n_cells} cells "
+            f"(values must be 0..{n_cells})."
         )
     (sy, sx), (ty, tx) = _pair(scale, "scale"), _pair(translate, "translate")
     if sy <= 0 or sx <= 0:

@@ -11,9 +11,10 @@ The slice is deterministic for a seed and follows the layout of the real slices
 (``uns['source']``, raw counts in a CSR ``X``, (x, y) microns in ``obsm['spatial']``).
 """
 from __future__ import annotations
-from napari_stofm import keys
 
 import numpy as np
+
+from napari_stofm import keys
 
 REGIONS = ["Layer 1", "Layer 2/3", "Layer 4", "Layer 5/6", "White matter", "Lesion"]
 REGION_COLORS = ["#e6c84f", "#79c36a", "#4fa3d9", "#7a64c8", "#b7b7b7", "#d9534f"]

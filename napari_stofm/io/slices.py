@@ -16,7 +16,9 @@ the fix; it warns (and reports) about cells without any counts.
 """
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ import numpy as np
 from napari_stofm import keys
 from napari_stofm.errors import StofmInputError
 
+log = logging.getLogger(__name__)
+
 PathLike = Union[str, os.PathLike]
 
 SPATIALDATA_ELEMENT_GROUPS = ("images", "labels", "points", "shapes", "tables")
@@ -37,22 +41,34 @@ _N_SHOWN = 5  # how many offending cell ids an error message lists
 # ----------------------------------------------------------------------------- paths
 
 
+MAX_METADATA_BYTES = 64 * 1024 * 1024  #: a zarr metadata file larger than this is not read
+_MAX_WALK = 200_000  #: metadata files / HDF5 objects visited when sizing a store
+
+
+def _read_json(path: Path):
+    """A JSON metadata file, read only when of a sane size (None when unreadable)."""
+    try:
+        if path.stat().st_size > MAX_METADATA_BYTES:
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
 def _zarr_attrs(directory: Path) -> Optional[dict]:
     """Root attributes of a zarr group (v3 ``zarr.json`` or v2 ``.zattrs``), None if not a group."""
     v3 = directory / "zarr.json"
     if v3.is_file():
-        try:
-            meta = json.loads(v3.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        meta = _read_json(v3)
+        if not isinstance(meta, dict):
             return {}
         if meta.get("node_type", "group") != "group":
             return None
-        return meta.get("attributes", {}) or {}
+        attrs = meta.get("attributes", {}) or {}
+        return attrs if isinstance(attrs, dict) else {}
     if (directory / ".zgroup").is_file():
-        try:
-            return json.loads((directory / ".zattrs").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
+        attrs = _read_json(directory / ".zattrs")
+        return attrs if isinstance(attrs, dict) else {}
     return None
 
 
@@ -113,6 +129,12 @@ def read_slice(
     """
     p = Path(path).expanduser()
     if not p.exists():
+        backup = _interrupted_export_backup(p)
+        if backup is not None:
+            raise StofmInputError(
+                f"{p} does not exist, but {backup.name} beside it is its previous version, moved aside by an export "
+                f"that was interrupted: exporting to {p.name} again puts it back, or rename it to {p.name} yourself."
+            )
         raise StofmInputError(f"{p} does not exist: check the path (and the working directory).")
     if p.is_dir():
         kind = _zarr_kind(p)
@@ -142,19 +164,111 @@ def read_slice(
     return adata
 
 
+def _interrupted_export_backup(path: Path) -> Optional[Path]:
+    """``<name>.bak-...``: a store napari-stofm moved aside during an export that was killed."""
+    try:
+        found = sorted(path.parent.glob(glob.escape(path.name) + ".bak-*"))
+    except OSError:
+        return None
+    found = [f for f in found if f.is_dir()]
+    return found[-1] if found else None
+
+
+def _memory_bytes() -> Optional[int]:
+    """Physical memory of this computer (None when unknown)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _check_declared_size(path: Path, declared: int) -> None:
+    """Refuse a file whose arrays declare more bytes than this computer has memory: the
+    sizes come from the file, so they are checked before anything is allocated for them."""
+    memory = _memory_bytes()
+    if memory is not None and declared > memory:
+        raise StofmInputError(
+            f"{path} declares {declared / 2**30:.1f} GiB of arrays (uncompressed), more than the memory of this "
+            f"computer ({memory / 2**30:.1f} GiB), so it cannot be opened whole (or the file is damaged). Open a "
+            "subset of its cells (e.g. anndata.read_h5ad(path, backed='r')[cells].to_memory()) or use a computer "
+            "with more memory."
+        )
+
+
+def _h5_declared_bytes(path: Path) -> int:
+    """Sum of the declared sizes of the datasets of an HDF5 file (nothing is read)."""
+    import h5py
+
+    total, count = 0, 0
+
+    def visit(_name, obj):
+        nonlocal total, count
+        count += 1
+        if count > _MAX_WALK:
+            return True  # stop
+        if isinstance(obj, h5py.Dataset) and obj.shape is not None:
+            n = 1
+            for d in obj.shape:
+                n *= int(d)
+            total += n * max(int(obj.dtype.itemsize), 1)
+        return None
+
+    with h5py.File(path, "r") as handle:
+        handle.visititems(visit)
+    return total
+
+
+def _zarr_declared_bytes(directory: Path) -> int:
+    """Sum of the declared sizes of the arrays below a zarr folder, from their metadata."""
+    total, count = 0, 0
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            if name not in ("zarr.json", ".zarray"):
+                continue
+            count += 1
+            if count > _MAX_WALK:
+                return total
+            meta = _read_json(Path(root) / name)
+            if not isinstance(meta, dict) or (name == "zarr.json" and meta.get("node_type") != "array"):
+                continue
+            shape = meta.get("shape")
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise StofmInputError(f"{Path(root)} declares the array shape {shape!r}: "
+                                      "the store is damaged; re-write it.")
+            n = 1
+            for d in shape:
+                n *= d
+            total += n * _zarr_itemsize(meta.get("data_type", meta.get("dtype")))
+    return total
+
+
+def _zarr_itemsize(dtype) -> int:
+    try:
+        return max(int(np.dtype(dtype).itemsize), 1) if isinstance(dtype, str) else 16
+    except TypeError:
+        return 16  # strings and other variable-length values: a reference each
+
+
 def _read_h5ad(path: Path):
     import anndata as ad
     import h5py
 
     size = path.stat().st_size
     if size == 0:
-        raise StofmInputError(f"{path} is empty (0 bytes): the file was not written completely; re-export or re-download it.")
+        raise StofmInputError(f"{path} is empty (0 bytes): the file was not written completely; "
+                              "re-export or re-download it.")
     if not h5py.is_hdf5(path):
         raise StofmInputError(
             f"{path} is not an HDF5 file, so it cannot be an .h5ad (it may be truncated, "
             "still downloading, or another format renamed to .h5ad): re-export it with "
             "adata.write_h5ad(...) or re-download it."
         )
+    try:
+        declared = _h5_declared_bytes(path)
+    except Exception:  # noqa: BLE001 - advisory size check of a maybe-damaged file; the read below reports it
+        log.debug("cannot size the datasets of %s", path, exc_info=True)
+        declared = 0
+    _check_declared_size(path, declared)
     try:
         adata = ad.read_h5ad(path)
     except Exception as err:  # h5py / anndata raise many types for damaged files
@@ -169,10 +283,13 @@ def _read_h5ad(path: Path):
 def _read_anndata_zarr(path: Path):
     import anndata as ad
 
+    _check_declared_size(path, _zarr_declared_bytes(path))
     try:
         adata = ad.read_zarr(path)
     except Exception as err:
-        raise StofmInputError(f"could not read {path} as an AnnData .zarr store ({_short(err)}); re-export it.") from err
+        raise StofmInputError(
+            f"could not read {path} as an AnnData .zarr store ({_short(err)}); re-export it."
+        ) from err
     adata.uns[keys.SOURCE] = {"path": str(path), "format": "anndata_zarr"}
     return adata
 
@@ -190,6 +307,8 @@ def _read_spatialdata(path: Path, *, table: Optional[str], spatial_key: str):
             f"{path} is a SpatialData store but the 'spatialdata' package is not installed: "
             "pip install 'napari-stofm[spatialdata]'."
         ) from err
+    if (path / "tables").is_dir():  # tables are read whole (images and labels stay on disk)
+        _check_declared_size(path, _zarr_declared_bytes(path / "tables"))
     try:
         sdata = sd.read_zarr(path)
     except Exception as err:
@@ -238,7 +357,8 @@ def _pick_table(sdata, table: Optional[str], path: Path) -> str:
     names = list(sdata.tables.keys())
     if table is not None:
         if table not in names:
-            raise StofmInputError(f"{path} has no table '{table}'; its tables are {names or 'none'}: pass one of them as table=.")
+            raise StofmInputError(f"{path} has no table '{table}'; its tables are {names or 'none'}: "
+                                  "pass one of them as table=.")
         return table
     if not names:
         raise StofmInputError(
@@ -374,7 +494,8 @@ def validate_slice(adata, spatial_key: str = keys.SPATIAL) -> SliceReport:
     if n_cells == 0:
         raise StofmInputError("the slice has zero cells: check the file, or a filter that removed every cell.")
     if n_genes == 0:
-        raise StofmInputError("the slice has zero genes (adata.n_vars == 0): SToFM needs an expression matrix in adata.X.")
+        raise StofmInputError("the slice has zero genes (adata.n_vars == 0): "
+                              "SToFM needs an expression matrix in adata.X.")
     _check_obs_names(adata)
     xy = _check_positions(adata, spatial_key)
     values, empty = _check_expression(adata)
@@ -494,7 +615,8 @@ def _check_values(adata, values: np.ndarray, row_of, X):
     import scipy.sparse as sp
 
     if not np.issubdtype(values.dtype, np.number):
-        raise StofmInputError(f"adata.X holds {values.dtype} values, not numbers: convert it, e.g. adata.X = adata.X.astype('float32').")
+        raise StofmInputError(f"adata.X holds {values.dtype} values, not numbers: "
+                              "convert it, e.g. adata.X = adata.X.astype('float32').")
     finite = np.isfinite(values) if values.dtype.kind == "f" else np.ones(values.shape, bool)
     if not finite.all():
         rows = _rows(~finite, row_of, adata.n_vars)

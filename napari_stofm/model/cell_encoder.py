@@ -19,7 +19,6 @@ Hugging Face's loader reads too), and ``cell_proj.bin`` as well when asked.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Dict, Optional, Union
 

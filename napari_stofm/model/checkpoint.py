@@ -38,7 +38,7 @@ def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure here means an unusable file
+    except Exception as exc:  # any failure here means an unusable file: re-raised as CheckpointError
         raise CheckpointError(
             f"cannot read weights from {path} ({type(exc).__name__}: {exc}); the file is corrupt or "
             "not a plain state dict (only tensors are loaded, never pickled objects)"
@@ -68,7 +68,8 @@ def load_state_checked(module: torch.nn.Module, state: Dict[str, torch.Tensor], 
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = [(k, tuple(own[k].shape), tuple(state[k].shape)) for k in own if k in state and own[k].shape != state[k].shape]
+    wrong = [(k, tuple(own[k].shape), tuple(state[k].shape))
+             for k in own if k in state and own[k].shape != state[k].shape]
     problems = []
     if wrong:
         k, exp, got = wrong[0]
@@ -119,7 +120,8 @@ def load_se2_transformer(
     return (model, heads) if return_heads else model
 
 
-def save_se2_transformer(model: SE2Transformer, checkpoint_dir: str | Path, heads: Optional[Dict[str, torch.Tensor]] = None) -> None:
+def save_se2_transformer(model: SE2Transformer, checkpoint_dir: str | Path,
+                         heads: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Write ``config.json`` + ``se2transformer.safetensors`` (heads saved alongside if given)."""
     from safetensors.torch import save_file
 

@@ -15,6 +15,13 @@ from typing import Any, Dict, Optional
 from napari_stofm.errors import CheckpointError
 
 CONFIG_NAME = "config.json"
+#: token types of the SE(2) transformer (cell, CLS, virtual cell, padding): its type embedding has 4 rows
+N_TOKEN_TYPES = 4
+#: bounds on the sizes read from config.json: far above any SToFM (published: 12 layers,
+#: E = 768, about 42 million parameters; 1e9 parameters are 4 GiB of float32 weights)
+MAX_SIZE = 65_536
+MAX_LAYERS = 1_024
+MAX_PARAMETERS = 1_000_000_000
 
 
 @dataclass
@@ -52,6 +59,7 @@ class SToFMConfig:
     extra: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_types_and_sizes()
         if self.embedding_dim % self.num_attention_heads:
             raise CheckpointError(
                 f"embedding_dim={self.embedding_dim} is not divisible by "
@@ -68,6 +76,61 @@ class SToFMConfig:
                     f"{name}={value} differs from embedding_dim={self.embedding_dim}; "
                     "SToFM uses self-attention with equal dimensions"
                 )
+
+    def _check_types_and_sizes(self) -> None:
+        """Types and ranges of every key, and the parameter count, before anything is built:
+        a wrong value is a :class:`CheckpointError` naming the key, not a ``TypeError`` /
+        ``ZeroDivisionError`` from torch or an attempt to allocate terabytes."""
+        from napari_stofm.pipeline.checks import integer, number
+
+        kw = dict(error=CheckpointError, where=CONFIG_NAME, fix="fix config.json")
+        for name in ("num_hidden_layers", "input_dim", "embedding_dim", "ffn_embedding_dim", "num_attention_heads",
+                     "gaussian_hidden_dim"):
+            setattr(self, name, integer(getattr(self, name), name, minimum=1,
+                                        maximum=MAX_LAYERS if name == "num_hidden_layers" else MAX_SIZE, **kw))
+        self.qn_block_size = integer(self.qn_block_size, "qn_block_size", minimum=1, maximum=MAX_SIZE, **kw)
+        self.num_trans_layers_to_freeze = integer(self.num_trans_layers_to_freeze, "num_trans_layers_to_freeze",
+                                                  minimum=0, maximum=self.num_hidden_layers, **kw)
+        type_ids = {}
+        for name in ("norm_type_id", "cls_type_id", "hyper_type_id", "pad_type_id"):
+            type_ids[name] = integer(getattr(self, name), name, minimum=0, maximum=N_TOKEN_TYPES - 1, **kw)
+            setattr(self, name, type_ids[name])
+        if len(set(type_ids.values())) != len(type_ids):
+            raise CheckpointError(f"{CONFIG_NAME}: the token type ids {type_ids} must differ from each other; "
+                                  "fix config.json (published: 0, 1, 2, 3)")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            setattr(self, name, number(getattr(self, name), name, minimum=0.0, maximum=1.0, exclusive_maximum=True,
+                                       **kw))
+        for name in ("layerdrop", "q_noise"):
+            setattr(self, name, number(getattr(self, name), name, minimum=0.0, maximum=1.0, **kw))
+        for name in ("encoder_normalize_before", "pre_layernorm", "apply_init", "freeze_embeddings", "traceable",
+                     "bias", "self_attention"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise CheckpointError(f"{CONFIG_NAME}: {name} must be true or false, got {value!r}; fix config.json")
+        if not isinstance(self.activation_fn, str):
+            raise CheckpointError(f"{CONFIG_NAME}: activation_fn must be a string, got {self.activation_fn!r}")
+        if self.embed_scale is not None:
+            self.embed_scale = number(self.embed_scale, "embed_scale", **kw)
+        for name in ("kdim", "vdim"):
+            if getattr(self, name) is not None:
+                setattr(self, name, integer(getattr(self, name), name, minimum=1, maximum=MAX_SIZE, **kw))
+        n = self.parameter_count()
+        if n > MAX_PARAMETERS:
+            raise CheckpointError(
+                f"{CONFIG_NAME} describes an SE(2) transformer of {n:,} parameters ({n * 4 / 2**30:,.0f} GiB of "
+                f"float32 weights; num_hidden_layers={self.num_hidden_layers}, embedding_dim={self.embedding_dim}, "
+                f"ffn_embedding_dim={self.ffn_embedding_dim}), more than the {MAX_PARAMETERS:,} this package "
+                "builds: fix config.json (the published model has about 42 million)")
+
+    def parameter_count(self) -> int:
+        """Parameters of the SE(2) transformer this configuration describes (nothing is built)."""
+        e, f, k, h = self.embedding_dim, self.ffn_embedding_dim, self.gaussian_hidden_dim, self.num_attention_heads
+        attn = 4 * e * e + (4 * e if self.bias else 0)
+        layer = attn + 2 * e + (e * f + f) + (f * e + e) + 2 * e
+        gaussian = 2 + 2 * k + (k * k + k) + (k * h + h)
+        return ((self.input_dim * e + e) + 4 * e + gaussian + self.num_hidden_layers * layer
+                + (2 * e if self.pre_layernorm else 0))
 
     @property
     def hidden_size(self) -> int:
@@ -101,11 +164,19 @@ class SToFMConfig:
             raise CheckpointError(f"no {CONFIG_NAME} at {path}: a SToFM checkpoint directory needs one")
         try:
             data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{path} must hold a JSON object of configuration keys")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except CheckpointError as exc:  # name the file, not just config.json
+            message = str(exc)
+            if message.startswith(f"{CONFIG_NAME}"):
+                message = str(path) + message[len(CONFIG_NAME):]
+            else:
+                message = f"{path}: {message}"
+            raise CheckpointError(message) from None
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)

@@ -13,8 +13,14 @@ import numpy as np
 import torch
 
 from napari_stofm.errors import StofmInputError
-from napari_stofm.model.multiscale import (Hypernodes, build_hypernodes, build_subslice_inputs, collate,
-                                           normalize_coordinates, split_subslices)
+from napari_stofm.model.multiscale import (
+    Hypernodes,
+    build_hypernodes,
+    build_subslice_inputs,
+    collate,
+    normalize_coordinates,
+    split_subslices,
+)
 from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report
 
 
@@ -44,7 +50,8 @@ def forward_slice(model, positions: np.ndarray, cell_emb: np.ndarray, *, split_n
     return SliceForward(out, hyper, subslices)
 
 
-def run_se2(model, normalized_xy, cell_emb, hyper, subslices, *, batch_size=4, progress=None, cancel=None) -> np.ndarray:
+def run_se2(model, normalized_xy, cell_emb, hyper, subslices, *, batch_size=4, progress=None,
+            cancel=None) -> np.ndarray:
     """SE(2) transformer over sub-slices -> (n, E) final cell representations."""
     n = normalized_xy.shape[0]
     out = np.zeros((n, model.se2.config.embedding_dim), dtype=np.float32)

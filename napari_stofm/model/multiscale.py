@@ -59,10 +59,11 @@ def split_subslices(normalized_xy: np.ndarray, split_num: int = 1000, mode: str 
     by index order in ``'published'`` mode, by recursive halving along the longer axis in
     ``'spatial'`` mode.
     """
+    from napari_stofm.pipeline.checks import integer
+
     if mode not in ("published", "spatial"):
-        raise ValueError(f"mode must be 'published' or 'spatial', not {mode!r}")
-    if split_num < 1:
-        raise ValueError("split_num must be at least 1")
+        raise StofmInputError(f"mode must be 'published' or 'spatial', not {mode!r}")
+    split_num = integer(split_num, "split_num", minimum=1, fix="the number of cells per sub-slice, e.g. 1000")
     xy = np.asarray(normalized_xy, dtype=np.float64)
     n = xy.shape[0]
     if n <= split_num:
@@ -163,9 +164,18 @@ def build_hypernodes(
     """
     from sklearn.decomposition import PCA
 
+    from napari_stofm.pipeline.checks import integer, number
+
+    alpha = number(alpha, "alpha (hypernode_alpha)", minimum=0.0, maximum=1.0)
+    resolution = number(resolution, "resolution (hypernode_resolution)", minimum=0.0, exclusive_minimum=True)
+    n_neighbors = integer(n_neighbors, "n_neighbors", minimum=1)
+    max_hypernodes = integer(max_hypernodes, "max_hypernodes", minimum=1)
     xy = np.asarray(normalized_xy, dtype=np.float64)
     emb = np.asarray(embeddings, dtype=np.float64)
     n = xy.shape[0]
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise StofmInputError(f"{emb.shape[0] if emb.ndim else 0} embeddings for {n} positions: pass one "
+                              "(cells, dims) embedding row per cell")
     if n < 3:
         return hypernodes_from_assignment(xy, emb, np.zeros(n, dtype=int))
     pos = xy / _max_row_norm(xy)

@@ -148,7 +148,8 @@ class SelfAttention(nn.Module):
             key_mask = key_padding_mask[:, None, None, :]
             # A consumed scratch bias may take the -inf in place: the logits below get 0 at
             # those keys either way.
-            mask = bias.masked_fill_(key_mask, float("-inf")) if bias_writable else bias.masked_fill(key_mask, float("-inf"))
+            mask = (bias.masked_fill_(key_mask, float("-inf")) if bias_writable
+                    else bias.masked_fill(key_mask, float("-inf")))
         attn = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask.to(q.dtype), dropout_p=self.dropout.p if self.training else 0.0, scale=1.0
         )

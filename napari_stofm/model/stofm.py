@@ -22,14 +22,29 @@ from typing import Any, Dict, Optional
 import torch
 
 from napari_stofm.errors import CheckpointError
-from napari_stofm.model.cell_encoder import CellEncoder
-from napari_stofm.model.checkpoint import find_se2_weights, fingerprint_files, load_se2_transformer, save_se2_transformer
-from napari_stofm.model.se2_transformer import SE2Transformer
 from napari_stofm.genes.vocabulary import GeneVocabulary
+from napari_stofm.model.cell_encoder import CellEncoder
+from napari_stofm.model.checkpoint import (
+    find_se2_weights,
+    fingerprint_files,
+    load_se2_transformer,
+    save_se2_transformer,
+)
+from napari_stofm.model.se2_transformer import SE2Transformer
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 SETTINGS_NAME = "stofm.json"
 VOCABULARY_NAME = "vocabulary.tsv"
+#: how crowded squares are split into sub-slices (see :func:`~napari_stofm.model.multiscale.split_subslices`)
+SPLIT_MODES = ("published", "spatial")
+#: upper bounds of the pipeline settings read from a checkpoint: far above any real use
+#: (published: 1000 cells per sub-slice, 200 virtual cells, 2047 genes), so that a corrupt
+#: value is refused instead of read as a size (a sub-slice never holds more cells than the
+#: slice, so split_num does not bound memory by itself; max_genes and max_hypernodes set
+#: sequence lengths)
+MAX_SPLIT_NUM = 1_000_000
+MAX_HYPERNODES = 10_000
+MAX_GENES = 1_000_000
 
 
 @dataclass
@@ -45,10 +60,50 @@ class PipelineSettings:
     name: str = "SToFM"
     info: Dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        from napari_stofm.pipeline.checks import integer, number
+
+        kw = dict(error=CheckpointError, where=f"pipeline settings ({SETTINGS_NAME})")
+        self.split_num = integer(self.split_num, "split_num", minimum=1, maximum=MAX_SPLIT_NUM,
+                                 fix="cells per sub-slice, 1000 in the published model", **kw)
+        if not isinstance(self.split_mode, str) or self.split_mode not in SPLIT_MODES:
+            raise CheckpointError(f"pipeline settings ({SETTINGS_NAME}): split_mode={self.split_mode!r} is not one "
+                                  f"of {', '.join(SPLIT_MODES)}")
+        self.hypernode_alpha = number(self.hypernode_alpha, "hypernode_alpha", minimum=0.0, maximum=1.0, **kw)
+        self.hypernode_resolution = number(self.hypernode_resolution, "hypernode_resolution", minimum=0.0,
+                                           exclusive_minimum=True, **kw)
+        self.max_hypernodes = integer(self.max_hypernodes, "max_hypernodes", minimum=1, maximum=MAX_HYPERNODES, **kw)
+        self.max_genes = integer(self.max_genes, "max_genes", minimum=1, maximum=MAX_GENES,
+                                 fix="genes per cell read by the cell encoder, 2047 in the published model", **kw)
+        if not isinstance(self.name, str):
+            raise CheckpointError(f"pipeline settings ({SETTINGS_NAME}): name must be a string, got {self.name!r}")
+        if not isinstance(self.info, dict):
+            raise CheckpointError(f"pipeline settings ({SETTINGS_NAME}): info must be a JSON object, "
+                                  f"got {type(self.info).__name__}")
+
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "PipelineSettings":
+        if not isinstance(data, dict):
+            raise CheckpointError(f"pipeline settings ({SETTINGS_NAME}) must be a JSON object of settings, "
+                                  f"found {type(data).__name__}")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "PipelineSettings":
+        """Read ``stofm.json``; every problem is a :class:`CheckpointError` naming the file."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({exc}): fix or delete it (without it the published "
+                                  "settings are used)") from None
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path} ({exc})") from None
+        try:
+            return cls.from_dict(data)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}: fix it, or delete it to use the published settings") from None
 
 
 class SToFM:
@@ -116,7 +171,7 @@ class SToFM:
         settings_file = path / SETTINGS_NAME
         settings = PipelineSettings()
         if settings_file.is_file():
-            settings = PipelineSettings.from_dict(json.loads(settings_file.read_text()))
+            settings = PipelineSettings.from_json(settings_file)
         files = [find_se2_weights(path), path / "config.json"] + sorted((path / "cell_encoder").rglob("*.*"))
         model = cls(se2, encoder, vocabulary, settings, source=str(path), fingerprint=fingerprint_files(files))
         if device is not None:
@@ -164,7 +219,12 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
     """``None``/``'auto'``: CUDA when available, else CPU. ``'cuda'`` without CUDA is an error."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        from napari_stofm.errors import StofmInputError
+
+        raise StofmInputError(f"device={device!r} is not a device: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device 'cuda' was asked for but no CUDA GPU is available here: use device='cpu'")
     return dev

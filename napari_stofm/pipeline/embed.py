@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 
 from napari_stofm import keys
+from napari_stofm.errors import StofmInputError
 from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,15 @@ def expression_fingerprint(adata, layer: Optional[str] = None) -> str:
     return h.hexdigest()[:16]
 
 
-def _gene_scale_key(model, adata, gene_key, layer) -> str:
-    return f"{model.fingerprint}:{expression_fingerprint(adata, layer)}:{gene_key}:{model.settings.max_genes}"
+def _gene_scale_key(model, adata, gene_key, layer, values: str) -> str:
+    return (f"{model.fingerprint}:{expression_fingerprint(adata, layer)}:{gene_key}:{model.settings.max_genes}"
+            f":{values}")
+
+
+def _matrix(adata, layer):
+    if layer is None:
+        return adata.X
+    return adata.layers[layer] if layer in adata.layers else None
 
 
 @dataclass
@@ -105,12 +113,23 @@ def compute_cell_embedding(
     progress: Optional[ProgressCallback] = None,
     cancel: CancelToken = None,
     use_cache: bool = True,
+    values: Optional[str] = None,
 ) -> CellEmbedding:
     """Gene-scale embeddings (n, 256), from the cache in ``adata`` when still valid; ``adata``
-    is not changed."""
-    from napari_stofm.genes.tokenizer import require_nonempty, tokenize_adata
+    is not changed.
 
-    key = _gene_scale_key(model, adata, gene_key, layer)
+    ``values``: what the expression matrix holds (``'raw_counts'``, ``'volume_normalized'``,
+    ``'log_normalized'``); default: ``uns['source']['values']``, ``uns['log1p']``, else read
+    off the matrix (log-normalised when its values are non-integers no larger than 20; a
+    warning says so). What was used goes to ``uns['stofm']['values_assumed']``.
+    """
+    from napari_stofm.genes.expression import infer_values_kind
+    from napari_stofm.genes.tokenizer import require_nonempty, tokenize_adata
+    from napari_stofm.pipeline.checks import integer
+
+    batch_size = integer(batch_size, "cell_batch_size", minimum=1)
+    kind, basis = infer_values_kind(adata, _matrix(adata, layer), values)
+    key = _gene_scale_key(model, adata, gene_key, layer, kind)
     meta = adata.uns.get(UNS_KEY, {}) or {}
     cached = adata.obsm.get(CELL_KEY) if use_cache else None
     if cached is not None and meta.get("gene_scale_key") == key and cached.shape[0] == adata.n_obs:
@@ -121,8 +140,18 @@ def compute_cell_embedding(
     check_cancelled(cancel)
     report(progress, 0, 1, "Tokenizing genes")
     tokens, match = tokenize_adata(adata, model.vocabulary, gene_key=gene_key, layer=layer,
-                                   max_genes=model.settings.max_genes)
+                                   max_genes=model.settings.max_genes, values=kind)
+    match.values_basis = basis
+    if basis.startswith("detected") and kind == "log_normalized":
+        log.warning(
+            "X has no uns['log1p'] and no uns['source']['values'], but its values look log-normalised (%s): "
+            "they are read as log1p values (expm1 before ranking genes). If X holds counts or another linear "
+            "scale, pass values='raw_counts' (stofm: --values raw_counts) or set uns['source']['values']",
+            basis[len("detected: "):])
     require_nonempty(tokens, match)
+    few_genes = match.few_genes_message()
+    if few_genes:
+        log.warning("%s", few_genes)
     empty = np.asarray(tokens.empty, dtype=bool)
     if empty.any():
         examples = ", ".join(map(str, adata.obs_names[empty][:5]))
@@ -138,7 +167,12 @@ def compute_cell_embedding(
         genes_total=int(match.n_total),
         gene_id_kind=str(match.id_kind),
         species=str(match.species),
+        values_assumed=str(kind),
+        values_basis=str(basis),
+        few_genes_matched=bool(match.few_genes),
     )
+    if few_genes:
+        meta["gene_match_warning"] = few_genes
     return CellEmbedding(emb, empty, meta)
 
 
@@ -170,26 +204,40 @@ def compute_embedding(
     use_cache: bool = True,
     progress: Optional[ProgressCallback] = None,
     cancel: CancelToken = None,
+    values: Optional[str] = None,
 ) -> Embedding:
     """Run SToFM on a slice and return the result; ``adata`` and ``model`` are not changed.
 
     Parameters: those of :func:`embed`.
     """
+    from napari_stofm.genes.expression import check_values_kind
     from napari_stofm.io.slices import validate_slice
     from napari_stofm.model.forward import forward_slice
-    from napari_stofm.model.stofm import load_model, resolve_device
+    from napari_stofm.model.stofm import SPLIT_MODES, load_model, resolve_device
+    from napari_stofm.pipeline.checks import integer
 
     t0 = time.perf_counter()
+    # every number given is checked before anything runs (a bad one would size a loop)
+    if split_num is not None:
+        split_num = integer(split_num, "split_num", minimum=1,
+                            fix="the number of cells per sub-slice, e.g. 1000 (the published value)")
+    if split_mode is not None and split_mode not in SPLIT_MODES:
+        raise StofmInputError(f"split_mode={split_mode!r} is not one of {', '.join(SPLIT_MODES)}")
+    batch_size = integer(batch_size, "batch_size", minimum=1, fix="sub-slices per SE(2) forward pass")
+    cell_batch_size = integer(cell_batch_size, "cell_batch_size", minimum=1, fix="cells per cell-encoder batch")
+    seed = integer(seed, "seed", minimum=0, maximum=2**32 - 1)
+    if values is not None:
+        check_values_kind(values)
     validate_slice(adata, spatial_key=spatial_key)
     model = model if model is not None else load_model()
     model = model.on(resolve_device(device))
     settings = model.settings
-    split_num = int(split_num or settings.split_num)
+    split_num = settings.split_num if split_num is None else split_num
     split_mode = split_mode or settings.split_mode
 
     cell = compute_cell_embedding(
         adata, model, gene_key=gene_key, layer=layer, batch_size=cell_batch_size,
-        progress=progress, cancel=cancel, use_cache=use_cache,
+        progress=progress, cancel=cancel, use_cache=use_cache, values=values,
     )
     gene_scale_key = cell.meta.get("gene_scale_key") or (adata.uns.get(UNS_KEY) or {}).get("gene_scale_key")
     positions = np.ascontiguousarray(np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2])
@@ -237,6 +285,7 @@ def embed(
     use_cache: bool = True,
     progress: Optional[ProgressCallback] = None,
     cancel: CancelToken = None,
+    values: Optional[str] = None,
 ):
     """Run SToFM on a slice; writes ``obsm['X_stofm']`` and ``obsm['X_stofm_cell']``.
 
@@ -249,9 +298,16 @@ def embed(
     device
         ``'cpu'``, ``'cuda'`` or ``None`` (CUDA when available).
     split_num, split_mode
-        Cells per sub-slice and how crowded squares are split (default: the model's).
+        Cells per sub-slice (a positive integer) and how crowded squares are split
+        (``'published'`` or ``'spatial'``; default: the model's).
     batch_size
         Sub-slices per SE(2) forward pass.
+    values
+        What ``X`` (or ``layers[layer]``) holds: ``'raw_counts'``, ``'volume_normalized'`` or
+        ``'log_normalized'``. Default: ``uns['source']['values']``, else ``'log_normalized'``
+        when scanpy's ``uns['log1p']`` is there, else read off the values (non-integers no
+        larger than 20 are taken as log1p data, with a warning). Recorded in
+        ``uns['stofm']['values_assumed']`` (and how it was decided in ``values_basis``).
     progress, cancel
         See :mod:`napari_stofm.progress`. Cancelling leaves ``adata`` as it was.
 
@@ -260,6 +316,6 @@ def embed(
     compute_embedding(
         adata, model, device=device, spatial_key=spatial_key, gene_key=gene_key, layer=layer,
         split_num=split_num, split_mode=split_mode, batch_size=batch_size, cell_batch_size=cell_batch_size,
-        seed=seed, use_cache=use_cache, progress=progress, cancel=cancel,
+        seed=seed, use_cache=use_cache, progress=progress, cancel=cancel, values=values,
     ).write(adata)
     return adata

@@ -14,16 +14,19 @@ GUI, the CLI and the API give the same regions and cell types on the same data.
   transfer (rank-value tokens depend on the panel; on the shared data's DLPFC slices, whose
   5,000-gene panels differ, this lifts cross-slice region F1 from 0.17 to 0.80).
 
-Results are :class:`~napari_stofm.review.annotation.Annotation` objects, written by their
+Results are :class:`~napari_stofm.heads.annotation.Annotation` objects, written by their
 one writer: ``obs[key]`` (Categorical), ``<key>_confidence``, ``<key>_curated``,
 ``<key>_predicted``, ``uns['<key>_colors']``, ``uns['stofm']['provenance'][key]``, and the run
 settings in ``uns['stofm']['prediction']``.
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -34,6 +37,31 @@ from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled
 REGION_KEY = keys.REGION
 CELL_TYPE_KEY = keys.CELL_TYPE
 DEFAULT_N_REGIONS = 7
+
+log = logging.getLogger(__name__)
+
+#: Label transfer between slices rests on the genes both measure (and the model knows). A
+#: cell's rank-value token sequence holds only the shared genes it expresses, a fraction
+#: of them in sparse spatial data, so with a handful of genes whole groups of cells get the
+#: same tokens and the classifier returns one label at full confidence for all of them (a
+#: slice sharing no gene gave every cell one label at confidence 1.00). Refused below
+#: ``max(MIN_TRANSFER_GENES, MIN_TRANSFER_FRACTION x the smaller panel)``: 10 genes is the
+#: least for which sequences still differ between cell types of a targeted panel, and a
+#: transfer that uses under a fifth of what the smaller slice measures discards most of
+#: it. Allowed with a warning below ``max(WARN_TRANSFER_GENES, WARN_TRANSFER_FRACTION x the
+#: smaller panel)``: half the smaller panel (or 20 genes).
+MIN_TRANSFER_GENES = 10
+MIN_TRANSFER_FRACTION = 0.2
+WARN_TRANSFER_GENES = 20
+WARN_TRANSFER_FRACTION = 0.5
+
+
+def transfer_gene_limits(n_smaller_panel: int) -> Tuple[int, int]:
+    """``(refuse_below, warn_below)``: the shared-gene counts under which a label transfer
+    between slices is refused / warned about, for the smaller of the two panels."""
+    refuse = max(MIN_TRANSFER_GENES, math.ceil(MIN_TRANSFER_FRACTION * n_smaller_panel))
+    warn = max(WARN_TRANSFER_GENES, math.ceil(WARN_TRANSFER_FRACTION * n_smaller_panel))
+    return refuse, max(refuse, warn)
 
 
 @dataclass
@@ -54,22 +82,60 @@ class RunResult:
     def embedding_reused(self) -> bool:
         return bool(self.embedding is not None and self.embedding.reused)
 
-    @property
-    def predictions(self) -> Dict[str, object]:
-        return self.annotations
-
     def __getitem__(self, key: str):
         return self.annotations[key]
 
     def write(self, adata) -> None:
-        """Write the embedding, every annotation and the run settings into ``adata``."""
+        """Write the embedding, every annotation and the run settings into ``adata``.
+
+        A labelling is replaced whole: where ``adata`` already held curated cells of a key
+        this run predicts (e.g. a curated export fed to ``stofm predict`` again), every cell
+        gets the new prediction and ``<key>_curated`` is all False; a warning (and
+        :attr:`messages`) says how many curated cells were replaced. Other keys are left as
+        they are.
+        """
         if self.embedding is not None:
             self.embedding.write(adata)
-        for ann in self.annotations.values():
+        for key, ann in self.annotations.items():
+            message = _discard_curation(adata, key)
+            if message:
+                warnings.warn(message, UserWarning, stacklevel=2)
+                self.messages.append(message)
             ann.to_obs(adata)
         meta = dict(adata.uns.get(keys.UNS, {}) or {})
         meta[keys.PREDICTION] = dict(self.prediction)
         adata.uns[keys.UNS] = meta
+
+
+def curated_count(adata, key: str) -> int:
+    """How many cells ``obs['<key>_curated']`` marks as curated (0 without the column)."""
+    column = keys.curated_key(key)
+    if key not in adata.obs or column not in adata.obs:
+        return 0
+    try:
+        flags = adata.obs[column].astype("boolean").fillna(False).to_numpy(dtype=bool)
+    except (TypeError, ValueError):
+        return 0
+    return int(flags.sum())
+
+
+def _discard_curation(adata, key: str) -> str:
+    """Forget the curation of ``key`` held in ``adata`` (the export's curated-cell lists in
+    ``uns['stofm']``); returns the warning to give when there was any ('' otherwise)."""
+    n = curated_count(adata, key)
+    stofm = adata.uns.get(keys.UNS)
+    if isinstance(stofm, dict):
+        stofm = dict(stofm)
+        for field_name in ("curated_cells", "n_curated"):
+            entry = stofm.get(field_name)
+            if isinstance(entry, dict) and key in entry:
+                stofm[field_name] = {k: v for k, v in entry.items() if k != key}
+        adata.uns[keys.UNS] = stofm
+    if not n:
+        return ""
+    return (f"obs['{key}'] held {n} curated cells; this prediction replaces the labels of every cell, the curated "
+            f"ones included (obs['{keys.curated_key(key)}'] is now False everywhere). To keep the curated labels, "
+            "keep the earlier file, or write the new prediction to another key (region_key= / target_key=)")
 
 
 def shared_genes(*adatas) -> Optional[list]:
@@ -142,16 +208,23 @@ def run_annotations(
     else 7), ``None`` finds them when ``n_regions`` / ``resolution`` is given or no labels
     are asked for. ``weights``: a checkpoint folder loaded when ``model`` is None.
     """
+    from napari_stofm.heads.annotation import Annotation
     from napari_stofm.heads.classifier import complete_labels, transfer_labels
-    from napari_stofm.heads.regions import RegionClusterer
+    from napari_stofm.heads.regions import RegionClusterer, check_n_regions, check_resolution
     from napari_stofm.model.stofm import load_model
+    from napari_stofm.pipeline.checks import integer
     from napari_stofm.pipeline.embed import compute_embedding
-    from napari_stofm.review.annotation import Annotation
 
     if label_key is None and reference is not None:
         raise StofmInputError("a reference slice needs label_key= (the obs column holding its labels)")
     if n_regions is not None and resolution is not None:
         raise StofmInputError("give n_regions or resolution, not both")
+    # every number is checked before the model runs (3.7 regions is an error, not 3)
+    if n_regions is not None:
+        n_regions = check_n_regions(n_regions)
+    if resolution is not None:
+        resolution = check_resolution(resolution)
+    seed = integer(seed, "seed", minimum=0, maximum=2**32 - 1)
     want_regions = regions if regions is not None else (
         n_regions is not None or resolution is not None or label_key is None)
     if want_regions and n_regions is None and resolution is None:
@@ -161,8 +234,15 @@ def run_annotations(
         report(progress, 0, 1, "loading weights")
         model = load_model(weights)
     embed_args = dict(embed_kwargs, device=device, spatial_key=spatial_key, seed=seed, cancel=cancel)
+    transfer = None
+    if reference is not None:  # read and checked before anything runs
+        transfer = _prepare_transfer(reference, label_key, adata, model, embed_args.get("gene_key"))
     embedding = compute_embedding(adata, model, progress=progress, **embed_args)
     result = RunResult(embedding=embedding)
+    if transfer is not None and transfer["warning"]:
+        result.messages.append(transfer["warning"])
+    if embedding.cell.meta.get("gene_match_warning"):
+        result.messages.append(embedding.cell.meta["gene_match_warning"])
     emb, xy = embedding.representations, _xy(adata, spatial_key)
     meta = {**(adata.uns.get(keys.UNS) or {}), **embedding.cell.meta, **embedding.meta}
     base_prov = model_provenance(meta)
@@ -182,15 +262,9 @@ def run_annotations(
         check_cancelled(cancel)
         report(progress, 0, 1, f"Labels from {label_key!r}")
         if reference is not None:
-            ref = reference
-            if _is_path(ref):
-                from napari_stofm.io.slices import read_slice
-
-                ref = read_slice(ref)
-            labels = _labels_of(ref, label_key, "the reference slice")
-            shared = shared_genes(ref, adata)
+            ref, labels, shared = transfer["reference"], transfer["labels"], transfer["shared"]
             ref_progress = _stage(progress, "reference: ")
-            if shared is None:  # same panel (or nothing in common by name): each slice as it is
+            if shared is None:  # the same panel: each slice as it is
                 ref_emb = compute_embedding(ref, model, progress=ref_progress, **embed_args).representations
                 query_emb = emb
             else:
@@ -198,7 +272,7 @@ def run_annotations(
                 # the genes they share, so that the same cell state gets the same embedding.
                 ref_emb, query_emb = (_embedded_on(a, shared, model, p, embed_args)
                                       for a, p in ((ref, ref_progress), (adata, progress)))
-                transfer_genes = len(shared)
+            transfer_genes = transfer["n_genes"]
             check_cancelled(cancel)
             pred = transfer_labels(ref_emb, labels, query_emb, ref_xy=_xy(ref, spatial_key), query_xy=xy, seed=seed)
             source = {"label_source": "reference", "reference": describe_reference(reference)}
@@ -220,6 +294,54 @@ def run_annotations(
     }
     result.prediction = {k: v for k, v in prediction.items() if v is not None}
     return result
+
+
+def _prepare_transfer(reference, label_key, adata, model, gene_key) -> dict:
+    """Read the reference, check its labels and the genes it shares with ``adata``; refuse
+    (or warn about) a transfer resting on too few genes (see :func:`transfer_gene_limits`)."""
+    ref = reference
+    if _is_path(ref):
+        from napari_stofm.io.slices import read_slice
+
+        ref = read_slice(ref)
+    labels = _labels_of(ref, label_key, "the reference slice")
+    shared = shared_genes(ref, adata)
+    n_shared = len(set(map(str, ref.var_names)) & set(map(str, adata.var_names)))
+    smaller = min(ref.n_vars, adata.n_vars)
+    refuse_below, warn_below = transfer_gene_limits(smaller)
+    panels = (f"the reference measures {ref.n_vars} genes and the slice {adata.n_vars}; they share "
+              f"{n_shared} ({'by var_names' if n_shared else 'no gene name'})")
+    if n_shared < refuse_below:
+        raise StofmInputError(
+            f"cannot transfer labels: {panels}, fewer than the {refuse_below} needed (at least {MIN_TRANSFER_GENES} "
+            f"genes and {100 * MIN_TRANSFER_FRACTION:.0f} % of the smaller panel); labels learned from so few genes "
+            "are one label for whole groups of cells. Use a reference that measures the same genes (check that both "
+            "use the same gene identifiers in var_names: symbols or Ensembl IDs), or predict the labels from the "
+            "slice's own partial labels (label_key= without reference=)")
+    known = _vocabulary_genes(adata if shared is None else adata[:, shared], model, gene_key)
+    if known < MIN_TRANSFER_GENES:
+        raise StofmInputError(
+            f"cannot transfer labels: {panels}, but only {known} of those are in the model's gene vocabulary "
+            f"(at least {MIN_TRANSFER_GENES} are needed). Pass gene_key= if the gene names are in a var column, or "
+            "use a checkpoint whose vocabulary covers these panels")
+    warning = ""
+    if n_shared < warn_below:
+        warning = (f"labels are transferred on few genes: {panels} ({known} in the model's vocabulary), under the "
+                   f"{warn_below} (half the smaller panel, at least {WARN_TRANSFER_GENES}) that make a reliable "
+                   "transfer; check the predicted labels, or use a reference with a closer gene panel")
+        warnings.warn(warning, UserWarning, stacklevel=3)
+    return dict(reference=ref, labels=labels, shared=shared, n_genes=int(n_shared), known=int(known),
+                warning=warning)
+
+
+def _vocabulary_genes(adata, model, gene_key) -> int:
+    """How many of ``adata``'s genes the model's vocabulary knows (0 when none)."""
+    from napari_stofm.genes.matching import resolve_genes
+
+    try:
+        return int(resolve_genes(adata, model.vocabulary, gene_key=gene_key).n_matched)
+    except StofmInputError:
+        return 0
 
 
 def _embedded_on(adata, genes, model, progress, embed_args) -> np.ndarray:
@@ -259,20 +381,28 @@ def predict(
     Parameters
     ----------
     n_regions, resolution
-        Unsupervised tissue regions: a number of regions, or a Leiden resolution. Neither
-        (and no labels asked for) means 7 regions.
+        Unsupervised tissue regions: a number of regions (a whole number >= 1; ``3.7`` is
+        an error), or a Leiden resolution (> 0). Neither (and no labels asked for) means 7
+        regions.
     reference, label_key
         Supervised labels: an AnnData (or path) labelled in ``obs[label_key]``, embedded
         with the same model (both slices on their shared genes when their panels differ;
-        the count is kept in ``uns['stofm']['prediction']['transfer_genes']``); without
-        ``reference``, the slice's own partially filled ``obs[label_key]`` is completed
-        (given labels kept).
+        the number of shared genes is kept in ``uns['stofm']['prediction']['transfer_genes']``
+        and the labelling's provenance). A transfer resting on fewer than
+        ``max(10, 20 % of the smaller panel)`` shared genes is refused, one under
+        ``max(20, half the smaller panel)`` is warned about (:func:`transfer_gene_limits`).
+        Without ``reference``, the slice's own partially filled ``obs[label_key]`` is
+        completed (given labels kept).
     target_key, region_key
         Where supervised labels and regions go (``key_added``-style; defaults
         ``'stofm_cell_type'`` and ``'stofm_region'``; use ``target_key='stofm_region'`` for
         labelled tissue regions).
     embed_kwargs
-        ``split_num``, ``split_mode``, ``gene_key``, ... (see :func:`~napari_stofm.pipeline.embed.embed`).
+        ``split_num``, ``split_mode``, ``gene_key``, ``values``, ... (see
+        :func:`~napari_stofm.pipeline.embed.embed`).
+
+    A key this run predicts is replaced whole, curated cells included (with a warning that
+    counts them); see :meth:`RunResult.write`.
 
     Returns the :class:`RunResult` (already written into ``adata``).
     """

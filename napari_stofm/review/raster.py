@@ -421,7 +421,7 @@ def _voronoi(xy, pixel_size, max_radius, max_pixels) -> Territories:
     empty = np.flatnonzero(areas[1:] == 0)
     if empty.size:
         rc = np.round((xy[empty][:, ::-1] - (y0, x0)) / pixel_size).astype(np.int64)
-        for cell, (r, c) in zip(empty, rc):
+        for cell, (r, c) in zip(empty, rc, strict=True):
             if 0 <= r < height and 0 <= c < width:
                 owner = inst[r, c]
                 if owner == 0 or areas[owner] > 1:
@@ -507,7 +507,9 @@ def _territories_from_spatialdata(adata, xy, source, max_pixels) -> Optional[Ter
         sdata = sd.read_zarr(source["path"], selection=("labels",))
         element = sdata.labels[name]
     except Exception as err:  # a moved or damaged store
-        raise StofmInputError(f"could not read labels '{name}' from {source['path']}: {type(err).__name__}: {err}") from err
+        raise StofmInputError(
+            f"could not read labels '{name}' from {source['path']}: {type(err).__name__}: {err}"
+        ) from err
     image, level_scale = _finest_level_under(element, max_pixels)
     cs = source.get("coordinate_system", "global")
     transforms = get_transformation(element, get_all=True)

@@ -23,19 +23,20 @@ import os
 import re
 import threading
 import weakref
-from dataclasses import dataclass, field
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from napari_stofm import keys
-from napari_stofm.errors import StofmInputError
-from napari_stofm.io.autosave import CurationStore, cache_dir
+from napari_stofm.errors import AutosaveLocked, AutosaveRefused, StofmInputError
+from napari_stofm.heads.annotation import Annotation, PreviousState
+from napari_stofm.io.autosave import CurationStore, cache_dir, file_signature, host_name
 from napari_stofm.keys import display_name
 from napari_stofm.pipeline.predict import RunResult
 from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report
-from napari_stofm.review.annotation import Annotation, PreviousState
 
 REGION_KEY = keys.REGION
 CELL_TYPE_KEY = keys.CELL_TYPE
@@ -82,7 +83,6 @@ class SliceSession:
         self._territories = None
         self._territory_lock = threading.Lock()
         self.clusterer = None
-        self.run_params: dict = {}
         self.seed = 0  # seeds the region clustering and the label head, as predict() does
         self._listeners: list = []  # weak references to callbacks
         if autosave_dir is not None:
@@ -92,6 +92,20 @@ class SliceSession:
         else:
             self.store = CurationStore(f"{self.name}.h5ad", directory=cache_dir() / "curation")
         self.restored_from: Optional[Path] = None
+        #: why the autosave was not restored (and where it was kept), None when it was / there was none
+        self.restore_error: Optional[str] = None
+        #: set when this session cannot autosave into the slice's autosave (another session holds
+        #: it): says who holds it and where this session autosaves instead
+        self.autosave_error: Optional[str] = None
+        #: autosave files this session moved aside (kept, never deleted) instead of overwriting them
+        self.kept_aside: List[Path] = []
+        #: obs columns that looked like labels but could not be read: {column: reason}
+        self.skipped_columns: Dict[str, str] = {}
+        self._lock = None  # SessionLock of the autosave this session writes
+        self._lock_store = None  # the store the lock was claimed for
+        self._lock_finalizer = None
+        self._autosave_store: Optional[CurationStore] = None  # where autosaves go (store or a sibling)
+        self._known_autosave = None  # signature of the autosave file this session read or wrote
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -108,27 +122,133 @@ class SliceSession:
     def load_existing_labels(self, *, restore: bool = True) -> List[str]:
         """Annotations from the slice's obs columns, then the autosave on top (when it fits).
 
-        Returns the keys loaded. An autosave made for other cells is ignored (and the
-        reason recorded in ``self.restore_error``).
+        Returns the keys loaded. A label column that cannot be read is skipped (the reason in
+        ``self.skipped_columns`` and a warning); ``""`` in a label column means unlabelled (as
+        everywhere, see :meth:`Annotation.from_obs`).
+
+        The session takes the lock of the slice's autosave (see :meth:`autosave`). An autosave
+        that is not restored is never overwritten: one made for other cells (``kind
+        'refused'``) or unreadable (``'corrupt'``) is renamed to
+        ``<name>.refused-YYYYmmdd-HHMMSS.npz`` / ``.corrupt-...`` and ``self.restore_error``
+        says why and where it went.
         """
+        import warnings
+
         self.restore_error = None
         for key, _name in KNOWN_COLUMNS:
             if key in self.adata.obs and key not in self.annotations:
                 try:
                     self.annotations[key] = Annotation.from_obs(self.adata, key)
-                except StofmInputError:
+                except StofmInputError as err:
+                    self.skipped_columns[key] = str(err)
+                    warnings.warn(f"obs['{key}'] is not shown as labels: {err}", UserWarning, stacklevel=2)
                     continue
         # a column of ground truth next to a prediction of the same kind stays a column
-        if restore and self.store is not None and self.store.exists():
+        if self.store is None:
+            return list(self.annotations)
+        target = self._claim_autosave()
+        if restore and self.store.exists():
+            path = self.store.path
+            before = file_signature(path)
             try:
                 saved = self.store.load(self.adata.obs_names)
+            except AutosaveRefused as err:
+                self.restore_error = self._keep_refused(err, mine=target is self.store)
+                saved = {}
             except StofmInputError as err:
                 self.restore_error = str(err)
                 saved = {}
             if saved:
                 self.annotations.update(saved)
-                self.restored_from = self.store.path
+                self.restored_from = path
+                if target is self.store:
+                    self._known_autosave = before
         return list(self.annotations)
+
+    def _keep_refused(self, err: "AutosaveRefused", *, mine: bool) -> str:
+        """Move a refused / unreadable autosave aside (kept) and say where it went."""
+        path = Path(err.path) if err.path is not None else self.store.path
+        if not mine:
+            return (f"{err} It is the autosave of the other session that holds it ({self.autosave_error}); "
+                    "it was left as it is.")
+        try:
+            aside = self.store.set_aside(err.kind, path)
+        except OSError as move_err:
+            return (f"{err} It could not be moved aside ({move_err}); it is not overwritten: autosaving stops "
+                    "until it is moved away.")
+        if aside is None:
+            return str(err)
+        self.kept_aside.append(aside)
+        return (f"{err} It was kept as {aside} (renamed, so no new autosave overwrites it); rename it back to "
+                f"{path.name} to load it again.")
+
+    # ------------------------------------------------------------------ autosave lock
+    def _claim_autosave(self) -> Optional[CurationStore]:
+        """The store this session autosaves to, after taking its lock.
+
+        The slice's autosave when no other live session holds it; otherwise a file of this
+        session's own, ``<slice>.stofm-curation.session-<host>-<pid>.npz`` (said in
+        ``self.autosave_error`` and as a warning), so that neither session overwrites the
+        other's curation.
+        """
+        import warnings
+
+        store = self.store
+        if store is None:
+            return None
+        if self._lock_store is store and self._autosave_store is not None and (self._lock is None or self._lock.held):
+            return self._autosave_store  # still ours (a lock file deleted or taken by someone else is claimed again)
+        self._release_lock()
+        self._lock_store = store
+        self._known_autosave = None
+        owner = f"napari-stofm session of {self.name}"
+        try:
+            lock, target = store.acquire_lock(owner=owner), store
+            self.autosave_error = None
+        except AutosaveLocked as err:
+            lock, target = None, None
+            host = re.sub(r"[^A-Za-z0-9_-]+", "_", host_name())[:32]
+            for i in range(1, 50):
+                candidate = store.sibling(f"session-{host}-{os.getpid()}" + (f"-{i}" if i > 1 else ""))
+                try:
+                    lock, target = candidate.acquire_lock(owner=owner), candidate
+                    break
+                except AutosaveLocked:
+                    continue
+            if target is None:
+                self.autosave_error = f"{err} This session does not autosave."
+            else:
+                self.autosave_error = (
+                    f"{err} So that neither session overwrites the other's curation, this session autosaves to "
+                    f"{target.path} instead; to continue from it later, close the other session and rename it to "
+                    f"{store.path.name}.")
+            warnings.warn(self.autosave_error, UserWarning, stacklevel=3)
+        self._lock = lock
+        if lock is not None:
+            self._lock_finalizer = weakref.finalize(self, lock.release)  # also at interpreter exit
+        self._autosave_store = target
+        return target
+
+    def _release_lock(self) -> None:
+        if self._lock_finalizer is not None:
+            self._lock_finalizer()
+        self._lock = self._lock_finalizer = self._lock_store = self._autosave_store = None
+
+    @property
+    def autosave_path(self) -> Optional[Path]:
+        """Where this session autosaves (None before its first autosave / open)."""
+        return self._autosave_store.path if self._autosave_store is not None else None
+
+    def close(self) -> None:
+        """Release the autosave lock (also done when the session is garbage-collected or
+        Python exits); the session can still be used, and locks again on its next autosave."""
+        self._release_lock()
+
+    def __enter__(self) -> "SliceSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ observers
     def subscribe(self, callback: Callable[[str, str], None]) -> None:
@@ -287,11 +407,21 @@ class SliceSession:
         path = self.embedding_cache_path
         if path is None or not path.is_file() or keys.EMBEDDING in self.adata.obsm:
             return False
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(bytes(data["meta"]).decode("utf-8"))
-                arrays = {k: data[k] for k in data.files if k != "meta"}
-        except Exception:
+        from napari_stofm.io.autosave import read_npz_checked
+
+        n = self.adata.n_obs
+        try:  # headers and sizes are checked before anything is inflated (a cache is never trusted)
+            arrays = read_npz_checked(path, {"meta": ((None,), "u"), keys.EMBEDDING: ((n, None), "f")},
+                                      max_bytes=n * 4 * 4096 + (1 << 24))
+            meta = json.loads(bytes(arrays.pop("meta")).decode("utf-8"))
+            try:
+                arrays.update(read_npz_checked(path, {keys.CELL_EMBEDDING: ((n, None), "f")},
+                                               max_bytes=n * 4 * 4096))
+            except ValueError:
+                pass  # an older cache without the gene-scale embedding
+        except (OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
+            return False  # a cache is a convenience: a broken one is simply not used
+        if not isinstance(meta, dict):
             return False
         from napari_stofm.pipeline.embed import expression_fingerprint
 
@@ -401,7 +531,8 @@ class SliceSession:
         self._notify(key, "merged")
         return mapping
 
-    def refine(self, key: str, *, progress: Optional[ProgressCallback] = None, cancel: CancelToken = None) -> np.ndarray:
+    def refine(self, key: str, *, progress: Optional[ProgressCallback] = None,
+               cancel: CancelToken = None) -> np.ndarray:
         """Retrain the label head on the curated cells; update only the cells nobody corrected.
 
         Returns the indices of the cells whose class changed.
@@ -453,12 +584,35 @@ class SliceSession:
 
     # ------------------------------------------------------------------ saving
     def autosave(self) -> Optional[Path]:
-        """Write every annotation to the autosave file; returns it (None without annotations)."""
+        """Write every annotation to the autosave file; returns it (None without annotations).
+
+        The file is the slice's ``<slice>.stofm-curation.npz`` unless another live session
+        holds it (then this session's own file, see ``self.autosave_error``). A file there
+        that this session neither restored nor wrote (another writer's, or one left
+        unrestored with ``restore=False``) is first renamed to
+        ``<name>.previous-YYYYmmdd-HHMMSS.npz`` (kept, listed in ``self.kept_aside``).
+        """
+        import warnings
+
         if self.store is None or not self.annotations:
             return None
-        return self.store.save(self.annotations, self.adata.obs_names)
+        target = self._claim_autosave()
+        if target is None:
+            raise AutosaveLocked(self.autosave_error or "this session has no autosave file.")
+        path = target.path
+        current = file_signature(path)
+        if current is not None and current != self._known_autosave:
+            aside = target.set_aside("previous", path)
+            if aside is not None:
+                self.kept_aside.append(aside)
+                warnings.warn(f"the autosave {path} held labels this session had not loaded; it was kept as {aside} "
+                              "before this session's autosave was written.", UserWarning, stacklevel=2)
+        written = target.save(self.annotations, self.adata.obs_names)
+        self._known_autosave = file_signature(written)
+        return written
 
-    def export(self, path, *, fmt: Optional[str] = None, overwrite: bool = False, keys: Optional[Sequence[str]] = None) -> Path:
+    def export(self, path, *, fmt: Optional[str] = None, overwrite: bool = False,
+               keys: Optional[Sequence[str]] = None) -> Path:
         """Export the annotations as ``.h5ad``, ``.csv`` or SpatialData ``.zarr`` (by suffix or ``fmt``)."""
         from napari_stofm.io import export as export_module
 
@@ -466,6 +620,8 @@ class SliceSession:
             raise StofmInputError("there are no labels to export yet: run SToFM or open labelled data first.")
         anns = {k: a for k, a in self.annotations.items() if keys is None or k in keys}
         fmt = fmt or export_format_of(path)
+        if fmt in ("h5ad", "csv", "spatialdata"):  # refuse before the territories are built
+            export_module.check_export_target(path, overwrite=overwrite, fmt=fmt)
         if fmt == "h5ad":
             return export_module.export_h5ad(self.adata, anns, path, overwrite=overwrite)
         if fmt == "csv":
@@ -497,4 +653,5 @@ def _label_arguments(label_source, reference, label_key):
         return label_source[1], label_source[2]
     if kind == "column" and len(label_source) == 2:
         return None, label_source[1]
-    raise StofmInputError(f"unknown cell-type source {label_source!r}: use ('reference', path, key) or ('column', key).")
+    raise StofmInputError(f"unknown cell-type source {label_source!r}: "
+                          "use ('reference', path, key) or ('column', key).")

@@ -13,9 +13,18 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from napari_stofm.model.multiscale import (CLS_TYPE, FAR_DISTANCE, HYPER_TYPE, NORM_TYPE, SubsliceInput, collate,
-                                           hypernodes_from_assignment, normalize_coordinates, split_subslices,
-                                           subslice_distances)
+from napari_stofm.model.multiscale import (
+    CLS_TYPE,
+    FAR_DISTANCE,
+    HYPER_TYPE,
+    NORM_TYPE,
+    SubsliceInput,
+    collate,
+    hypernodes_from_assignment,
+    normalize_coordinates,
+    split_subslices,
+    subslice_distances,
+)
 from napari_stofm.training.config import PretrainConfig
 from napari_stofm.training.corpus import SpatialSlice
 
@@ -140,7 +149,7 @@ def make_training_batch(sl: SpatialSlice, rng: np.random.Generator, cfg: Pretrai
     sel_mask = torch.zeros(b, l, dtype=torch.bool)
     targets = []
     pair_b, pair_i, pair_j, pair_t = [], [], [], []
-    for k, ((sel, target_emb), h_k) in enumerate(zip(masks, keeps)):
+    for k, ((sel, target_emb), h_k) in enumerate(zip(masks, keeps, strict=True)):
         pos = 1 + h_k + np.flatnonzero(sel)
         sel_mask[k, torch.from_numpy(pos)] = True
         targets.append(torch.from_numpy(target_emb[sel]))

@@ -17,7 +17,6 @@ from napari_stofm.errors import StofmInputError
 from napari_stofm.model.multiscale import build_hypernodes, normalize_coordinates
 from napari_stofm.training.config import STATE_DIR
 
-
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
@@ -138,8 +137,8 @@ def load_corpus(data: Sequence[PathLike], adatas, exclude_held_out: bool, vocabu
     ``(name, AnnData)`` pairs instead). ``vocabulary`` None builds one from the slices (a
     pack brings its own); a given vocabulary must be the pack's (on resume).
     """
-    from napari_stofm.training.packed import is_packed_corpus, load_packed_corpus, pack_slices
     from napari_stofm.genes.vocabulary import build_vocabulary
+    from napari_stofm.training.packed import is_packed_corpus, load_packed_corpus, pack_slices
 
     if adatas is None and any(is_packed_corpus(d) for d in data):
         if len(data) != 1:
@@ -203,7 +202,7 @@ def prepare_spatial_slices(names: Sequence[str], xys: Sequence[np.ndarray], toke
     log.info("stage 2: embedding the cells of %d slices with the frozen encoder", len(names))
     encoder.eval()
     out = []
-    for name, xy_all, tok in zip(names, xys, tokenized):
+    for name, xy_all, tok in zip(names, xys, tokenized, strict=True):
         emb = encoder.encode(tok, batch_size=128 if device.type == "cpu" else 1024, device=device)
         ok = ~np.asarray(tok.empty, dtype=bool)
         xy = np.asarray(xy_all, dtype=np.float64)[:, :2][ok]

@@ -43,9 +43,9 @@ class PackedCorpus:
         path = Path(path)
         if path.suffix != ".npz":
             raise StofmInputError(f"{path}: a packed corpus file must end in .npz")
-        arrays = {"format": np.array(FORMAT), "vocabulary": np.array(self.vocabulary.to_tsv()), "n": np.array(len(self.names)),
-                  "max_genes": np.array(self.max_genes)}
-        for i, (name, tok, xy) in enumerate(zip(self.names, self.tokenized, self.xy)):
+        arrays = {"format": np.array(FORMAT), "vocabulary": np.array(self.vocabulary.to_tsv()),
+                  "n": np.array(len(self.names)), "max_genes": np.array(self.max_genes)}
+        for i, (name, tok, xy) in enumerate(zip(self.names, self.tokenized, self.xy, strict=True)):
             arrays.update({f"name{i}": np.array(name), f"ids{i}": tok.input_ids.astype(np.int32),
                            f"offsets{i}": tok.offsets.astype(np.int64), f"empty{i}": np.asarray(tok.empty, bool),
                            f"xy{i}": np.asarray(xy, dtype=np.float64)})

@@ -86,7 +86,7 @@ def plot_losses(history: dict, path: PathLike) -> Optional[Path]:
     panels = [("stage1", ("mlm", "profile_kl", "contrastive"), "Stage 1: gene scale"),
               ("stage2", STAGE2_TERMS, "Stage 2: SE(2) transformer")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (key, terms, title) in zip(axes, panels):
+    for ax, (key, terms, title) in zip(axes, panels, strict=True):
         rows = history.get(key, [])
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -74,11 +74,17 @@ from torch import nn
 from napari_stofm.errors import StofmInputError
 from napari_stofm.training.batches import drop_genes, make_training_batch, mask_tokens, pad_sequences, prefetched
 from napari_stofm.training.config import RESUME_OVERRIDABLE, STATE_DIR, PretrainConfig
-from napari_stofm.training.corpus import (HELD_OUT_SLICES, GeneCorpus, SpatialSlice, load_corpus,
-                                          prepare_spatial_slices)
+from napari_stofm.training.corpus import HELD_OUT_SLICES, GeneCorpus, SpatialSlice, load_corpus, prepare_spatial_slices
 from napari_stofm.training.heads import MLMHead, ProfileHead, info_nce, make_lm_head, make_pair_head, profile_targets
-from napari_stofm.training.report import (CURVE_NAME, LOG_NAME, STAGE1_TERMS, STAGE2_TERMS, ProgressLine, mean_recent,
-                                          plot_losses)
+from napari_stofm.training.report import (
+    CURVE_NAME,
+    LOG_NAME,
+    STAGE1_TERMS,
+    STAGE2_TERMS,
+    ProgressLine,
+    mean_recent,
+    plot_losses,
+)
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +283,9 @@ class Trainer:
             zn = F.normalize(z1.detach(), dim=-1)
             nb = zn.shape[0]
             cell_cos = ((zn @ zn.t()).sum() - nb) / max(1, nb * (nb - 1))
-            values = torch.stack([loss.detach(), mlm.detach(), acc, prof.detach(), con.detach(), cell_cos]).cpu().tolist()
-        return dict(zip(("loss",) + STAGE1_TERMS, values))
+            values = torch.stack([loss.detach(), mlm.detach(), acc, prof.detach(), con.detach(),
+                                  cell_cos]).cpu().tolist()
+        return dict(zip(("loss",) + STAGE1_TERMS, values, strict=True))
 
     # ------------------------------------------------------------ stage 2
 
@@ -318,7 +325,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_([p for g in self.opt2.param_groups for p in g["params"]], 1.0)
         self.opt2.step()
         values = torch.stack([loss.detach(), cos.detach(), pair.detach()]).cpu().tolist()
-        row = dict(zip(("loss",) + STAGE2_TERMS, values))
+        row = dict(zip(("loss",) + STAGE2_TERMS, values, strict=True))
         if "slice" in batch:
             row["slice"] = batch["slice"]
         return row

@@ -7,8 +7,8 @@ from typing import Callable, Optional
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QComboBox
 
-from napari_stofm.errors import Cancelled, StofmError
 from napari_stofm._napari.layers import session_of, slice_layers
+from napari_stofm.errors import Cancelled, StofmError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def start_worker(func: Callable, *args, on_return: Callable, on_error: Callable,
     def guarded(*a, **k):
         try:
             return True, func(*a, **k)
-        except Exception as err:  # reported on the GUI thread
+        except Exception as err:  # noqa: BLE001 - worker guard: every failure goes to on_error, which reports it
             return False, err
 
     def dispatch(outcome):

@@ -6,6 +6,7 @@ shows any failure as a napari message.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,8 +24,10 @@ from qtpy.QtWidgets import (
 )
 
 from napari_stofm._napari.binding import bind_viewer, binding_of
-from napari_stofm.widgets._common import SliceCombo, report_failure, show_error, show_info, start_worker
 from napari_stofm._napari.layers import ROLE_LABELS, session_of
+from napari_stofm.widgets._common import SliceCombo, report_failure, show_error, show_info, start_worker
+
+log = logging.getLogger(__name__)
 
 FORMATS = {"h5ad": ".h5ad", "CSV": ".csv", "SpatialData": ".zarr"}
 _FORMAT_KEYS = {"h5ad": "h5ad", "CSV": "csv", "SpatialData": "spatialdata"}
@@ -94,7 +97,8 @@ class ExportWidget(QWidget):
 
     def _ask_overwrite(self, path: Path) -> bool:
         answer = QMessageBox.question(self, "Replace existing file?",
-                                      f"{path} exists. Replace it? (The old file stays intact until the new one is complete.)")
+                                      f"{path} exists. Replace it? "
+                                      "(The old file stays intact until the new one is complete.)")
         return answer == QMessageBox.StandardButton.Yes
 
     # ------------------------------------------------------------------ export
@@ -129,7 +133,8 @@ class ExportWidget(QWidget):
                     b.flush()
         try:
             session.autosave()
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - UI action: a failed autosave must not block the export; reported
+            log.debug("autosave before the export failed", exc_info=True)
             show_error(f"autosave failed ({err}); exporting anyway.")
         self.status.setText(f"exporting to {target}…")
         self.export_button.setEnabled(False)

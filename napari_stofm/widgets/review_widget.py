@@ -33,12 +33,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_stofm.errors import StofmError
-from napari_stofm.review.raster import PIXELS_PER_SPACING
-from napari_stofm.keys import display_name
 from napari_stofm._napari.binding import bind, bind_viewer, binding_of
-from napari_stofm.widgets._common import report_failure, show_error, start_worker
 from napari_stofm._napari.layers import ROLE_LABELS, session_of
+from napari_stofm.errors import StofmError
+from napari_stofm.keys import display_name
+from napari_stofm.review.raster import PIXELS_PER_SPACING
+from napari_stofm.widgets._common import report_failure, show_error, start_worker
 
 COLUMNS = ("", "class", "cells", "confidence", "curated")
 
@@ -311,7 +311,7 @@ class ReviewWidget(QWidget):
         try:
             changed = session.apply_refinement(key, pred)
             self.info.setText(f"refined: {changed.size} uncorrected cells changed class.")
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - UI callback: never leave the widget half-updated; reported
             self.last_error = report_failure(err, "Refine")
 
     def _on_refine_error(self, err):

@@ -8,6 +8,7 @@ running the model again.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Optional
@@ -28,12 +29,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_stofm._napari.binding import bind_viewer
+from napari_stofm._napari.layers import ROLE_LABELS, add_or_update_labels, session_of
 from napari_stofm.errors import StofmInputError
 from napari_stofm.heads.regions import DEFAULT_RESOLUTION
 from napari_stofm.keys import REGION as REGION_KEY
-from napari_stofm._napari.binding import bind_viewer
 from napari_stofm.widgets._common import ProgressRelay, SliceCombo, report_failure, show_error, show_info, start_worker
-from napari_stofm._napari.layers import ROLE_LABELS, add_or_update_labels, session_of
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_BUNDLED = "bundled"
 WEIGHTS_CHECKPOINT = "checkpoint folder"
@@ -81,7 +84,8 @@ class RunWidget(QWidget):
         self.regions_spin.setRange(0, 60)
         self.regions_spin.setValue(7)
         self.regions_spin.setSpecialValueText("auto (Leiden)")
-        self.regions_spin.setToolTip("Number of tissue regions; changing it after a run re-clusters without re-running the model.")
+        self.regions_spin.setToolTip("Number of tissue regions; "
+                                     "changing it after a run re-clusters without re-running the model.")
         self._recluster_timer = QTimer(self)
         self._recluster_timer.setSingleShot(True)
         self._recluster_timer.timeout.connect(self.recluster)
@@ -282,8 +286,8 @@ class RunWidget(QWidget):
                 if message:
                     self._pbar.set_description(message)
                 self._pbar.refresh()
-            except Exception:
-                pass
+            except Exception:  # noqa: BLE001 - best-effort progress-bar refresh; the widget's own bar is updated
+                log.debug("the napari progress bar could not be updated", exc_info=True)
 
     def _start_progress(self, description: str):
         from napari.utils import progress
@@ -295,8 +299,8 @@ class RunWidget(QWidget):
         if self._pbar is not None:
             try:
                 self._pbar.close()
-            except Exception:
-                pass
+            except Exception:  # noqa: BLE001 - best-effort close of the napari progress bar
+                log.debug("the napari progress bar could not be closed", exc_info=True)
             self._pbar = None
 
     def _on_result(self, session, result):
@@ -314,8 +318,9 @@ class RunWidget(QWidget):
                 self.viewer.layers.selection.active = layers[0]
             note = " (embedding reused)" if result.embedding_reused else ""
             self.status.setText(f"done{note}: " + ", ".join(
-                f"{len(a.categories)} {('regions' if k == REGION_KEY else 'classes')}" for k, a in result.annotations.items()))
-        except Exception as err:  # never leave the UI half-updated without a word
+                f"{len(a.categories)} {('regions' if k == REGION_KEY else 'classes')}"
+                for k, a in result.annotations.items()))
+        except Exception as err:  # noqa: BLE001 - UI callback: never leave the UI half-updated without a word; reported
             self.last_error = report_failure(err, "Showing the SToFM result")
 
     def _on_error(self, err):
@@ -377,8 +382,8 @@ def available_devices():
             devices.append("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             devices.append("mps")
-    except Exception:
-        pass
+    except (ImportError, OSError, RuntimeError, AttributeError):  # no (usable) torch build: CPU only
+        log.debug("cannot probe torch devices", exc_info=True)
     return devices
 
 
@@ -391,7 +396,8 @@ def _obs_columns(path: str):
         with h5py.File(path, "r") as f:
             read_elem = getattr(getattr(ad, "io", None), "read_elem", None) or ad.experimental.read_elem
             obs = read_elem(f["obs"])
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - a user-chosen file: h5py/anndata raise many types; shown to the user
+        log.debug("cannot list the obs columns of %s", path, exc_info=True)
         show_info(f"could not list the columns of {path}: {err}")
         return []
     import pandas as pd
