@@ -30,6 +30,7 @@ _LAZY = {
     "run_annotations": "napari_stofm.pipeline.predict",
     "RunResult": "napari_stofm.pipeline.predict",
     "Annotation": "napari_stofm.heads.annotation",
+    "markers": "napari_stofm.heads.markers",
     "SliceSession": "napari_stofm.review.session",
     "read_slice": "napari_stofm.io.slices",
     "validate_slice": "napari_stofm.io.slices",

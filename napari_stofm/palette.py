@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import colorsys
-from typing import Iterable, List
+from typing import Dict, Iterable, List, Mapping, Optional
 
 from napari_stofm.errors import StofmInputError
 
-# Okabe-Ito (colour-blind safe; black left out: it reads as "no label") first, then
-# distinct colours from scanpy's default_20 / godsnot palettes.
+# Okabe-Ito (colour-blind safe; black left out: it reads as "no label") first, then colours
+# from Kelly's, tab20 and scanpy's godsnot lists, each chosen farthest (CIELAB) from those
+# before it: the first 20 are >= 26 Delta-E apart, all 30 >= 20 (tests/test_colors_by_name.py).
 PALETTE = [
     "#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00", "#cc79a7",
-    "#8c564b", "#17becf", "#bcbd22", "#9467bd", "#e377c2", "#2ca02c", "#d62728",
-    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
-    "#dbdb8d", "#9edae5", "#023fa5", "#8e063b", "#11c638", "#ef9708", "#0fcfc0",
-    "#7d87b9", "#e07b91",
+    "#654522", "#11c638", "#be0032", "#c2b280", "#f99379", "#023fa5", "#98df8a",
+    "#7f7f7f", "#637939", "#9467bd", "#8db600", "#882d17", "#c5b0d5", "#2b3d26",
+    "#9edae5", "#8e063b", "#7b4173", "#393b79", "#ffbb78", "#0fcfc0", "#c49c94",
+    "#7d87b9", "#c7c7c7",
 ]
 
 
@@ -76,3 +77,48 @@ def to_hex(color) -> str:
     return "#" + "".join(f"{round(v / scale * 255):02x}" for v in rgb)
 
 
+
+
+def colors_for(names: Iterable[str], known: Optional[Mapping[str, str]] = None) -> List[str]:
+    """One colour per class name: the colour ``known`` gives that name (e.g. the slice's
+    ground-truth column, a reference's labels), else the first palette colour no other class
+    of ``names`` uses (deterministic). The same name thus gets the same colour in every layer."""
+    names = [str(n) for n in names]
+    known = {str(k): to_hex(v) for k, v in (known or {}).items()}
+    out: List[Optional[str]] = [known.get(n) for n in names]
+    # a known colour given to two names (two columns disagreeing) is kept by the first only
+    seen: set = set()
+    for i, color in enumerate(out):
+        if color is not None and color in seen:
+            out[i] = None
+        elif color is not None:
+            seen.add(color)
+    fresh = iter(default_colors(sum(c is None for c in out), used=seen))
+    return [c if c is not None else next(fresh) for c in out]
+
+
+def known_colors(adata, columns: Optional[Iterable[str]] = None) -> Dict[str, str]:
+    """``{class name: colour}`` from the categorical obs columns of an AnnData (or those in
+    ``columns``) that store ``uns['<col>_colors']`` (one per category). Earlier columns win a
+    name they share."""
+    import pandas as pd
+
+    out: Dict[str, str] = {}
+    obs = getattr(adata, "obs", None)
+    if obs is None:
+        return out
+    for col in list(columns) if columns is not None else list(obs.columns):
+        if col not in obs or not isinstance(obs[col].dtype, pd.CategoricalDtype):
+            continue
+        cats = [str(c) for c in obs[col].cat.categories]
+        stored = getattr(adata, "uns", {}).get(f"{col}_colors")
+        if stored is None or isinstance(stored, (str, bytes)) or len(stored) != len(cats):
+            continue
+        try:
+            colors = [to_hex(str(c) if not isinstance(c, (list, tuple)) else c) for c in stored]
+        except (StofmInputError, TypeError, ValueError):
+            continue
+        for name, color in zip(cats, colors, strict=True):
+            if name:
+                out.setdefault(name, color)
+    return out

@@ -161,7 +161,7 @@ def test_no_overwrite_without_flag(tmp_path, slice_and_annotations, kind):
     assert _snapshot(path) == before
     writer(adata, edited, path, overwrite=True)
     assert _snapshot(path) != before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp or backup left
+    assert sorted(p.name for p in tmp_path.iterdir()) == _expected(path, kind)  # no temp or backup left
 
 
 @pytest.mark.parametrize("kind", ["h5ad", "csv", "zarr"])
@@ -184,7 +184,12 @@ def test_interrupted_export_keeps_original(tmp_path, slice_and_annotations, monk
     with pytest.raises(RuntimeError, match="power cut"):
         writer(adata, edited, path, overwrite=True)
     assert _snapshot(path) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == _expected(path, kind)
+
+
+def _expected(path, kind):
+    """What an export leaves in its folder: the target (and, for CSV, its marker table beside it)."""
+    return sorted([path.name] + ([export_module.markers_csv_path(path).name] if kind == "csv" else []))
 
 
 def test_interrupted_directory_swap_restores_original(tmp_path, slice_and_annotations, monkeypatch):

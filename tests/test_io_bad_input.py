@@ -292,7 +292,8 @@ def test_killed_h5ad_export_leaves_no_lasting_debris(tmp_path, labelled):
 
     export_csv(adata, anns, tmp_path / "next.csv")  # the next export to the folder tidies it
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted(["curated.h5ad", "next.csv", live.name, young_legacy.name, mine.name])
+    # the CSV export also writes its marker table beside it (next.markers.csv)
+    assert left == sorted(["curated.h5ad", "next.csv", "next.markers.csv", live.name, young_legacy.name, mine.name])
 
 
 # ----------------------------------------------------------------------------- 4, 5, 10: obs columns

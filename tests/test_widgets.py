@@ -391,6 +391,7 @@ def test_review_widget_classes_navigation_and_refine(predicted, qtbot):
     curated = ann.curated.copy()
     codes_before = ann.codes.copy()
     conf_before = ann.confidence.copy()
+    review.confirm_refine = False  # no "N cells would change" question (tests/test_refine_undo.py asks it)
     review.refine()
     qtbot.waitUntil(lambda: review.refine_worker is None, timeout=60_000)
     assert review.last_error is None, review.last_error

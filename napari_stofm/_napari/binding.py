@@ -46,6 +46,19 @@ class _EditAtom(compat.PixelHistoryAtom):
         return obj
 
 
+class _ChangeAtom(compat.PixelHistoryAtom):
+    """A napari history atom of a session step that is not a paint edit (refine, merge,
+    re-cluster): napari replays its pixels, the binding then puts the annotation back
+    (``change``: the session's :class:`~napari_stofm.review.session.ChangeRecord`)."""
+
+    change = None
+
+    def __new__(cls, indices, old, new, change=None):
+        obj = super().__new__(cls, indices, old, new)
+        obj.change = change
+        return obj
+
+
 def binding_of(layer) -> Optional["LabelsBinding"]:
     return _BINDINGS.get(unwrap(layer)) if layer is not None else None
 
@@ -275,19 +288,30 @@ class LabelsBinding:
             return
         if item is None:
             return
-        edits = [a.edit for a in item if isinstance(a, _EditAtom) and a.edit is not None]
-        if not edits:
-            if any(not isinstance(a, _EditAtom) for a in item):
+        steps = [a for a in item if (isinstance(a, _EditAtom) and a.edit is not None)
+                 or (isinstance(a, _ChangeAtom) and a.change is not None)]
+        if not steps:
+            if any(not isinstance(a, (_EditAtom, _ChangeAtom)) for a in item):
                 self.resync()
             return
         self._busy = True
+        classes = False
         try:
-            # undo replays atoms last-first; redo first-last
-            for edit in (reversed(edits) if undoing else edits):
-                self.session.restore(self.key, edit.previous if undoing else edit.after)
+            # undo replays atoms last-first; redo first-last (napari stores a redo step reversed)
+            for atom in (reversed(steps) if undoing else steps):
+                if isinstance(atom, _ChangeAtom):
+                    change = atom.change
+                    (self.session.revert if undoing else self.session.reapply)(change, autosave=False)
+                    classes = classes or change.classes_changed
+                else:
+                    edit = atom.edit
+                    self.session.restore(self.key, edit.previous if undoing else edit.after)
         finally:
             self._busy = False
-        self._update_features()
+        if classes:
+            self._update_classes()
+        else:
+            self._update_features()
         self._schedule_autosave()
 
     def resync(self) -> int:
@@ -329,12 +353,36 @@ class LabelsBinding:
             return
         if key != self.key or self._busy:
             return
+        change = self.session.current_change
         if what == "classes":
             self._update_classes()
-        else:  # 'codes' (refine, assign), 'merged', 'replaced'
+        elif change is not None and change.key == self.key:
+            self._push_change(change)  # refine, merge, re-cluster: one undo step of the layer
+        else:  # 'codes' (assign), 'merged', 'replaced'
             refresh_labels_layer(self.layer, self.session, self.key)
         if what != "classes":
             self._schedule_autosave()
+
+    def _push_change(self, change) -> None:
+        """Repaint the cells a session step changed and make that napari's next undo step
+        (the earlier steps and brush strokes stay undoable behind it)."""
+        layer = self.layer
+        data = layer.data
+        want = self.session.territories.class_image(self.annotation.codes)
+        if not isinstance(data, np.ndarray) or data.shape != want.shape:
+            refresh_labels_layer(layer, self.session, self.key)
+            return
+        diff = want != data
+        rows, cols = np.nonzero(diff)
+        old, new = data[rows, cols].copy(), want[rows, cols]
+        data[rows, cols] = new
+        if not compat.push_history_item(layer, [_ChangeAtom((rows, cols), old, new, change)]):
+            compat.clear_history(layer)
+        if change.classes_changed:
+            self._update_classes()
+        else:
+            self._update_features()
+        layer.refresh()
 
     def _update_classes(self) -> None:
         ann = self.annotation

@@ -129,6 +129,31 @@ def append_to_history_item(layer, item: list, atom) -> bool:
     return stored
 
 
+def push_history_item(layer, item: list) -> bool:
+    """Make ``item`` (a list of atoms the plugin already applied to ``layer.data``) the
+    layer's next undo step, as a new edit does: the redo steps are dropped. No paint event
+    is emitted. Returns whether it took.
+
+    Written against napari 0.9.1 (``Labels._undo_history`` / ``_redo_history``, deques of
+    lists that ``undo()`` / ``redo()`` replay). Fallback (histories missing or not
+    appendable): False with a debug message; the caller then clears the history
+    (:func:`clear_history`), so that undo never replays steps that no longer fit the pixels.
+    """
+    layer = unwrap_proxy(layer)
+    undo, redo = getattr(layer, "_undo_history", None), getattr(layer, "_redo_history", None)
+    if undo is None or redo is None:
+        _missing("Labels._undo_history / _redo_history", "the step is not undoable; the history is cleared")
+        return False
+    try:
+        undo.append(item)
+        redo.clear()
+    except Exception as err:  # noqa: BLE001 - private-API shim: a history napari stores differently
+        _missing(f"appending to Labels._undo_history ({err})", "the step is not undoable; the history is cleared",
+                 exc_info=True)
+        return False
+    return True
+
+
 def clear_history(layer) -> None:
     """Forget the layer's undo/redo steps (after its pixels were replaced wholesale).
 
@@ -382,7 +407,8 @@ def qt_window(viewer):
 
 __all__ = [
     "WRITTEN_AGAINST", "unwrap_proxy", "last_undo_item", "last_redo_item", "append_to_history_item",
-    "clear_history", "PixelHistoryAtom", "history_atom_bbox", "history_atom_written", "displayed_slice_image",
+    "push_history_item", "clear_history",
+    "PixelHistoryAtom", "history_atom_bbox", "history_atom_written", "displayed_slice_image",
     "label_texture_values", "refresh_labels_region", "patch_method", "unpatch_method", "patch_tooltip",
     "unpatch_tooltip", "qt_window",
 ]

@@ -252,7 +252,7 @@ def _load_extensions() -> None:
     """Import the modules that contribute subcommands."""
     import importlib
 
-    for module in ("napari_stofm.cli.predict", "napari_stofm.cli.pretrain"):
+    for module in ("napari_stofm.cli.predict", "napari_stofm.cli.pretrain", "napari_stofm.cli.markers"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

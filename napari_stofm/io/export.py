@@ -59,6 +59,10 @@ SHAPES_ELEMENT = "cell_circles"
 TABLE_NAME = "table"
 
 
+#: marker genes per class written with an export
+MARKER_GENES = 10
+
+
 class ExportTargetExists(StofmInputError, FileExistsError):
     """The export target exists and ``overwrite=True`` was not given."""
 
@@ -66,12 +70,17 @@ class ExportTargetExists(StofmInputError, FileExistsError):
 # ----------------------------------------------------------------------------- content
 
 
-def annotated_copy(adata, annotations=None, *, export_format: str = ""):
-    """A copy of ``adata`` with the annotations written into obs / uns, plus export provenance."""
+def annotated_copy(adata, annotations=None, *, export_format: str = "", markers: bool = False):
+    """A copy of ``adata`` with the annotations written into obs / uns, plus export provenance.
+
+    ``markers=True``: also the marker genes of each annotation's classes in
+    ``uns['stofm_markers'][key]`` (see :func:`add_markers`)."""
     annotations = as_annotation_dict(annotations)
     out = adata.copy()
     for ann in annotations.values():
         ann.to_obs(out)
+    if markers:
+        add_markers(out, annotations)
     stofm = dict(out.uns.get(keys.UNS, {}) or {})
     stofm.update(_export_provenance(out, annotations, export_format))
     out.uns[keys.UNS] = stofm
@@ -98,6 +107,54 @@ def _export_provenance(adata, annotations: Dict[str, Annotation], export_format:
     if isinstance(source, Mapping) and "path" in source:
         record["source_path"] = str(source["path"])
     return canonical(record)
+
+
+def add_markers(adata, annotations: Dict[str, Annotation], n_genes: int = MARKER_GENES) -> Dict[str, object]:
+    """Write the marker table of every annotation into ``adata.uns['stofm_markers'][key]``
+    (reused when one for the same labels and expression is there already); returns the tables.
+
+    Never raises over markers: a labelling whose markers cannot be computed is warned about
+    and left out."""
+    from napari_stofm.heads.markers import markers as compute_markers
+
+    tables = {}
+    for key, ann in annotations.items():
+        try:
+            tables[key] = compute_markers(adata, key, n_genes, annotation=ann, store=True)
+        except Exception as err:  # noqa: BLE001 - markers are an extra of the export: warn, never fail it
+            log.debug("markers of %s failed", key, exc_info=True)
+            warnings.warn(f"marker genes of '{key}' were not exported ({type(err).__name__}: {err}); "
+                          "the labels are exported without them.", UserWarning, stacklevel=3)
+    return tables
+
+
+def markers_csv_path(path) -> Path:
+    """``labels.csv`` -> ``labels.markers.csv`` (the marker table written beside a CSV export)."""
+    path = Path(path)
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    return path.with_name(f"{stem}.markers{path.suffix or '.csv'}")
+
+
+def marker_csv_table(tables: Mapping[str, object]):
+    """One table of every annotation's markers: ``key`` then the marker columns."""
+    import pandas as pd
+
+    from napari_stofm.heads.markers import COLUMNS
+
+    parts = []
+    for key, table in tables.items():
+        part = table.loc[:, list(COLUMNS)].copy()
+        part.insert(0, "key", key)
+        parts.append(part)
+    if not parts:
+        return pd.DataFrame(columns=["key", *COLUMNS])
+    return pd.concat(parts, ignore_index=True)
+
+
+def write_table_csv(table, path, *, overwrite: bool = False) -> Path:
+    """Write a DataFrame to a CSV atomically (an existing file only with ``overwrite``)."""
+    target = _target(path, overwrite)
+    return _atomic_file(target, lambda tmp: _write_csv(table, tmp))
 
 
 def _check_sizes(adata, annotations: Dict[str, Annotation]) -> None:
@@ -424,14 +481,17 @@ def _remove(path: Path) -> None:
 # ----------------------------------------------------------------------------- h5ad / CSV
 
 
-def export_h5ad(adata, annotations=None, path=None, *, overwrite: bool = False) -> Path:
-    """Write ``adata`` with the annotations (obs, colours, provenance) to an ``.h5ad`` file."""
+def export_h5ad(adata, annotations=None, path=None, *, overwrite: bool = False, markers: bool = True) -> Path:
+    """Write ``adata`` with the annotations (obs, colours, provenance) to an ``.h5ad`` file.
+
+    ``markers``: also each annotation's marker genes in ``uns['stofm_markers'][key]``
+    (computed unless ``adata`` holds them for the same labels; a failure only warns)."""
     if path is None:
         raise StofmInputError("export_h5ad needs a target path.")
     annotations = as_annotation_dict(annotations)
     _check_sizes(adata, annotations)
     target = _target(path, overwrite)
-    out = annotated_copy(adata, annotations, export_format="h5ad")
+    out = annotated_copy(adata, annotations, export_format="h5ad", markers=markers)
     return _atomic_file(target, lambda tmp: _write_h5ad(out, tmp))
 
 
@@ -439,16 +499,45 @@ def _write_h5ad(adata, tmp: Path) -> None:
     adata.write_h5ad(tmp)
 
 
-def export_csv(adata, annotations=None, path=None, *, overwrite: bool = False, spatial_key: str = keys.SPATIAL) -> Path:
+def export_csv(adata, annotations=None, path=None, *, overwrite: bool = False, spatial_key: str = keys.SPATIAL,
+               markers: bool = True) -> Path:
     """One row per cell: cell_id, x, y, then per annotation <key>, <key>_confidence,
-    <key>_curated, <key>_predicted (unassigned cells have an empty class)."""
+    <key>_curated, <key>_predicted (unassigned cells have an empty class).
+
+    ``markers``: also write the annotations' marker genes beside it (``labels.csv`` ->
+    ``labels.markers.csv``: key, class, gene, score, logfoldchange, pval_adj, pct_in,
+    pct_out); reused from ``adata.uns['stofm_markers']`` when there for the same labels.
+    A failure there only warns; the labels CSV is written first either way."""
     if path is None:
         raise StofmInputError("export_csv needs a target path.")
     annotations = as_annotation_dict(annotations)
     _check_sizes(adata, annotations)
     target = _target(path, overwrite)
     table = csv_table(adata, annotations, spatial_key=spatial_key)
-    return _atomic_file(target, lambda tmp: _write_csv(table, tmp))
+    written = _atomic_file(target, lambda tmp: _write_csv(table, tmp))
+    if markers and annotations:
+        _export_markers_csv(adata, annotations, markers_csv_path(target), overwrite)
+    return written
+
+
+def _export_markers_csv(adata, annotations, path: Path, overwrite: bool) -> Optional[Path]:
+    from napari_stofm.heads.markers import markers as compute_markers
+
+    tables = {}
+    for key, ann in annotations.items():
+        try:
+            tables[key] = compute_markers(adata, key, MARKER_GENES, annotation=ann)
+        except Exception as err:  # noqa: BLE001 - markers are an extra of the export: warn, never fail it
+            log.debug("markers of %s failed", key, exc_info=True)
+            warnings.warn(f"marker genes of '{key}' were not exported ({type(err).__name__}: {err}).",
+                          UserWarning, stacklevel=3)
+    if not tables:
+        return None
+    try:
+        return write_table_csv(marker_csv_table(tables), path, overwrite=overwrite)
+    except (StofmInputError, ExportError) as err:
+        warnings.warn(f"the marker genes were not written to {path}: {err}", UserWarning, stacklevel=3)
+        return None
 
 
 def csv_table(adata, annotations, *, spatial_key: str = keys.SPATIAL):
@@ -474,7 +563,7 @@ def _write_csv(table, tmp: Path) -> None:
 
 
 def export_spatialdata(adata, annotations=None, path=None, *, labels=None, overwrite: bool = False,
-                       spatial_key: str = keys.SPATIAL) -> Path:
+                       spatial_key: str = keys.SPATIAL, markers: bool = True) -> Path:
     """Write a SpatialData ``.zarr`` whose table annotates the cells' territories.
 
     ``labels``: the cell territory raster, as a :class:`napari_stofm.review.raster.Territories`, as
@@ -497,7 +586,7 @@ def export_spatialdata(adata, annotations=None, path=None, *, labels=None, overw
     annotations = as_annotation_dict(annotations)
     _check_sizes(adata, annotations)
     target = _target(path, overwrite, kind="dir")
-    sdata = build_spatialdata(adata, annotations, labels=labels, spatial_key=spatial_key)
+    sdata = build_spatialdata(adata, annotations, labels=labels, spatial_key=spatial_key, markers=markers)
     return _atomic_dir(target, lambda tmp: _write_spatialdata(sdata, tmp))
 
 
@@ -505,12 +594,14 @@ def _write_spatialdata(sdata, tmp: Path) -> None:
     sdata.write(tmp)
 
 
-def build_spatialdata(adata, annotations=None, *, labels=None, spatial_key: str = keys.SPATIAL):
-    """The in-memory :class:`spatialdata.SpatialData` that :func:`export_spatialdata` writes."""
+def build_spatialdata(adata, annotations=None, *, labels=None, spatial_key: str = keys.SPATIAL,
+                      markers: bool = False):
+    """The in-memory :class:`spatialdata.SpatialData` that :func:`export_spatialdata` writes
+    (``markers``: with ``uns['stofm_markers']`` in its table)."""
     import spatialdata as sd
     from spatialdata.models import TableModel
 
-    table = annotated_copy(adata, annotations, export_format="spatialdata")
+    table = annotated_copy(adata, annotations, export_format="spatialdata", markers=markers)
     table = _drop_old_links(table)
     region_key = _free_column(table.obs, "region", "stofm_region_element")
     instance_key = _free_column(table.obs, "instance_id", "stofm_instance_id")

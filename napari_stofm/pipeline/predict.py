@@ -152,6 +152,34 @@ def _xy(adata, spatial_key: str) -> np.ndarray:
     return np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
 
 
+def _known_class_colors(adata, label_key: str, reference=None) -> dict:
+    """``{class name: colour}`` a prediction of cell types should reuse, so that a class
+    shows in one colour in every layer: stored ``uns['<col>_colors']`` of the reference's
+    label column and of the slice's categorical obs columns (ground truth, earlier exports),
+    then the label column the head learns from as napari-stofm shows it."""
+    from napari_stofm.errors import StofmError
+    from napari_stofm.heads.annotation import Annotation
+    from napari_stofm.palette import known_colors
+
+    known: dict = {}
+    # stored colours first (the reference's label column, then the slice's columns) ...
+    if reference is not None:
+        known.update(known_colors(reference, [label_key]))
+    for name, color in known_colors(adata).items():
+        known.setdefault(name, color)
+    # ... then the label column as napari-stofm shows it without stored colours
+    for source in (reference, adata):
+        if source is None or label_key not in getattr(source, "obs", {}):
+            continue
+        try:
+            shown = Annotation.from_obs(source, label_key)
+        except StofmError:  # a column that cannot be shown as labels brings no colours
+            continue
+        for name, color in zip(shown.categories, shown.colors, strict=True):
+            known.setdefault(name, color)
+    return known
+
+
 def _labels_of(adata, key: str, what: str = "the slice"):
     if key not in adata.obs:
         cols = ", ".join(map(str, adata.obs.columns[:15])) or "none"
@@ -212,6 +240,7 @@ def run_annotations(
     from napari_stofm.heads.classifier import complete_labels, transfer_labels
     from napari_stofm.heads.regions import RegionClusterer, check_n_regions, check_resolution
     from napari_stofm.model.stofm import load_model
+    from napari_stofm.palette import colors_for
     from napari_stofm.pipeline.checks import integer
     from napari_stofm.pipeline.embed import compute_embedding
 
@@ -279,8 +308,9 @@ def run_annotations(
         else:
             pred = complete_labels(emb, _labels_of(adata, label_key), xy, seed=seed)
             source = {"label_source": "column"}
+        known = _known_class_colors(adata, label_key, transfer["reference"] if reference is not None else None)
         result.annotations[target_key] = Annotation.from_prediction(
-            target_key, pred,
+            target_key, pred, colors=colors_for(pred.categories, known),
             provenance={**base_prov, **source, "label_key": label_key, "transfer_genes": transfer_genes})
         report(progress, 1, 1, f"Labels from {label_key!r}")
 

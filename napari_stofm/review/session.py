@@ -67,6 +67,83 @@ class EditResult:
         return self.cells.size > 0
 
 
+@dataclass
+class RefinementPreview:
+    """What refining would do, before it is applied (:meth:`SliceSession.preview_refinement`).
+
+    ``changed`` are the uncurated cells whose class would change, ``before`` / ``after``
+    their codes now and after refining; ``counts`` is ``{class name: {"gained": n,
+    "lost": n}}`` over those cells (classes with no change left out).
+    """
+
+    key: str
+    prediction: object  # the refined LabelPrediction (what apply_refinement installs)
+    changed: np.ndarray
+    before: np.ndarray
+    after: np.ndarray
+    counts: Dict[str, Dict[str, int]]
+
+    @property
+    def n_changed(self) -> int:
+        return int(self.changed.size)
+
+    def describe(self, limit: int = 4) -> str:
+        """``"N cells would change class (+a X, -b Y, ...)"``."""
+        text = f"{self.n_changed} uncorrected cell{'s' if self.n_changed != 1 else ''} would change class"
+        parts = sorted(self.counts.items(), key=lambda kv: -(kv[1]["gained"] + kv[1]["lost"]))
+        bits = [f"+{c['gained']} {name}" for name, c in parts if c["gained"]][:limit]
+        return f"{text} ({', '.join(bits)})" if bits else text
+
+
+@dataclass
+class AnnotationState:
+    """Everything of one annotation that a refine / merge / re-cluster can change."""
+
+    categories: List[str]
+    colors: List[str]
+    codes: np.ndarray
+    predicted_codes: np.ndarray
+    confidence: np.ndarray
+    curated: np.ndarray
+    provenance: dict
+
+    @classmethod
+    def of(cls, ann: Annotation) -> "AnnotationState":
+        import copy
+
+        return cls(list(ann.categories), list(ann.colors), ann.codes.copy(), ann.predicted_codes.copy(),
+                   ann.confidence.copy(), ann.curated.copy(), copy.deepcopy(ann.provenance))
+
+    def put(self, ann: Annotation) -> None:
+        """Set ``ann`` (in place) to this state."""
+        import copy
+
+        ann.categories, ann.colors = list(self.categories), list(self.colors)
+        ann.codes, ann.predicted_codes = self.codes.copy(), self.predicted_codes.copy()
+        ann.confidence, ann.curated = self.confidence.copy(), self.curated.copy()
+        ann.provenance = copy.deepcopy(self.provenance)
+
+
+@dataclass
+class ChangeRecord:
+    """One undoable step that is not a paint edit (refine, merge, re-cluster).
+
+    ``before`` / ``after``: the whole annotation ``key`` around the step. Undo puts
+    ``before`` back; undoing is last-first (as napari's own history), so a state restored
+    is always the one the step started from.
+    """
+
+    key: str
+    label: str  # 'refine', 'merge', 'recluster'
+    before: AnnotationState
+    after: AnnotationState
+    applied: bool = True
+
+    @property
+    def classes_changed(self) -> bool:
+        return self.before.categories != self.after.categories or self.before.colors != self.after.colors
+
+
 class SliceSession:
     """One slice under review: the AnnData, its territories, its annotations, autosave."""
 
@@ -106,6 +183,11 @@ class SliceSession:
         self._lock_finalizer = None
         self._autosave_store: Optional[CurationStore] = None  # where autosaves go (store or a sibling)
         self._known_autosave = None  # signature of the autosave file this session read or wrote
+        #: undoable non-paint steps (refine, merge, re-cluster), oldest first; see :meth:`undo_change`
+        self.changes: List[ChangeRecord] = []
+        #: the step being announced to listeners (set only during that notification), so a
+        #: napari binding can put it into the layer's own undo history
+        self.current_change: Optional[ChangeRecord] = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -254,7 +336,10 @@ class SliceSession:
     def subscribe(self, callback: Callable[[str, str], None]) -> None:
         """``callback(key, what)`` after an annotation changes; ``what`` is one of
         ``'replaced'`` (new annotation object), ``'codes'`` (cells changed class),
-        ``'classes'`` (renamed / recoloured / added) or ``'merged'`` (codes renumbered)."""
+        ``'classes'`` (renamed / recoloured / added) or ``'merged'`` (codes renumbered).
+        During the notification of an undoable step (refine, merge, re-cluster, which also
+        come as ``'codes'`` / ``'merged'`` / ``'replaced'``) ``self.current_change`` is its
+        :class:`ChangeRecord`."""
         ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else (lambda cb=callback: cb)
         if callback not in self._callbacks():
             self._listeners.append(ref)
@@ -443,8 +528,17 @@ class SliceSession:
         """New tissue regions from the cached clusterer (no model run); replaces ``stofm_region``."""
         self.check_recluster(discard_curated=discard_curated)
         ann = self.compute_regions(n_regions, resolution)
-        self.install(REGION_KEY, ann)
-        return ann
+        old = self.annotations.get(REGION_KEY)
+        if old is None or old.n_cells != ann.n_cells:
+            self.install(REGION_KEY, ann)
+            return ann
+        # re-clustering is one undoable step: the new regions go into the existing annotation
+        before = AnnotationState.of(old)
+        AnnotationState.of(ann).put(old)
+        old.to_obs(self.adata)
+        self._record(REGION_KEY, "recluster", before, what="replaced")
+        self.autosave()
+        return old
 
     def check_recluster(self, *, discard_curated: bool = False) -> None:
         """Raise when re-clustering would throw away hand-corrected region labels."""
@@ -527,9 +621,61 @@ class SliceSession:
         return code
 
     def merge(self, key: str, src: int, dst: int) -> dict:
-        mapping = self._annotation(key).merge(src, dst)
-        self._notify(key, "merged")
+        """Merge class ``src`` into ``dst`` (one undoable step, see :meth:`undo_change`)."""
+        ann = self._annotation(key)
+        before = AnnotationState.of(ann)
+        mapping = ann.merge(src, dst)
+        self._record(key, "merge", before, what="merged")
         return mapping
+
+    # ------------------------------------------------------------------ undo of non-paint steps
+    def _record(self, key: str, label: str, before: AnnotationState, *, what: str) -> ChangeRecord:
+        """Keep a step on the undo list and announce it (``self.current_change`` meanwhile)."""
+        record = ChangeRecord(key, label, before, AnnotationState.of(self.annotations[key]))
+        self.changes = [r for r in self.changes if r.applied]  # a new step drops what was undone
+        self.changes.append(record)
+        self.current_change = record
+        try:
+            self._notify(key, what)
+        finally:
+            self.current_change = None
+        return record
+
+    def _put_state(self, record: ChangeRecord, state: AnnotationState, applied: bool, autosave: bool) -> None:
+        ann = self._annotation(record.key)
+        state.put(ann)
+        if record.label == "recluster":  # re-clustering writes the obs columns; so does its undo
+            ann.to_obs(self.adata)
+        record.applied = applied
+        self._notify(record.key, "merged" if record.classes_changed else "codes")
+        if autosave:
+            self.autosave()
+
+    def revert(self, record: ChangeRecord, *, autosave: bool = True) -> None:
+        """Put the annotation back as it was before ``record`` (the undo of that step)."""
+        self._put_state(record, record.before, False, autosave)
+
+    def reapply(self, record: ChangeRecord, *, autosave: bool = True) -> None:
+        """Put the annotation as ``record`` left it (the redo of that step)."""
+        self._put_state(record, record.after, True, autosave)
+
+    def undo_change(self, key: Optional[str] = None) -> Optional[ChangeRecord]:
+        """Undo the latest refine / merge / re-cluster still applied (of ``key`` when given);
+        returns it, None when there is none. In napari, ``layer.undo()`` does this in turn
+        with the brush strokes; this call is for scripts."""
+        applied = [r for r in self.changes if r.applied and (key is None or r.key == key)]
+        if not applied:
+            return None
+        self.revert(applied[-1])
+        return applied[-1]
+
+    def redo_change(self, key: Optional[str] = None) -> Optional[ChangeRecord]:
+        """Redo the step :meth:`undo_change` undid last; None when there is none."""
+        undone = [r for r in self.changes if not r.applied and (key is None or r.key == key)]
+        if not undone:
+            return None
+        self.reapply(undone[0])
+        return undone[0]
 
     def refine(self, key: str, *, progress: Optional[ProgressCallback] = None,
                cancel: CancelToken = None) -> np.ndarray:
@@ -539,6 +685,34 @@ class SliceSession:
         """
         pred = self.compute_refinement(key, progress=progress, cancel=cancel)
         return self.apply_refinement(key, pred)
+
+    def preview_refinement(self, key: str, prediction=None, *, progress=None, cancel=None) -> RefinementPreview:
+        """What :meth:`refine` would change, without changing anything: the cells whose class
+        would change and per-class counts. ``prediction``: a result of
+        :meth:`compute_refinement` (computed here when None). Pass the preview to
+        :meth:`apply_refinement` to apply it."""
+        if prediction is None:
+            prediction = self.compute_refinement(key, progress=progress, cancel=cancel)
+        ann = self._annotation(key)
+        codes = self._refined_codes(ann, prediction)
+        changed = np.flatnonzero(~ann.curated & (codes != ann.codes))
+        before, after = ann.codes[changed].copy(), codes[changed].copy()
+        names = list(ann.categories)
+        counts: Dict[str, Dict[str, int]] = {}
+        for side, values in (("gained", after), ("lost", before)):
+            for code, n in zip(*np.unique(values, return_counts=True), strict=True):
+                name = names[code] if code >= 0 else "unassigned"
+                counts.setdefault(name, {"gained": 0, "lost": 0})[side] = int(n)
+        return RefinementPreview(key, prediction, changed, before, after, counts)
+
+    @staticmethod
+    def _refined_codes(ann: Annotation, pred) -> np.ndarray:
+        codes = np.asarray(pred.codes, dtype=np.int32)
+        if codes.shape != ann.codes.shape:
+            raise StofmInputError("the refined prediction does not cover every cell of the slice.")
+        if codes.max(initial=-1) >= ann.n_classes:
+            raise StofmInputError("the refined prediction uses classes this annotation does not have.")
+        return codes
 
     def compute_refinement(self, key: str, *, progress=None, cancel=None):
         from napari_stofm.heads.classifier import refine_from_corrections
@@ -560,20 +734,22 @@ class SliceSession:
         return pred
 
     def apply_refinement(self, key: str, pred) -> np.ndarray:
+        """Install a refined prediction (or a :class:`RefinementPreview`) on the uncurated
+        cells, as one undoable step (:meth:`undo_change`, or ``layer.undo()`` in napari).
+        Returns the indices of the cells whose class changed."""
+        if isinstance(pred, RefinementPreview):
+            pred = pred.prediction
         ann = self._annotation(key)
         free = ~ann.curated
-        codes = np.asarray(pred.codes, dtype=np.int32)
-        if codes.shape != ann.codes.shape:
-            raise StofmInputError("the refined prediction does not cover every cell of the slice.")
-        if codes.max(initial=-1) >= ann.n_classes:
-            raise StofmInputError("the refined prediction uses classes this annotation does not have.")
+        codes = self._refined_codes(ann, pred)
+        before = AnnotationState.of(ann)
         changed = np.flatnonzero(free & (codes != ann.codes))
         ann.codes[free] = codes[free]
         ann.predicted_codes[free] = codes[free]
         ann.confidence[free] = np.asarray(pred.confidence, dtype=np.float32)[free]
         ann.provenance["n_refinements"] = int(ann.provenance.get("n_refinements", 0)) + 1
         ann._touch()
-        self._notify(key, "codes")
+        self._record(key, "refine", before, what="codes")
         self.autosave()
         return changed
 

@@ -39,6 +39,7 @@ from napari_stofm.errors import StofmError
 from napari_stofm.keys import display_name
 from napari_stofm.review.raster import PIXELS_PER_SPACING
 from napari_stofm.widgets._common import report_failure, show_error, start_worker
+from napari_stofm.widgets._markers import MarkerPanel
 
 COLUMNS = ("", "class", "cells", "confidence", "curated")
 
@@ -83,10 +84,12 @@ class ReviewWidget(QWidget):
         self.next_button = QPushButton("Next least confident cell")
         self.next_button.clicked.connect(self.next_least_confident)
         self.refine_button = QPushButton("Refine from corrections")
-        self.refine_button.setToolTip("Retrain the label head on the corrected cells; only uncorrected cells change")
+        self.refine_button.setToolTip("Retrain the label head on the corrected cells; only uncorrected cells "
+                                       "change. Says how many first; one undo step")
         self.refine_button.clicked.connect(self.refine)
         self.info = QLabel("")
         self.info.setWordWrap(True)
+        self.markers = MarkerPanel(napari_viewer)  # top genes of the selected class; click -> expression
 
         row1 = QHBoxLayout()
         row1.addWidget(self.add_button)
@@ -101,6 +104,7 @@ class ReviewWidget(QWidget):
         layout.addLayout(row1)
         layout.addLayout(row2)
         layout.addWidget(self.info)
+        layout.addWidget(self.markers)
 
         napari_viewer.layers.events.inserted.connect(self._refresh_layers)
         napari_viewer.layers.events.removed.connect(self._refresh_layers)
@@ -159,10 +163,12 @@ class ReviewWidget(QWidget):
             bind(layer, session, key)
             session.subscribe(self._on_session_change)
         self.fill_table()
+        self.markers.set_source(session, key)
 
     def _on_session_change(self, key, what):
         if key == self._key:
             self.fill_table()
+            self.markers.request()
             if what in ("replaced", "merged"):
                 self._visited = set()
 
@@ -216,6 +222,9 @@ class ReviewWidget(QWidget):
         rows = self.selected_codes()
         if rows and self.layer is not None:
             self.layer.selected_label = rows[0] + 1
+        ann = self.annotation
+        if rows and ann is not None and rows[0] < ann.n_classes:
+            self.markers.show_class(ann.categories[rows[0]])
 
     def selected_codes(self):
         return sorted({i.row() for i in self.table.selectedIndexes()})
@@ -300,19 +309,45 @@ class ReviewWidget(QWidget):
         self.refine_button.setEnabled(False)
         self.info.setText("refining from the corrections…")
         self.refine_worker = start_worker(
-            session.compute_refinement, key,
-            on_return=lambda pred: self._on_refined(session, key, pred),
+            session.preview_refinement, key,
+            on_return=lambda preview: self._on_refined(session, key, preview),
             on_error=self._on_refine_error,
             on_finish=self._on_refine_finished,
         )
         return self.refine_worker
 
-    def _on_refined(self, session, key, pred):
+    #: ask "N cells would change — apply?" before a refinement is applied (tests turn it off)
+    confirm_refine = True
+
+    def _on_refined(self, session, key, preview):
+        """The refinement is computed: say how many cells it changes, ask, then apply."""
+        self.pending_refinement = (session, key, preview)
+        text = preview.describe()
+        self.info.setText(f"{text}.")
+        if self.confirm_refine:
+            from qtpy.QtWidgets import QMessageBox
+
+            answer = QMessageBox.question(
+                self, "Refine from corrections",
+                f"{text}.\n\nApply? (Corrected cells keep their labels; Ctrl+Z on the layer undoes it.)")
+            if answer != QMessageBox.StandardButton.Yes:
+                self.info.setText(f"not refined ({text}).")
+                return None
+        return self.apply_pending_refinement()
+
+    def apply_pending_refinement(self):
+        """Apply the refinement last previewed (one undo step of the layer)."""
+        pending, self.pending_refinement = getattr(self, "pending_refinement", None), None
+        if pending is None:
+            return None
+        session, key, preview = pending
         try:
-            changed = session.apply_refinement(key, pred)
-            self.info.setText(f"refined: {changed.size} uncorrected cells changed class.")
+            changed = session.apply_refinement(key, preview)
+            self.info.setText(f"refined: {changed.size} uncorrected cells changed class (Ctrl+Z undoes it).")
+            return changed
         except Exception as err:  # noqa: BLE001 - UI callback: never leave the widget half-updated; reported
             self.last_error = report_failure(err, "Refine")
+            return None
 
     def _on_refine_error(self, err):
         self.last_error = report_failure(err, "Refine")
