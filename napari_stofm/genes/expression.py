@@ -1,6 +1,7 @@
 """Expression matrices as the gene scale reads them: CSR, per-cell normalised."""
 from __future__ import annotations
 
+import hashlib
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -145,3 +146,19 @@ def normalize_expression(X, values: str = "raw_counts", exclude: Optional[Sequen
     np.divide(target_sum, totals, out=scale, where=totals > 0)
     M.data *= np.repeat(scale, np.diff(M.indptr))
     return M
+
+
+def expression_fingerprint(adata, layer: Optional[str] = None) -> str:
+    """A content hash of the expression matrix, gene names and cell names."""
+    X = adata.X if layer is None else adata.layers[layer]
+    h = hashlib.sha1()
+    h.update(str(X.shape).encode())
+    h.update("\0".join(map(str, adata.var_names)).encode())
+    h.update("\0".join(map(str, adata.obs_names)).encode())
+    if sp.issparse(X):
+        X = X.tocsr()
+        for part in (X.indptr, X.indices, X.data):
+            h.update(np.ascontiguousarray(part).tobytes())
+    else:
+        h.update(np.ascontiguousarray(np.asarray(X)).tobytes())
+    return h.hexdigest()[:16]

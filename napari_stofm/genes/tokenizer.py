@@ -84,7 +84,7 @@ class TokenizedCells:
     def batches(self, batch_size: int, indices: Optional[Sequence[int]] = None
                 ) -> Iterator[Tuple["torch.Tensor", "torch.Tensor"]]:
         """Padded ``(input_ids, attention_mask)`` batches over ``indices`` (default: all cells, in order)."""
-        from napari_stofm.pipeline.checks import integer
+        from napari_stofm.checks import integer
 
         batch_size = integer(batch_size, "batch_size", minimum=1)
         idx = np.arange(self.n_cells) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -116,7 +116,7 @@ def tokenize(X_csr, gene_match: GeneMatch, vocabulary: "GeneVocabulary", max_gen
     ``values`` overrides ``gene_match.values`` ('raw_counts', 'volume_normalized',
     'log_normalized'). Columns sharing a token are summed.
     """
-    from napari_stofm.pipeline.checks import integer
+    from napari_stofm.checks import integer
 
     max_genes = integer(max_genes, "max_genes", minimum=1, fix="the number of genes kept per cell")
     X = as_csr(X_csr)

@@ -397,7 +397,7 @@ def build_vocabulary(adatas: Sequence, min_cells: int = 10, gene_key: Optional[s
     are neither genes nor part of the totals). Genes are ordered by canonical id.
     """
 
-    from napari_stofm.pipeline.checks import integer
+    from napari_stofm.checks import integer
 
     if not len(adatas):
         raise StofmInputError("build_vocabulary needs at least one slice")

@@ -63,7 +63,7 @@ class LabelHead:
         max_iter: int = 1000,
         seed: int = 0,
     ):
-        from napari_stofm.pipeline.checks import integer, number
+        from napari_stofm.checks import integer, number
 
         self.spatial_context = spatial_context
         self.n_neighbors = integer(n_neighbors, "n_neighbors", minimum=1)
@@ -166,7 +166,7 @@ class LabelHead:
 
 def with_spatial_context(embeddings, xy, n_neighbors: int = 15) -> np.ndarray:
     """``[embedding, mean embedding of the n_neighbors nearest cells]`` per cell, (n, 2d)."""
-    from napari_stofm.pipeline.checks import integer
+    from napari_stofm.checks import integer
 
     emb = _embeddings(embeddings)
     pos = _positions(xy, emb.shape[0])
@@ -263,7 +263,7 @@ def refine_from_corrections(
     their curated code (confidence 1, one-hot probabilities); every other cell gets the
     retrained head's prediction. ``xy`` may be None (no spatial context).
     """
-    from napari_stofm.pipeline.checks import integer, number
+    from napari_stofm.checks import integer, number
 
     min_confidence = number(min_confidence, "min_confidence", minimum=0.0, maximum=1.0)
     pseudo_weight = number(pseudo_weight, "pseudo_weight", minimum=0.0)

@@ -62,7 +62,7 @@ def _labels(adata, key: str, annotation=None):
 
 def labelling_hash(adata, codes: np.ndarray, categories, layer: Optional[str] = None) -> str:
     """Identifies a marker result: the label codes, class names and the expression fingerprint."""
-    from napari_stofm.pipeline.embed import expression_fingerprint
+    from napari_stofm.genes.expression import expression_fingerprint
 
     h = hashlib.sha1()
     h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())

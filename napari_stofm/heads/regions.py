@@ -96,7 +96,7 @@ class RegionClusterer:
         progress: Optional[ProgressCallback] = None,
         cancel: CancelToken = None,
     ):
-        from napari_stofm.pipeline.checks import integer, number
+        from napari_stofm.checks import integer, number
 
         emb, xy = _validated(embeddings, xy)
         spatial_weight = number(spatial_weight, "spatial_weight", minimum=0.0, maximum=1.0)
@@ -186,14 +186,14 @@ def cluster_regions(
 def check_n_regions(n_regions) -> int:
     """``n_regions`` as an int >= 1: ints, numpy ints and whole floats (``4.0``) pass; ``3.7``,
     ``True`` or ``'4'`` are a :class:`StofmInputError` (never silently cut to 3)."""
-    from napari_stofm.pipeline.checks import integer
+    from napari_stofm.checks import integer
 
     return integer(n_regions, "n_regions", minimum=1, fix="the number of tissue regions, e.g. 7")
 
 
 def check_resolution(resolution) -> float:
     """``resolution`` as a finite float > 0, else a :class:`StofmInputError`."""
-    from napari_stofm.pipeline.checks import number
+    from napari_stofm.checks import number
 
     return number(resolution, "resolution", minimum=0.0, exclusive_minimum=True,
                   fix="a Leiden resolution such as 0.5 (larger = more regions)")

@@ -68,7 +68,7 @@ class BertConfig(dict):
         """Types and ranges of the keys that size the encoder, and its parameter count, before
         anything is built (a :class:`CheckpointError` naming the key instead of a ``TypeError``
         from torch or an attempt to allocate terabytes)."""
-        from napari_stofm.pipeline.checks import integer, number
+        from napari_stofm.checks import integer, number
 
         kw = dict(error=CheckpointError, where="cell encoder config (cell_bert/config.json)",
                   fix="fix the cell encoder's config.json")

@@ -81,7 +81,7 @@ class SToFMConfig:
         """Types and ranges of every key, and the parameter count, before anything is built:
         a wrong value is a :class:`CheckpointError` naming the key, not a ``TypeError`` /
         ``ZeroDivisionError`` from torch or an attempt to allocate terabytes."""
-        from napari_stofm.pipeline.checks import integer, number
+        from napari_stofm.checks import integer, number
 
         kw = dict(error=CheckpointError, where=CONFIG_NAME, fix="fix config.json")
         for name in ("num_hidden_layers", "input_dim", "embedding_dim", "ffn_embedding_dim", "num_attention_heads",

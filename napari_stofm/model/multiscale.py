@@ -59,7 +59,7 @@ def split_subslices(normalized_xy: np.ndarray, split_num: int = 1000, mode: str 
     by index order in ``'published'`` mode, by recursive halving along the longer axis in
     ``'spatial'`` mode.
     """
-    from napari_stofm.pipeline.checks import integer
+    from napari_stofm.checks import integer
 
     if mode not in ("published", "spatial"):
         raise StofmInputError(f"mode must be 'published' or 'spatial', not {mode!r}")
@@ -164,7 +164,7 @@ def build_hypernodes(
     """
     from sklearn.decomposition import PCA
 
-    from napari_stofm.pipeline.checks import integer, number
+    from napari_stofm.checks import integer, number
 
     alpha = number(alpha, "alpha (hypernode_alpha)", minimum=0.0, maximum=1.0)
     resolution = number(resolution, "resolution (hypernode_resolution)", minimum=0.0, exclusive_minimum=True)

@@ -61,7 +61,7 @@ class PipelineSettings:
     info: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from napari_stofm.pipeline.checks import integer, number
+        from napari_stofm.checks import integer, number
 
         kw = dict(error=CheckpointError, where=f"pipeline settings ({SETTINGS_NAME})")
         self.split_num = integer(self.split_num, "split_num", minimum=1, maximum=MAX_SPLIT_NUM,

@@ -25,6 +25,7 @@ import numpy as np
 
 from napari_stofm import keys
 from napari_stofm.errors import StofmInputError
+from napari_stofm.genes.expression import expression_fingerprint
 from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report
 
 log = logging.getLogger(__name__)
@@ -32,24 +33,6 @@ log = logging.getLogger(__name__)
 CELL_KEY = keys.CELL_EMBEDDING
 STOFM_KEY = keys.EMBEDDING
 UNS_KEY = keys.UNS
-
-
-def expression_fingerprint(adata, layer: Optional[str] = None) -> str:
-    """A content hash of the expression matrix, gene names and cell names."""
-    import scipy.sparse as sp
-
-    X = adata.X if layer is None else adata.layers[layer]
-    h = hashlib.sha1()
-    h.update(str(X.shape).encode())
-    h.update("\0".join(map(str, adata.var_names)).encode())
-    h.update("\0".join(map(str, adata.obs_names)).encode())
-    if sp.issparse(X):
-        X = X.tocsr()
-        for part in (X.indptr, X.indices, X.data):
-            h.update(np.ascontiguousarray(part).tobytes())
-    else:
-        h.update(np.ascontiguousarray(np.asarray(X)).tobytes())
-    return h.hexdigest()[:16]
 
 
 def _gene_scale_key(model, adata, gene_key, layer, values: str) -> str:
@@ -123,9 +106,9 @@ def compute_cell_embedding(
     off the matrix (log-normalised when its values are non-integers no larger than 20; a
     warning says so). What was used goes to ``uns['stofm']['values_assumed']``.
     """
+    from napari_stofm.checks import integer
     from napari_stofm.genes.expression import infer_values_kind
     from napari_stofm.genes.tokenizer import require_nonempty, tokenize_adata
-    from napari_stofm.pipeline.checks import integer
 
     batch_size = integer(batch_size, "cell_batch_size", minimum=1)
     kind, basis = infer_values_kind(adata, _matrix(adata, layer), values)
@@ -210,11 +193,11 @@ def compute_embedding(
 
     Parameters: those of :func:`embed`.
     """
+    from napari_stofm.checks import integer
     from napari_stofm.genes.expression import check_values_kind
     from napari_stofm.io.slices import validate_slice
     from napari_stofm.model.forward import forward_slice
     from napari_stofm.model.stofm import SPLIT_MODES, load_model, resolve_device
-    from napari_stofm.pipeline.checks import integer
 
     t0 = time.perf_counter()
     # every number given is checked before anything runs (a bad one would size a loop)

@@ -236,12 +236,12 @@ def run_annotations(
     else 7), ``None`` finds them when ``n_regions`` / ``resolution`` is given or no labels
     are asked for. ``weights``: a checkpoint folder loaded when ``model`` is None.
     """
+    from napari_stofm.checks import integer
     from napari_stofm.heads.annotation import Annotation
     from napari_stofm.heads.classifier import complete_labels, transfer_labels
     from napari_stofm.heads.regions import RegionClusterer, check_n_regions, check_resolution
     from napari_stofm.model.stofm import load_model
     from napari_stofm.palette import colors_for
-    from napari_stofm.pipeline.checks import integer
     from napari_stofm.pipeline.embed import compute_embedding
 
     if label_key is None and reference is not None:

@@ -508,7 +508,7 @@ class SliceSession:
             return False  # a cache is a convenience: a broken one is simply not used
         if not isinstance(meta, dict):
             return False
-        from napari_stofm.pipeline.embed import expression_fingerprint
+        from napari_stofm.genes.expression import expression_fingerprint
 
         parts = str(meta.get("gene_scale_key", "")).split(":")
         if (arrays[keys.EMBEDDING].shape[0] != self.adata.n_obs or len(parts) < 2
