@@ -5,23 +5,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from builders import example_annotation
 
 from napari_stofm.errors import StofmInputError
 from napari_stofm.heads.annotation import Annotation
 from napari_stofm.palette import default_colors, to_hex
-
-
-def _annotation(n=12, seed=0):
-    rng = np.random.default_rng(seed)
-    codes = rng.integers(0, 4, n).astype(np.int32)
-    codes[0] = -1
-    confidence = rng.random(n).astype(np.float32)
-    confidence[1] = np.nan
-    return Annotation.from_prediction(
-        "stofm_region", ["cortex", "white matter", "lesion", "meninges"], codes, confidence,
-        provenance={"model": "SToFM", "weights_fingerprint": "sha256:abc",
-                    "parameters": {"n_regions": 4, "resolution": 0.5}},
-    )
 
 
 def _adata(n=12):
@@ -29,7 +17,7 @@ def _adata(n=12):
 
 
 def test_from_prediction_defaults():
-    ann = _annotation()
+    ann = example_annotation()
     assert ann.colors == default_colors(4)
     assert all(c.startswith("#") and len(c) == 7 for c in ann.colors)
     assert ann.codes.dtype == np.int32 and ann.confidence.dtype == np.float32
@@ -42,7 +30,7 @@ def test_from_prediction_defaults():
 
 
 def test_assign_and_restore_undo_exactly():
-    ann = _annotation()
+    ann = example_annotation()
     before = ann.copy()
     first = ann.assign([2, 3, 4], 1)
     assert (ann.codes[[2, 3, 4]] == 1).all() and ann.curated[[2, 3, 4]].all()
@@ -60,7 +48,7 @@ def test_assign_and_restore_undo_exactly():
 
 
 def test_rename_recolor_add_class():
-    ann = _annotation()
+    ann = example_annotation()
     ann.rename(2, "reactive lesion")
     assert ann.categories[2] == "reactive lesion"
     with pytest.raises(StofmInputError, match="already exists"):
@@ -85,7 +73,7 @@ def test_rename_recolor_add_class():
 
 
 def test_merge_renumbers_consistently():
-    ann = _annotation(n=40, seed=3)
+    ann = example_annotation(n=40, seed=3)
     ann.assign([5, 6], 3)
     names_before = ann.names()
     predicted_names_before = np.array(ann.categories + [None], dtype=object)[ann.predicted_codes]
@@ -124,7 +112,7 @@ def test_summary_and_least_confident():
 
 
 def test_obs_round_trip_identical(tmp_path):
-    ann = _annotation()
+    ann = example_annotation()
     ann.assign([3, 4], 2)
     ann.add_class("unused")
     adata = _adata()

@@ -5,30 +5,18 @@ import os
 
 import numpy as np
 import pytest
+from builders import example_annotation
 
 from napari_stofm.errors import StofmInputError
 from napari_stofm.heads.annotation import Annotation
 from napari_stofm.io.autosave import CurationStore
 
 
-def _annotation(n=12, seed=0):
-    rng = np.random.default_rng(seed)
-    codes = rng.integers(0, 4, n).astype(np.int32)
-    codes[0] = -1
-    confidence = rng.random(n).astype(np.float32)
-    confidence[1] = np.nan
-    return Annotation.from_prediction(
-        "stofm_region", ["cortex", "white matter", "lesion", "meninges"], codes, confidence,
-        provenance={"model": "SToFM", "weights_fingerprint": "sha256:abc",
-                    "parameters": {"n_regions": 4, "resolution": 0.5}},
-    )
-
-
 def test_autosave_round_trip(tmp_path):
     slice_path = tmp_path / "slice.h5ad"
     slice_path.write_bytes(b"x")
     obs_names = [f"c{i}" for i in range(12)]
-    region = _annotation()
+    region = example_annotation()
     region.assign([1, 2], 0)
     cell_type = Annotation.from_prediction("stofm_cell_type", ["A", "B", "C"], np.arange(12) % 3, np.linspace(0, 1, 12))
     store = CurationStore(slice_path)
@@ -53,7 +41,7 @@ def test_stale_autosave_refused(tmp_path):
     slice_path = tmp_path / "slice.h5ad"
     obs_names = [f"c{i}" for i in range(12)]
     store = CurationStore(slice_path)
-    store.save([_annotation()], obs_names)
+    store.save([example_annotation()], obs_names)
     for other in (obs_names[::-1], obs_names[:11] + ["new"], obs_names[:11]):
         with pytest.raises(StofmInputError, match="another set of cells.*Delete or rename"):
             store.load(other)
@@ -64,7 +52,7 @@ def test_autosave_interrupted_keeps_previous(tmp_path, monkeypatch):
     slice_path = tmp_path / "slice.h5ad"
     obs_names = [f"c{i}" for i in range(12)]
     store = CurationStore(slice_path)
-    ann = _annotation()
+    ann = example_annotation()
     store.save([ann], obs_names)
 
     def broken_replace(src, dst):
@@ -88,7 +76,7 @@ def test_autosave_falls_back_when_folder_is_read_only(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(data) else real_access(p, mode))
     store = CurationStore(data / "slice.h5ad")
     obs_names = [f"c{i}" for i in range(12)]
-    ann = _annotation()
+    ann = example_annotation()
     path = store.save([ann], obs_names)
     assert str(path).startswith(str(tmp_path / "cache"))
     assert list(data.iterdir()) == []

@@ -1,11 +1,8 @@
 """Gene identifiers: canonical ids, Ensembl versions, species detection, control probes."""
 from __future__ import annotations
 
-import anndata as ad
-import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
+from builders import gene_adata
 
 from napari_stofm.errors import StofmInputError
 from napari_stofm.genes.identifiers import (
@@ -16,14 +13,6 @@ from napari_stofm.genes.identifiers import (
     is_ensembl_id,
     strip_ensembl_version,
 )
-
-
-def _adata(var_names, var=None, species=None, n=4):
-    X = sp.csr_matrix(np.ones((n, len(var_names)), dtype=np.float32))
-    a = ad.AnnData(X=X, var=pd.DataFrame(var or {}, index=list(var_names)))
-    if species is not None:
-        a.uns["source"] = {"species": species, "values": "raw_counts"}
-    return a
 
 
 def test_mouse_symbols_map_to_human_by_case():
@@ -52,12 +41,12 @@ def test_unknown_species_is_refused():
 
 
 def test_species_detection():
-    assert detect_species(_adata(["Gad2", "Vip"], species="Mus musculus")) == "mouse"
-    assert detect_species(_adata(["GAD2", "VIP"], species="Homo sapiens")) == "human"
-    assert detect_species(_adata(["Gad2", "Slc32a1", "Crhbp", "1110008F13Rik"])) == "mouse"
-    assert detect_species(_adata(["GAD2", "SLC32A1", "C1orf112"])) == "human"
-    assert detect_species(_adata(["ENSMUSG00000020932", "ENSMUSG00000000001"])) == "mouse"
-    assert detect_species(_adata(["ENSG00000141510", "ENSG00000000003"])) == "human"
+    assert detect_species(gene_adata(["Gad2", "Vip"], species="Mus musculus")) == "mouse"
+    assert detect_species(gene_adata(["GAD2", "VIP"], species="Homo sapiens")) == "human"
+    assert detect_species(gene_adata(["Gad2", "Slc32a1", "Crhbp", "1110008F13Rik"])) == "mouse"
+    assert detect_species(gene_adata(["GAD2", "SLC32A1", "C1orf112"])) == "human"
+    assert detect_species(gene_adata(["ENSMUSG00000020932", "ENSMUSG00000000001"])) == "mouse"
+    assert detect_species(gene_adata(["ENSG00000141510", "ENSG00000000003"])) == "human"
 
 
 def test_control_probes_are_detected_by_name():

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
+from builders import gene_adata
 
 from napari_stofm.errors import StofmInputError
 from napari_stofm.genes.matching import resolve_genes
@@ -16,17 +15,9 @@ def _vocab(genes):
     return GeneVocabulary.from_genes(genes, np.arange(1, len(genes) + 1, dtype=float))
 
 
-def _adata(var_names, var=None, species=None, n=4):
-    X = sp.csr_matrix(np.ones((n, len(var_names)), dtype=np.float32))
-    a = ad.AnnData(X=X, var=pd.DataFrame(var or {}, index=list(var_names)))
-    if species is not None:
-        a.uns["source"] = {"species": species, "values": "raw_counts"}
-    return a
-
-
 def test_resolve_mouse_panel_against_human_vocabulary():
     vocab = _vocab(["GAD2", "SST", "VIP", "PVALB"])
-    a = _adata(["Vip", "Gad2", "Blank_1", "Xyz9"], var={"blank_probe": [False, False, True, False]},
+    a = gene_adata(["Vip", "Gad2", "Blank_1", "Xyz9"], var={"blank_probe": [False, False, True, False]},
                species="Mus musculus")
     m = resolve_genes(a, vocab)
     assert m.species == "mouse" and m.id_kind == "symbol" and m.source == "var_names"
@@ -39,7 +30,7 @@ def test_resolve_mouse_panel_against_human_vocabulary():
 
 def test_resolve_finds_symbols_in_a_var_column():
     vocab = _vocab(["GAD2", "SST", "VIP"])
-    a = _adata(["id1", "id2", "id3"], var={"feature_name": ["Sst", "Vip", "Foo"], "other": ["a", "b", "c"]})
+    a = gene_adata(["id1", "id2", "id3"], var={"feature_name": ["Sst", "Vip", "Foo"], "other": ["a", "b", "c"]})
     m = resolve_genes(a, vocab)
     assert m.source == "feature_name" and m.n_matched == 2
     with pytest.raises(StofmInputError, match="not a var column"):
@@ -58,7 +49,7 @@ def test_no_overlap_error_names_problem_and_fix():
     vocab = _vocab(["GAD2", "SST"])
     names = [f"gene{i}" for i in range(300)]
     with pytest.raises(StofmInputError) as err:
-        resolve_genes(_adata(names), vocab)
+        resolve_genes(gene_adata(names), vocab)
     msg = str(err.value)
     assert "none of the 300 genes in var_names" in msg
     assert "'gene0'" in msg and "vocabulary of 2 genes" in msg

@@ -115,12 +115,19 @@ def add_markers(adata, annotations: Dict[str, Annotation], n_genes: int = MARKER
 
     Never raises over markers: a labelling whose markers cannot be computed is warned about
     and left out."""
+    return marker_tables(adata, annotations, n_genes, store=True)
+
+
+def marker_tables(adata, annotations: Dict[str, Annotation], n_genes: int = MARKER_GENES, *,
+                  store: bool = False) -> Dict[str, object]:
+    """The marker table of every annotation (``store=True``: also kept in ``adata.uns``);
+    a labelling whose markers cannot be computed is warned about and left out."""
     from napari_stofm.heads.markers import markers as compute_markers
 
     tables = {}
     for key, ann in annotations.items():
         try:
-            tables[key] = compute_markers(adata, key, n_genes, annotation=ann, store=True)
+            tables[key] = compute_markers(adata, key, n_genes, annotation=ann, store=store)
         except Exception as err:  # noqa: BLE001 - markers are an extra of the export: warn, never fail it
             log.debug("markers of %s failed", key, exc_info=True)
             warnings.warn(f"marker genes of '{key}' were not exported ({type(err).__name__}: {err}); "
@@ -521,16 +528,7 @@ def export_csv(adata, annotations=None, path=None, *, overwrite: bool = False, s
 
 
 def _export_markers_csv(adata, annotations, path: Path, overwrite: bool) -> Optional[Path]:
-    from napari_stofm.heads.markers import markers as compute_markers
-
-    tables = {}
-    for key, ann in annotations.items():
-        try:
-            tables[key] = compute_markers(adata, key, MARKER_GENES, annotation=ann)
-        except Exception as err:  # noqa: BLE001 - markers are an extra of the export: warn, never fail it
-            log.debug("markers of %s failed", key, exc_info=True)
-            warnings.warn(f"marker genes of '{key}' were not exported ({type(err).__name__}: {err}).",
-                          UserWarning, stacklevel=3)
+    tables = marker_tables(adata, annotations)
     if not tables:
         return None
     try:

@@ -252,24 +252,7 @@ def compute_embedding(
     return Embedding(cell, forward.representations, forward.hypernodes.assignment.astype(np.int32), meta)
 
 
-def embed(
-    adata,
-    model=None,
-    *,
-    device: Optional[str] = None,
-    spatial_key: str = keys.SPATIAL,
-    gene_key: Optional[str] = None,
-    layer: Optional[str] = None,
-    split_num: Optional[int] = None,
-    split_mode: Optional[str] = None,
-    batch_size: int = 4,
-    cell_batch_size: int = 64,
-    seed: int = 0,
-    use_cache: bool = True,
-    progress: Optional[ProgressCallback] = None,
-    cancel: CancelToken = None,
-    values: Optional[str] = None,
-):
+def embed(adata, model=None, **kwargs):
     """Run SToFM on a slice; writes ``obsm['X_stofm']`` and ``obsm['X_stofm_cell']``.
 
     Parameters
@@ -294,11 +277,10 @@ def embed(
     progress, cancel
         See :mod:`napari_stofm.progress`. Cancelling leaves ``adata`` as it was.
 
+    The keywords are those of :func:`compute_embedding` (``gene_key``, ``layer``,
+    ``cell_batch_size``, ``use_cache``, ...), which this writes into ``adata``.
+
     Returns ``adata`` (modified in place).
     """
-    compute_embedding(
-        adata, model, device=device, spatial_key=spatial_key, gene_key=gene_key, layer=layer,
-        split_num=split_num, split_mode=split_mode, batch_size=batch_size, cell_batch_size=cell_batch_size,
-        seed=seed, use_cache=use_cache, progress=progress, cancel=cancel, values=values,
-    ).write(adata)
+    compute_embedding(adata, model, **kwargs).write(adata)
     return adata

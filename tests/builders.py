@@ -1,0 +1,32 @@
+"""Small generated objects that several test modules build the same way."""
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from napari_stofm.heads.annotation import Annotation
+
+
+def example_annotation(n=12, seed=0) -> Annotation:
+    """Four named regions over ``n`` cells, one unassigned cell and one unknown confidence."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 4, n).astype(np.int32)
+    codes[0] = -1
+    confidence = rng.random(n).astype(np.float32)
+    confidence[1] = np.nan
+    return Annotation.from_prediction(
+        "stofm_region", ["cortex", "white matter", "lesion", "meninges"], codes, confidence,
+        provenance={"model": "SToFM", "weights_fingerprint": "sha256:abc",
+                    "parameters": {"n_regions": 4, "resolution": 0.5}},
+    )
+
+
+def gene_adata(var_names, var=None, species=None, n=4):
+    """An AnnData of ones over the given genes (``var`` columns, ``uns['source']['species']``)."""
+    X = sp.csr_matrix(np.ones((n, len(var_names)), dtype=np.float32))
+    a = ad.AnnData(X=X, var=pd.DataFrame(var or {}, index=list(var_names)))
+    if species is not None:
+        a.uns["source"] = {"species": species, "values": "raw_counts"}
+    return a
