@@ -4,6 +4,10 @@ Stages are timed separately in one process: gene scale (tokenize + cell encoder)
 scale (virtual cells), SE(2) stage, and (with ``--predict``) region clustering. The
 gene-scale cache is measured too (a second ``embed`` on the same data and weights).
 
+Every figure is printed beside a baseline measured in the same run: the same weights read
+the way the previous bundled model did (one window of ``max_genes`` genes per cell,
+``gene_windows=1``), so the ratio is the cost of the pipeline settings, on the same data.
+
 Run:
     python benchmarks/bench_embed.py ../shared/data/seqfish_mouse_embryo/embryo2_z2.h5ad
     python benchmarks/bench_embed.py SLICE --checkpoint DIR --predict
@@ -53,7 +57,27 @@ def main():
         which = f"random init (bundled size; {err})"
     print(f"slice: {args.slice}: {adata.n_obs} cells x {adata.n_vars} genes; model: {which}; "
           f"threads {torch.get_num_threads()}")
+    from dataclasses import replace
 
+    from napari_stofm.model.stofm import SToFM
+
+    baseline = SToFM(model.se2, model.cell_encoder, model.vocabulary, replace(model.settings, gene_windows=1),
+                     source=model.source)
+    ours = measure(adata.copy(), model, args.predict, embed, embed_cells)
+    base = measure(adata.copy(), baseline, args.predict, embed, embed_cells)
+    n = adata.n_obs
+    print(f"{'stage':<34}{'seconds':>9}{'cells/s':>10}{'baseline s':>12}{'cells/s':>10}{'ratio':>8}")
+    for (name, sec), (_, bsec) in zip(ours["rows"], base["rows"], strict=True):
+        print(f"{name:<34}{sec:>9.2f}{n / sec if sec > 0 else float('inf'):>10.0f}{bsec:>12.2f}"
+              f"{n / bsec if bsec > 0 else float('inf'):>10.0f}{sec / bsec if bsec > 0 else float('nan'):>8.2f}")
+    meta = ours["meta"]
+    print(f"settings: max_genes {model.settings.max_genes}, gene_windows {model.settings.gene_windows} "
+          f"(baseline: gene_windows 1); sub-slices {meta['n_subslices']}, virtual cells {meta['n_virtual_cells']}, "
+          f"genes in vocabulary {meta['genes_matched']}/{meta['genes_total']}; peak RSS {peak_rss_mb():.0f} MB")
+
+
+def measure(adata, model, predict: bool, embed, embed_cells) -> dict:
+    """Seconds per stage of one model on one slice (a fresh copy, no cache across models)."""
     t0 = time.perf_counter()
     embed_cells(adata, model)
     t_gene = time.perf_counter() - t0
@@ -65,14 +89,13 @@ def main():
     embed(adata.copy(), model)  # whole-run cache
     t_cached = time.perf_counter() - t0
     total = t_gene + t_rest
-    n = adata.n_obs
     rows = [
         ("gene scale (tokenize + encoder)", t_gene),
         ("virtual cells + SE(2) stage", t_rest),
         ("embed total", total),
         ("embed again (cached)", t_cached),
     ]
-    if args.predict:
+    if predict:
         from napari_stofm.heads.regions import RegionClusterer
 
         k = int(adata.obs["region"].nunique()) if "region" in adata.obs else 7
@@ -83,11 +106,7 @@ def main():
         t0 = time.perf_counter()
         clusterer.regions(n_regions=k + 2)
         rows.append((f"re-cluster at K={k + 2}", time.perf_counter() - t0))
-    print(f"{'stage':<34}{'seconds':>9}{'cells/s':>10}")
-    for name, sec in rows:
-        print(f"{name:<34}{sec:>9.2f}{n / sec if sec > 0 else float('inf'):>10.0f}")
-    print(f"sub-slices {meta['n_subslices']}, virtual cells {meta['n_virtual_cells']}, "
-          f"genes in vocabulary {meta['genes_matched']}/{meta['genes_total']}; peak RSS {peak_rss_mb():.0f} MB")
+    return {"rows": rows, "meta": meta}
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ Run from the repository root:
     python benchmarks/evaluate.py                      # every labelled slice, writes the model card
     python benchmarks/evaluate.py --quick --no-write   # 3 small slices, smoke test
     python benchmarks/evaluate.py --slices dlpfc --json out.json
+    python benchmarks/evaluate.py --training-only --checkpoint B --no-write   # an A/B row: no test slice
 Embeddings are cached under ``.stofm-cache/eval/`` (per method, model and slice).
 """
 from __future__ import annotations
@@ -68,7 +69,8 @@ CARD = REPO / "napari_stofm" / "model" / "bundled" / "MODEL_CARD.md"
 FALLBACK_RESULTS = REPO / "benchmarks" / "results.md"
 START, END = "<!-- evaluation:start -->", "<!-- evaluation:end -->"
 
-METHODS = ["stofm", "stofm-gene", "stofm-random", "pca", "banksy"]
+METHODS = ["stofm", "stofm-gene", "stofm-gene+nbr", "stofm-random", "pca", "pca+nbr", "banksy"]
+NBR_K = 10  # "+nbr" methods: the embedding beside its mean over this many nearest cells
 N_PCS = 50
 N_HVG = 2000
 BANKSY_LAMBDA = 0.8
@@ -429,6 +431,8 @@ class Embeddings:
     def get(self, method: str, s: Slice, group: Optional[Sequence[Slice]] = None,
             train: Optional[Sequence[Slice]] = None) -> np.ndarray:
         # In a cross-slice group every method sees the genes all of the group's slices measure.
+        if method.endswith("+nbr"):
+            return with_neighbours(self.get(method[: -len("+nbr")], s, group, train), s.xy)
         genes = group_genes(group) if method.startswith("stofm") else None
         if method == "stofm":
             return stofm_embeddings(self.models.trained, s, self.use_cache, genes)["final"]
@@ -440,6 +444,13 @@ class Embeddings:
             group = list(group or [s])
             return expression_embeddings(method, group, list(train or group), self.use_cache)[s.key]
         raise ValueError(method)
+
+
+def with_neighbours(emb: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """The "+nbr" baselines: ``[embedding, its mean over the NBR_K nearest cells]``."""
+    from napari_stofm.heads.classifier import with_spatial_context
+
+    return with_spatial_context(emb, xy, NBR_K)
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -517,6 +528,14 @@ def kmeans_regions(emb: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
     return clustering_scores(labels[mask], codes[mask])
 
 
+def embedding_kmeans(emb: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
+    """Regions read off the embedding itself: KMeans (K = true number of regions) on the
+    standardised embedding, no spatial smoothing beyond what the embedding carries."""
+    from sklearn.preprocessing import StandardScaler
+
+    return kmeans_regions(StandardScaler().fit_transform(np.asarray(emb, dtype=np.float64)), labels)
+
+
 def within_slice(feats: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
     train, test = split_8_2(labels)
     cats = sorted(set(labels[train | test]))
@@ -542,11 +561,13 @@ class Results:
                               n_cells=s.n_obs, error=f"{type(err).__name__}: {err}"))
 
 
-def run_slice_tasks(s: Slice, emb: Embeddings, methods: Sequence[str], res: Results):
+def run_slice_tasks(s: Slice, emb: Embeddings, methods: Sequence[str], res: Results,
+                    only: Optional[Sequence[str]] = None):
+    """Every within-slice task for every method (``only``: just those tasks)."""
     regions, types = s.labels("region"), s.labels("cell_type")
     # A head is never fitted on a held-out slice and then scored on it (data README).
     within = not s.held_out
-    tasks = ((["regions-unsup"] + (["regions-8:2", "regions-8:2-emb"] if within else [])
+    tasks = ((["regions-unsup", "regions-kmeans"] + (["regions-8:2", "regions-8:2-emb"] if within else [])
               if regions is not None else [])
              + (["celltype-8:2"] if types is not None and within else []))
     xy = s.xy
@@ -554,6 +575,10 @@ def run_slice_tasks(s: Slice, emb: Embeddings, methods: Sequence[str], res: Resu
     def score(task, e, compute):
         """Scores of ``compute()`` (a head on the embeddings ``e``), cached by task, slice and ``e``."""
         return cached_scores((task, s.key), [e], compute, emb.use_cache)
+
+    def add(task, method, e, compute):
+        if only is None or task in only:
+            res.add(task, method, s, score(task, e, compute))
 
     for method in methods:
         try:
@@ -564,18 +589,16 @@ def run_slice_tasks(s: Slice, emb: Embeddings, methods: Sequence[str], res: Resu
             continue
         # Each head is bound to this method's embeddings (e=e), not to whatever ``e`` holds later.
         if regions is not None:
-            res.add("regions-unsup", method, s,
-                    score("regions-unsup", e, lambda e=e: unsupervised_regions(e, xy, regions)))
-            if method == "pca":
+            add("regions-unsup", method, e, lambda e=e: unsupervised_regions(e, xy, regions))
+            add("regions-kmeans", method, e, lambda e=e: embedding_kmeans(e, regions))
+            if method == "pca" and (only is None or "regions-unsup" in only):
                 res.add("regions-unsup", "pca-kmeans", s,
                         score("pca-kmeans", e, lambda e=e: kmeans_regions(e, regions)))
             if within:
-                res.add("regions-8:2", method, s,
-                        score("regions-8:2", e, lambda e=e: within_slice(region_features(e, xy), regions)))
-                res.add("regions-8:2-emb", method, s,
-                        score("regions-8:2-emb", e, lambda e=e: within_slice(e, regions)))
+                add("regions-8:2", method, e, lambda e=e: within_slice(region_features(e, xy), regions))
+                add("regions-8:2-emb", method, e, lambda e=e: within_slice(e, regions))
         if types is not None and within:
-            res.add("celltype-8:2", method, s, score("celltype-8:2", e, lambda e=e: within_slice(e, types)))
+            add("celltype-8:2", method, e, lambda e=e: within_slice(e, types))
 
 
 def run_cross_slice(cs: CrossSlice, slices: Dict[str, Slice], emb: Embeddings, methods: Sequence[str],
@@ -673,6 +696,8 @@ def _threads() -> int:
 # ---------------------------------------------------------------------------- report
 
 TASKS = [
+    ("regions-kmeans", "ari", "Regions, KMeans on the embedding: ARI"),
+    ("regions-kmeans", "nmi", "Regions, KMeans on the embedding: NMI"),
     ("regions-unsup", "ari", "Regions, unsupervised: ARI"),
     ("regions-unsup", "nmi", "Regions, unsupervised: NMI"),
     ("regions-8:2", "macro_f1", "Regions, supervised 8:2: macro-F1"),
@@ -684,10 +709,15 @@ TASKS = [
     ("celltype-cross", "accuracy", "Cell types cross-slice: accuracy"),
     ("celltype-cross", "macro_f1", "Cell types cross-slice: macro-F1"),
 ]
-PER_DATASET = {("regions-unsup", "ari"), ("regions-8:2", "macro_f1"), ("regions-cross", "macro_f1"),
-               ("celltype-8:2", "macro_f1"), ("celltype-cross", "macro_f1")}
+PER_DATASET = {("regions-kmeans", "ari"), ("regions-unsup", "ari"), ("regions-8:2", "macro_f1"),
+               ("regions-cross", "macro_f1"), ("celltype-8:2", "macro_f1"), ("celltype-cross", "macro_f1")}
 METRIC_SHORT = {"ari": "ARI", "nmi": "NMI", "macro_f1": "F1", "accuracy": "acc"}
-COLUMNS = METHODS[:4] + ["pca-kmeans", "banksy"]
+COLUMNS = ["stofm", "stofm-gene", "stofm-gene+nbr", "stofm-random", "pca", "pca+nbr", "pca-kmeans", "banksy"]
+#: the held-out slices' own rows, one per slice (the issue's per-slice verdict)
+HELD_OUT_TASKS = [("regions-kmeans", "ari", "regions, KMeans on the embedding, ARI"),
+                  ("regions-unsup", "ari", "regions, RegionClusterer, ARI"),
+                  ("regions-cross", "macro_f1", "regions cross-slice, F1"),
+                  ("celltype-cross", "macro_f1", "cell types cross-slice, F1")]
 
 
 def common_slices(rows: List[dict], task: str, methods: Sequence[str]) -> List[str]:
@@ -761,6 +791,29 @@ def markdown_per_dataset(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_held_out(rows: List[dict]) -> str:
+    """One row per (held-out slice, task): every method's score, the best in bold, and whether
+    X_stofm beats every baseline there (the random init is no baseline)."""
+    cols = [c for c in COLUMNS if any(r["method"] == c for r in rows)]
+    lines = ["| held-out slice | task | " + " | ".join(cols) + " | stofm wins? |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
+    keys = sorted({(r["dataset"], r["slice"]) for r in rows if r["held_out"]})
+    for dataset, name in keys:
+        for task, metric, label in HELD_OUT_TASKS:
+            vals = {r["method"]: r[metric] for r in rows if r["task"] == task and r["dataset"] == dataset
+                    and r["slice"] == name and "error" not in r}
+            if "stofm" not in vals:
+                continue
+            base = {m: v for m, v in vals.items() if m not in ("stofm", "stofm-random")}
+            best = max(vals.values())
+            wins = "yes" if all(vals["stofm"] > v for v in base.values()) else (
+                "no: " + ", ".join(f"{m} {v:.3f}" for m, v in sorted(base.items(), key=lambda kv: -kv[1])
+                                   if v >= vals["stofm"]))
+            cells = [f"**{fmt(vals[c])}**" if c in vals and vals[c] == best else fmt(vals.get(c)) for c in cols]
+            lines.append(f"| {dataset}/{name} | {label} | " + " | ".join(cells) + f" | {wins} |")
+    return "\n".join(lines)
+
+
 def dlpfc_figures(rows: List[dict]) -> Dict[str, dict]:
     out = {}
     for task, key in [("regions-8:2", "8:2"), ("regions-cross", "cross-slice"),
@@ -779,8 +832,8 @@ def dlpfc_figures(rows: List[dict]) -> Dict[str, dict]:
 def verdict(summary: Dict[str, dict]) -> str:
     """One line per main metric: SToFM against the best baseline and against its random init."""
     out = []
-    for key in ["regions-unsup:ari", "regions-8:2:macro_f1", "regions-cross:macro_f1", "celltype-8:2:macro_f1",
-                "celltype-cross:macro_f1"]:
+    for key in ["regions-kmeans:ari", "regions-unsup:ari", "regions-8:2:macro_f1", "regions-cross:macro_f1",
+                "celltype-8:2:macro_f1", "celltype-cross:macro_f1"]:
         vals = summary.get(key, {}).get("means", {})
         if "stofm" not in vals:
             continue
@@ -802,11 +855,13 @@ def render(summary, rows, dlpfc, profile, meta) -> str:
         f"Evaluation (`python benchmarks/evaluate.py`, {meta['date']}): model `{meta['model']}`; "
         f"{meta['n_slices']} labelled slices from the shared data directory; seed {SEED}. "
         f"Methods: `stofm` = X_stofm; `stofm-gene` = gene-scale X_stofm_cell (no SE(2)); `stofm-random` = "
-        f"same-size random-init model, same vocabulary; `pca` = PCA({N_PCS}) of log-normalised expression "
+        f"same-size random-init model, same vocabulary; `+nbr` = the embedding beside its mean over the "
+        f"{NBR_K} nearest cells; `pca` = PCA({N_PCS}) of log-normalised expression "
         f"({N_HVG} HVGs, genes z-scored); `pca-kmeans` = KMeans on that PCA (classic baseline, unsupervised only); "
         f"`banksy` = {'pybanksy' if meta['banksy'] == 'pybanksy' else 'own BANKSY-style implementation'} "
-        f"(lambda {BANKSY_LAMBDA}, k {BANKSY_K}) then PCA({N_PCS}). Unsupervised regions: every method through "
-        f"`RegionClusterer(emb, xy).regions(n_regions=K)`, K = true number of regions. Supervised: `LabelHead` "
+        f"(lambda {BANKSY_LAMBDA}, k {BANKSY_K}) then PCA({N_PCS}). Regions read off the embedding: KMeans "
+        f"(K = true number of regions, 10 restarts) on the standardised embedding, no smoothing. Unsupervised "
+        f"regions: every method through `RegionClusterer(emb, xy).regions(n_regions=K)`. Supervised: `LabelHead` "
         f"(logistic regression, library defaults except max_iter {HEAD_MAX_ITER}) on [embedding, mean of 15 "
         "spatial neighbours] for regions and on the "
         f"embedding for cell types; seeded random 8:2 split of the labelled cells; cross-slice: DLPFC "
@@ -818,6 +873,10 @@ def render(summary, rows, dlpfc, profile, meta) -> str:
         f"has a score (n); bold = best in the row.",
         "",
         markdown_means(summary),
+        "",
+        "Held-out slices, one row per slice and task (the test set; never trained or tuned on):",
+        "",
+        markdown_held_out(rows),
         "",
         "SToFM against the baselines (computed from the table above):",
         "",
@@ -882,7 +941,12 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default=None, help="checkpoint dir (default: the bundled weights)")
     ap.add_argument("--slices", nargs="*", default=[], help="substrings of 'dataset/slice' to keep")
     ap.add_argument("--quick", action="store_true", help=f"smoke test on {', '.join(QUICK)}")
+    ap.add_argument("--training-only", action="store_true",
+                    help="leave the held-out slices out (A/B comparisons of a recipe: never decided on the test set)")
     ap.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    ap.add_argument("--tasks", nargs="*", default=None, metavar="TASK",
+                    help="only these within-slice tasks (e.g. regions-kmeans regions-unsup celltype-8:2; "
+                         "default: all, and the cross-slice ones)")
     ap.add_argument("--json", default=None, help="write every number to this JSON file")
     ap.add_argument("--no-write", action="store_true", help="do not touch the model card")
     ap.add_argument("--card", default=None, help="markdown file to write the section into (default: model card)")
@@ -903,6 +967,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     root = data_dir(args.data)
     slices = find_slices(root, QUICK if args.quick else args.slices)
+    if args.training_only:
+        slices = [s for s in slices if not s.held_out]
     for s in slices:
         s.load()
     slices = [s for s in slices if s.labels("region") is not None or s.labels("cell_type") is not None]
@@ -919,8 +985,8 @@ def main(argv=None):
     for s in sorted(slices, key=lambda s: s.n_obs):
         print(f"[{time.perf_counter() - t_start:6.0f} s] {s.key} ({s.n_obs} cells{', held out' if s.held_out else ''})",
               flush=True)
-        run_slice_tasks(s, emb, args.methods, res)
-    for cs in CROSS_SLICE:
+        run_slice_tasks(s, emb, args.methods, res, args.tasks)
+    for cs in CROSS_SLICE if args.tasks is None else []:
         print(f"[{time.perf_counter() - t_start:6.0f} s] cross-slice {cs.task} {cs.dataset}", flush=True)
         run_cross_slice(cs, by_key, emb, args.methods, res)
 

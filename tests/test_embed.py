@@ -181,3 +181,34 @@ def test_real_mouse_slice_embeds_through_the_human_vocabulary(shared_data_dir, t
     assert adata.uns["stofm"]["genes_matched"] >= 10
     assert np.isfinite(adata.obsm["X_stofm"]).all()
     assert adata.uns["stofm"]["n_subslices"] >= 3
+
+
+def test_gene_windows_read_long_cells_whole_and_leave_short_ones_alone(tiny_checkpoint, sample):
+    """With gene_windows, a cell with more genes than max_genes is read in rank-interleaved
+    windows (all its genes count); a cell with at most max_genes genes embeds as before."""
+    from dataclasses import replace
+
+    from napari_stofm.pipeline.embed import compute_cell_embedding
+
+    top = load_model(tiny_checkpoint)
+    top.settings = replace(top.settings, max_genes=40)  # the sample's cells express ~40-100 genes
+    windows = load_model(tiny_checkpoint)
+    windows.settings = replace(windows.settings, max_genes=40, gene_windows=4)
+    a = compute_cell_embedding(sample, top, use_cache=False).embeddings
+    b = compute_cell_embedding(sample, windows, use_cache=False).embeddings
+    n_genes = np.asarray((sample.X > 0).sum(1)).ravel()
+    short, long = n_genes <= 40, n_genes > 40
+    assert short.any() and long.any()
+    np.testing.assert_allclose(a[short], b[short], atol=1e-6)
+    # a long cell: the normalised mean of its windows (every window of <= 40 genes), not its top 40
+    from napari_stofm.genes.tokenizer import tokenize_adata
+
+    tokens, _ = tokenize_adata(sample, windows.vocabulary, max_genes=160)
+    parts, owner = tokens.interleaved(40)
+    assert parts.lengths.max() <= 41 and np.bincount(owner).max() >= 3  # a long cell: several windows
+    per_window = windows.cell_encoder.encode(parts)
+    i = int(np.flatnonzero(long)[0])
+    expected = per_window[owner == i].mean(0)
+    np.testing.assert_allclose(b[i], expected / np.linalg.norm(expected), atol=1e-5)
+    assert np.abs(a[long] - b[long]).max() > 1e-4
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)

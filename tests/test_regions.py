@@ -158,3 +158,29 @@ def test_tiny_slice_works():
     emb, xy, _ = layered_slice(n=40)
     pred = cluster_regions(emb, xy, n_regions=3)
     assert pred.n_cells == 40 and len(pred.categories) == 3
+
+
+def test_min_region_size_merges_specks_into_their_neighbour():
+    """A handful of odd cells form their own leaf of the tree; at the requested count they
+    are merged into the region around them and the count is made of real regions."""
+    from napari_stofm.heads.regions import RegionClusterer
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, size=(1200, 2))
+    left = xy[:, 0] < 50
+    emb = np.where(left[:, None], 1.0, -1.0) * np.array([1.0, 0, 0, 0]) + rng.normal(0, 0.3, (1200, 4))
+    speck = np.flatnonzero(np.linalg.norm(xy - [75, 50], axis=1) < 4)[:6]
+    emb[speck] = [0, 0, 0, 25.0]  # 6 cells unlike anything else
+    kept = RegionClusterer(emb, xy, seed=0, min_region_size=0).regions(n_regions=3)
+    sizes = np.bincount(kept.codes)
+    assert sizes.min() < 100  # without the rule one of the 3 "regions" is the speck and its rim
+    speck_region = np.bincount(kept.codes[speck]).argmax()
+    assert sizes[speck_region] == sizes.min()
+    merged = RegionClusterer(emb, xy, seed=0, min_region_size=150).regions(n_regions=3)
+    sizes = np.bincount(merged.codes)
+    assert sizes.size == 3 and sizes.min() >= 100  # three real regions: one half is split instead
+    assert adjusted_rand_score(left[~np.isin(np.arange(1200), speck)],
+                               merged.codes[~np.isin(np.arange(1200), speck)]) > 0.5
+    assert RegionClusterer(emb, xy, seed=0).min_region_size == 12  # default: 1 % of the cells
+    with pytest.raises(StofmInputError, match="min_region_size"):
+        RegionClusterer(emb, xy, min_region_size=-1)

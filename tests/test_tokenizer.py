@@ -117,3 +117,18 @@ def test_large_panel_is_fast():
     nz = np.flatnonzero(val)
     expect = m.token_ids[nz[np.lexsort((m.token_ids[nz], -val[nz]))]]
     assert tok.cell(123)[1:].tolist() == expect.tolist()
+
+
+def test_interleaved_windows_thin_long_cells_and_keep_short_ones():
+    from napari_stofm.genes.tokenizer import TokenizedCells
+
+    ids = np.array([1, 10, 11, 12, 13, 14, 1, 20, 21, 1])
+    cells = TokenizedCells(ids, np.array([0, 6, 9, 10]), np.array([False, False, True]), cls_id=1)
+    windows, owner = cells.interleaved(2)
+    assert owner.tolist() == [0, 0, 0, 1, 2]
+    # 5 genes in windows of 2: ranks (0, 3), (1, 4), (2); rank order kept, <cls> first
+    assert [windows.cell(i).tolist() for i in range(windows.n_cells)] == [[1, 10, 13], [1, 11, 14], [1, 12],
+                                                                          [1, 20, 21], [1]]
+    assert windows.empty.tolist() == [False, False, False, False, True]
+    same, owner = cells.interleaved(10)
+    assert owner.tolist() == [0, 1, 2] and np.array_equal(same.input_ids, ids)

@@ -150,3 +150,64 @@ def test_damaged_or_foreign_pack_is_refused(tmp_path):
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(StofmInputError, match="not a packed corpus"):
         load_packed_corpus(tmp_path / "other.npz")
+
+
+def test_niche_targets_are_the_mean_of_the_nearest_other_cells():
+    from napari_stofm.training.batches import niche_targets
+
+    xy = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [10.0, 0.0]])
+    emb = np.eye(4, dtype=np.float32)
+    out = niche_targets(xy, emb, np.array([0, 3]), (1, 2))
+    assert out.shape == (2, 2, 4)
+    out += 0.25  # centred on the slice mean (0.25 in every dimension here)
+    np.testing.assert_allclose(out[0, 0], [0, 1, 0, 0])  # cell 0: its nearest other cell is 1
+    np.testing.assert_allclose(out[0, 1], [0, 0.5, 0.5, 0])  # then 1 and 2, never itself
+    np.testing.assert_allclose(out[1, 1], [0, 0.5, 0.5, 0])  # cell 3: cells 2 and 1
+
+
+def test_niche_and_self_terms_are_trained_and_saved(run, slices):
+    from napari_stofm.model.checkpoint import load_se2_transformer
+
+    log = json.loads((run / LOG_NAME).read_text())
+    rows = log["history"]["stage2"]
+    assert all(0 < r["niche"] <= 2 and 0 < r["self"] <= 2 for r in rows)
+    _, heads = load_se2_transformer(run, return_heads=True)
+    assert any(k.startswith("niche_head.") for k in heads)
+
+
+def test_stage2_can_start_from_a_checkpoint_without_touching_it(run, slices, tmp_path):
+    """--init-from: the checkpoint's sizes, vocabulary and weights; stage 1 skipped with 0 steps."""
+    from napari_stofm.model.stofm import load_model
+
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    cfg = PretrainConfig(stage1_steps=0, stage2_steps=2, init_from=str(run),
+                         **{**TINY, "se2_dim": 64, "bert_hidden": 64})  # sizes come from the checkpoint
+    out = pretrain([], tmp_path / "cont", cfg, adatas=slices, show_progress=False)
+    log = json.loads((out / LOG_NAME).read_text())
+    assert log["history"]["stage1"] == [] and len(log["history"]["stage2"]) == 2
+    start, cont = load_model(run), load_model(out)
+    assert cont.se2.config.embedding_dim == 32 and list(cont.vocabulary.tokens) == list(start.vocabulary.tokens)
+    for (k, a), b in zip(start.cell_encoder.state_dict().items(), cont.cell_encoder.state_dict().values(),
+                         strict=True):
+        assert np.array_equal(a.numpy(), b.numpy()), k  # stage 1 did not run: the encoder is the checkpoint's
+    assert any(not np.array_equal(a.numpy(), b.numpy())
+               for a, b in zip(start.se2.state_dict().values(), cont.se2.state_dict().values(), strict=True))
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_adaptation_trains_a_copy_and_changes_the_embedding(run, slices):
+    from napari_stofm.model.stofm import load_model
+    from napari_stofm.pipeline.embed import compute_embedding
+
+    model = load_model(run)
+    weights = {k: v.clone() for k, v in model.se2.state_dict().items()}
+    adata = slices[0][1].copy()
+    plain = compute_embedding(adata, model)
+    adapted = compute_embedding(adata, model, adapt=1.0)
+    info = adapted.meta["adaptation"]
+    assert info["steps"] >= 1 and np.isfinite(info["last_loss"]) and "niche" in info["terms"]
+    assert np.isfinite(adapted.representations).all()
+    assert not np.allclose(adapted.representations, plain.representations)
+    assert all(np.array_equal(v.numpy(), weights[k].numpy()) for k, v in model.se2.state_dict().items())
+    with pytest.raises(StofmInputError, match="adapt"):
+        compute_embedding(adata, model, adapt=-1)

@@ -99,10 +99,32 @@ def _add_parser(sub) -> None:
     g.add_argument("--contrastive-weight", type=bounded_float("contrastive weight", minimum=0.0),
                    default=d.contrastive_weight,
                    help=f"weight of the stage-1 contrastive term, 0 to switch it off (default: {d.contrastive_weight})")
+    g.add_argument("--niche-weight", type=bounded_float("niche weight", minimum=0.0), default=d.niche_weight,
+                   help="weight of the stage-2 niche term (each cell's output predicts its neighbours' mean "
+                        f"embedding), 0 to switch it off (default: {d.niche_weight})")
+    g.add_argument("--self-weight", type=bounded_float("self weight", minimum=0.0), default=d.self_weight,
+                   help="weight of the stage-2 term that has every unmasked cell's output reconstruct its own "
+                        f"embedding (default: {d.self_weight})")
+    g.add_argument("--cell-mask-value", type=float, default=d.cell_mask_value,
+                   help="the input value of a masked cell token in stage 2 (the v2 recipe: -100; "
+                        f"default: {d.cell_mask_value})")
+    p.add_argument("--init-from", metavar="CHECKPOINT_DIR", default=None,
+                   help="start from this checkpoint (its vocabulary, sizes and weights; 'bundled' for the "
+                        "bundled weights); with --stage1-steps 0 only the SE(2) stage trains")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 _EXTENSIONS.append(_add_parser)
+
+
+def _init_dir(value):
+    if value is None:
+        return None
+    if value == "bundled":
+        from napari_stofm.model.stofm import BUNDLED_DIR
+
+        return str(BUNDLED_DIR)
+    return value
 
 
 @command("pretrain")
@@ -127,7 +149,8 @@ def cmd_pretrain(args) -> int:
         se2_dim=args.se2_dim, se2_layers=args.se2_layers, se2_heads=args.se2_heads,
         contrastive_weight=args.contrastive_weight,
         profile_weight=args.profile_weight, name=args.name, device=args.device,
-        loader_threads=args.loader_threads,
+        loader_threads=args.loader_threads, niche_weight=args.niche_weight, self_weight=args.self_weight,
+        init_from=_init_dir(args.init_from), cell_mask_value=args.cell_mask_value,
     )
     out = pretrain(args.data, args.output, cfg, resume=args.resume, exclude_held_out=args.exclude_held_out,
                    show_progress=not args.quiet, resume_overrides=given)

@@ -81,6 +81,42 @@ class TokenizedCells:
         ids[mask] = self.input_ids[(self.offsets[idx][:, None] + cols[None, :])[mask]]
         return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
+    def interleaved(self, width: int) -> Tuple["TokenizedCells", np.ndarray]:
+        """Each cell split into rank-interleaved windows of at most ``width`` genes.
+
+        A cell with ``g`` genes gets ``w = ceil(g / width)`` windows; window ``j`` holds the
+        genes of rank ``j, j + w, j + 2w, ...`` (``<cls>`` first, rank order kept), so every
+        window is a thinned copy of the cell's whole profile, the view of a cell the encoder
+        learns from when genes are dropped, and a cell with at most ``width`` genes is one
+        window, unchanged. Returns the windows and the cell each one belongs to.
+        """
+        from napari_stofm.checks import integer
+
+        width = integer(width, "width", minimum=1)
+        genes = np.maximum(self.lengths - 1, 0)
+        n_win = np.maximum(1, -(-genes // width))
+        first = np.zeros(self.n_cells + 1, dtype=np.int64)
+        np.cumsum(n_win, out=first[1:])
+        owner = np.repeat(np.arange(self.n_cells, dtype=np.int64), n_win)
+        # every gene token: its cell, its rank, its window
+        cell_of = np.repeat(np.arange(self.n_cells, dtype=np.int64), genes)
+        rank = np.arange(cell_of.size, dtype=np.int64) - np.repeat(np.cumsum(genes) - genes, genes)
+        src = self.offsets[cell_of] + 1 + rank
+        window = first[cell_of] + rank % n_win[cell_of]
+        order = np.argsort(window, kind="stable")  # rank order kept within a window
+        per_window = np.bincount(window, minlength=owner.size)
+        lengths = per_window + 1
+        offsets = np.zeros(owner.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.empty(int(offsets[-1]), dtype=np.int64)
+        ids[offsets[:-1]] = self.cls_id
+        win_sorted = window[order]
+        pos = np.arange(order.size, dtype=np.int64) - np.repeat(np.cumsum(per_window) - per_window, per_window)
+        ids[offsets[win_sorted] + 1 + pos] = self.input_ids[src[order]]
+        out = TokenizedCells(input_ids=ids, offsets=offsets, empty=lengths <= 1, cls_id=self.cls_id,
+                             pad_id=self.pad_id, max_genes=int(min(width, self.max_genes)))
+        return out, owner
+
     def batches(self, batch_size: int, indices: Optional[Sequence[int]] = None
                 ) -> Iterator[Tuple["torch.Tensor", "torch.Tensor"]]:
         """Padded ``(input_ids, attention_mask)`` batches over ``indices`` (default: all cells, in order)."""

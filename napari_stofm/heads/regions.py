@@ -27,7 +27,12 @@ How regions are found
    that resolution) runs on the same small graph: a data-chosen number of regions in
    milliseconds. The default resolution is 0.5 because modularity at 1.0 over-splits
    smooth tissue gradients.
-5. **Clean up.** Cell labels are smoothed by a majority vote over spatial neighbours
+5. **No specks.** A region smaller than ``min_region_size`` cells does not count toward
+   ``n_regions``: the cut undoes only merges that joined two parts of at least that size,
+   so a small leaf of the tree stays with the region it was merged into (its most
+   connected neighbour) and the ``n_regions`` regions are all real ones. With
+   ``resolution``, regions under the size are merged into their most connected neighbour.
+6. **Clean up.** Cell labels are smoothed by a majority vote over spatial neighbours
    (``smoothing_iterations`` rounds; a cell keeps its label on ties) so regions are not
    salt-and-pepper. A region the vote would erase entirely keeps its original cells.
 
@@ -56,6 +61,9 @@ from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled
 
 DEFAULT_SPATIAL_WEIGHT = 0.8
 DEFAULT_RESOLUTION = 0.5
+#: default smallest region: this share of the slice's cells (at least MIN_REGION_CELLS)
+MIN_REGION_SHARE = 0.01
+MIN_REGION_CELLS = 5
 
 
 class RegionClusterer:
@@ -78,6 +86,10 @@ class RegionClusterer:
         Principal components kept; micro-clusters built (the largest ``n_regions`` allowed).
     smoothing_iterations
         Rounds of majority vote over spatial neighbours applied to the final labels.
+    min_region_size
+        Smallest region, in cells, that counts toward ``n_regions``; smaller ones are merged
+        into their most connected neighbour. None: ``MIN_REGION_SHARE`` of the cells (at
+        least ``MIN_REGION_CELLS``); 0 or 1 keeps every leaf of the tree.
     progress, cancel
         See :mod:`napari_stofm.progress`.
     """
@@ -93,6 +105,7 @@ class RegionClusterer:
         n_pcs: int = 30,
         n_micro: int = 300,
         smoothing_iterations: int = 2,
+        min_region_size: Optional[int] = None,
         progress: Optional[ProgressCallback] = None,
         cancel: CancelToken = None,
     ):
@@ -106,6 +119,10 @@ class RegionClusterer:
         seed = integer(seed, "seed", minimum=0, maximum=2**32 - 1)
         smoothing_iterations = integer(smoothing_iterations, "smoothing_iterations", minimum=0, maximum=1000)
         self.n_cells = emb.shape[0]
+        if min_region_size is None:
+            min_region_size = max(MIN_REGION_CELLS, int(round(MIN_REGION_SHARE * self.n_cells)))
+        self.min_region_size = integer(min_region_size, "min_region_size", minimum=0,
+                                       fix="the smallest region in cells, e.g. 20 (0 keeps every region)")
         self.xy = xy
         self.seed = seed
         self.smoothing_iterations = smoothing_iterations
@@ -123,6 +140,7 @@ class RegionClusterer:
         n_micro = min(int(n_micro), self.n_cells, max(50, self.n_cells // 20))
         self.micro_labels, centroids = _micro_clusters(self.features, n_micro, self.seed)
         self.n_micro = centroids.shape[0]
+        self._micro_sizes = np.bincount(self.micro_labels, minlength=self.n_micro)
         check_cancelled(cancel)
         report(progress, 4, steps, "region tree")
         self._micro_graph = _co_membership_graph(self.features, centroids)
@@ -157,9 +175,11 @@ class RegionClusterer:
                     f"n_regions must be between 1 and {self.n_micro} for this slice, got {n_regions}; "
                     "use fewer regions (or a larger n_micro for very fine partitions)"
                 )
-            return _cut_tree(self._merges, self.n_micro, n_regions)
+            return _cut_without_specks(self._merges, self._micro_graph, self._micro_sizes, n_regions,
+                                       self.min_region_size)
         resolution = DEFAULT_RESOLUTION if resolution is None else check_resolution(resolution)
-        return _leiden(self._micro_graph, resolution, self.seed)
+        part = _leiden(self._micro_graph, resolution, self.seed)
+        return _merge_small(part, self._micro_graph, self._micro_sizes, self.min_region_size)
 
     def _prediction(self, labels: np.ndarray) -> LabelPrediction:
         k = int(labels.max()) + 1
@@ -312,9 +332,15 @@ def _modularity_merges(graph: sp.coo_matrix) -> list[tuple[int, int]]:
 
 def _cut_tree(merges: list[tuple[int, int]], m: int, k: int) -> np.ndarray:
     """Micro-cluster -> region (0..k-1) after replaying the first m - k merges."""
+    return _replay(merges, m, set(range(m - k, len(merges))))
+
+
+def _replay(merges: list[tuple[int, int]], m: int, undone: set) -> np.ndarray:
+    """Micro-cluster -> region (0..r-1) after replaying every merge but those in ``undone``."""
     parent = np.arange(m)
-    for a, b in merges[: m - k]:
-        parent[b] = a
+    for t, (a, b) in enumerate(merges):
+        if t not in undone:
+            parent[b] = a
     root = parent.copy()
     while True:
         nxt = parent[root]
@@ -322,6 +348,51 @@ def _cut_tree(merges: list[tuple[int, int]], m: int, k: int) -> np.ndarray:
             break
         root = nxt
     return np.unique(root, return_inverse=True)[1]
+
+
+def _cut_without_specks(merges, graph: sp.coo_matrix, micro_sizes: np.ndarray, k: int, min_size: int) -> np.ndarray:
+    """The tree cut into ``k`` regions where no region is a speck of under ``min_size`` cells.
+
+    The plain cut undoes the last ``k - 1`` merges of the tree. This one undoes the last
+    ``k - 1`` merges whose two sides both held at least ``min_size`` cells: a merge that only
+    attached a small leaf to its neighbour stays done, so the leaf stays with the region it
+    joined (the one it shares the most co-membership with, by the agglomeration's own rule),
+    and every region is one side of an undone merge, hence at least ``min_size`` cells.
+    Regions stay nested (``k + 1`` undoes one more merge). With fewer such merges than
+    ``k - 1`` (a slice of fewer than ``k * min_size`` cells, say), the plain cut is used.
+    """
+    m = micro_sizes.size
+    if min_size <= 1 or k <= 1:
+        return _cut_tree(merges, m, k)
+    size = micro_sizes.astype(np.float64).copy()
+    smaller_side = np.empty(len(merges))
+    for t, (a, b) in enumerate(merges):
+        smaller_side[t] = min(size[a], size[b])
+        size[a] += size[b]
+    effective = np.flatnonzero(smaller_side >= min_size)
+    if effective.size < k - 1:
+        return _cut_tree(merges, m, k)
+    return _replay(merges, m, set(effective[-(k - 1):].tolist()))
+
+
+def _merge_small(part: np.ndarray, graph: sp.coo_matrix, micro_sizes: np.ndarray, min_size: int) -> np.ndarray:
+    """Micro-cluster -> region with every region under ``min_size`` cells merged into the
+    large region it shares the most co-membership weight with (the largest one when it
+    shares none), renumbered 0..r-1. Unchanged when no region is large enough."""
+    sizes = np.bincount(part, weights=micro_sizes)
+    big = sizes >= min_size
+    if min_size <= 1 or big.all() or not big.any():
+        return part
+    r = sizes.size
+    onehot = sp.csr_matrix((np.ones(part.size), (np.arange(part.size), part)), shape=(part.size, r))
+    between = (onehot.T @ sp.csr_matrix(graph) @ onehot).toarray()
+    between = between + between.T
+    target = np.arange(r)
+    largest = int(np.argmax(sizes))
+    for small in np.flatnonzero(~big):
+        weights = np.where(big, between[small], 0.0)
+        target[small] = int(np.argmax(weights)) if weights.max() > 0 else largest
+    return np.unique(target[part], return_inverse=True)[1]
 
 
 def _co_membership_graph(features: np.ndarray, centroids: np.ndarray, top: int = 10) -> sp.coo_matrix:

@@ -370,6 +370,20 @@ class CellEncoder(nn.Module):
             self.train(was_training)
         return out
 
+    def encode_windows(self, tokenized, width: int, batch_size: int = 64, device: Union[str, torch.device] = "cpu",
+                       progress: Optional[ProgressCallback] = None, cancel: CancelToken = None) -> np.ndarray:
+        """Like :meth:`encode`, for cells longer than the encoder reads: each cell is cut into
+        rank-interleaved windows of ``width`` genes (:meth:`TokenizedCells.interleaved`), every
+        window is encoded and a cell's embedding is the normalised mean of its windows'."""
+        windows, owner = tokenized.interleaved(width)
+        if windows.n_cells == tokenized.n_cells:
+            return self.encode(windows, batch_size=batch_size, device=device, progress=progress, cancel=cancel)
+        emb = self.encode(windows, batch_size=batch_size, device=device, progress=progress, cancel=cancel)
+        out = np.zeros((tokenized.n_cells, emb.shape[1]), dtype=np.float64)
+        np.add.at(out, owner, emb)
+        norm = np.linalg.norm(out, axis=1, keepdims=True)
+        return np.where(norm > 0, out / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
+
     # ---------------------------------------------------------------- I/O
 
     def bert_state_dict(self) -> Dict[str, torch.Tensor]:

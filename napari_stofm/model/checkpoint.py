@@ -24,7 +24,7 @@ from napari_stofm.model.se2_transformer import SE2Transformer
 
 SE2_PTH = "se2transformer.pth"
 SE2_SAFETENSORS = "se2transformer.safetensors"
-PRETRAIN_HEAD_PREFIXES = ("lm_head.", "pair_head.")
+PRETRAIN_HEAD_PREFIXES = ("lm_head.", "pair_head.", "niche_head.")
 
 
 def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:

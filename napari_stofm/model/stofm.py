@@ -57,6 +57,10 @@ class PipelineSettings:
     hypernode_resolution: float = 1.0
     max_hypernodes: int = 200
     max_genes: int = 2047
+    #: a cell with more than ``max_genes`` genes is read as up to this many rank-interleaved
+    #: windows of ``max_genes`` genes, their embeddings averaged (1: the top ``max_genes`` only,
+    #: as published; see :meth:`~napari_stofm.genes.tokenizer.TokenizedCells.interleaved`)
+    gene_windows: int = 1
     name: str = "SToFM"
     info: Dict[str, Any] = field(default_factory=dict)
 
@@ -75,6 +79,8 @@ class PipelineSettings:
         self.max_hypernodes = integer(self.max_hypernodes, "max_hypernodes", minimum=1, maximum=MAX_HYPERNODES, **kw)
         self.max_genes = integer(self.max_genes, "max_genes", minimum=1, maximum=MAX_GENES,
                                  fix="genes per cell read by the cell encoder, 2047 in the published model", **kw)
+        self.gene_windows = integer(self.gene_windows, "gene_windows", minimum=1, maximum=64,
+                                    fix="windows of max_genes genes read per cell, 1 in the published model", **kw)
         if not isinstance(self.name, str):
             raise CheckpointError(f"pipeline settings ({SETTINGS_NAME}): name must be a string, got {self.name!r}")
         if not isinstance(self.info, dict):

@@ -37,6 +37,7 @@ UNS_KEY = keys.UNS
 
 def _gene_scale_key(model, adata, gene_key, layer, values: str) -> str:
     return (f"{model.fingerprint}:{expression_fingerprint(adata, layer)}:{gene_key}:{model.settings.max_genes}"
+            f"{'' if model.settings.gene_windows == 1 else f'x{model.settings.gene_windows}'}"
             f":{values}")
 
 
@@ -123,7 +124,7 @@ def compute_cell_embedding(
     check_cancelled(cancel)
     report(progress, 0, 1, "Tokenizing genes")
     tokens, match = tokenize_adata(adata, model.vocabulary, gene_key=gene_key, layer=layer,
-                                   max_genes=model.settings.max_genes, values=kind)
+                                   max_genes=model.settings.max_genes * model.settings.gene_windows, values=kind)
     match.values_basis = basis
     if basis.startswith("detected") and kind == "log_normalized":
         log.warning(
@@ -142,8 +143,12 @@ def compute_cell_embedding(
             "%d of %d cells express no gene of the model's vocabulary (e.g. %s); they get a zero gene-scale "
             "embedding and obs['%s'] = True", int(empty.sum()), adata.n_obs, examples, keys.EMPTY,
         )
-    emb = model.cell_encoder.encode(tokens, batch_size=batch_size, device=model.device, progress=progress,
-                                    cancel=cancel)
+    if model.settings.gene_windows > 1:
+        emb = model.cell_encoder.encode_windows(tokens, model.settings.max_genes, batch_size=batch_size,
+                                                device=model.device, progress=progress, cancel=cancel)
+    else:
+        emb = model.cell_encoder.encode(tokens, batch_size=batch_size, device=model.device, progress=progress,
+                                        cancel=cancel)
     meta = dict(
         gene_scale_key=key,
         genes_matched=int(match.n_matched),
@@ -188,12 +193,13 @@ def compute_embedding(
     progress: Optional[ProgressCallback] = None,
     cancel: CancelToken = None,
     values: Optional[str] = None,
+    adapt: float = 0.0,
 ) -> Embedding:
     """Run SToFM on a slice and return the result; ``adata`` and ``model`` are not changed.
 
     Parameters: those of :func:`embed`.
     """
-    from napari_stofm.checks import integer
+    from napari_stofm.checks import integer, number
     from napari_stofm.genes.expression import check_values_kind
     from napari_stofm.io.slices import validate_slice
     from napari_stofm.model.forward import forward_slice
@@ -209,6 +215,7 @@ def compute_embedding(
     batch_size = integer(batch_size, "batch_size", minimum=1, fix="sub-slices per SE(2) forward pass")
     cell_batch_size = integer(cell_batch_size, "cell_batch_size", minimum=1, fix="cells per cell-encoder batch")
     seed = integer(seed, "seed", minimum=0, maximum=2**32 - 1)
+    adapt = number(adapt, "adapt", minimum=0.0, fix="seconds of per-slice adaptation, e.g. 60 (0: off)")
     if values is not None:
         check_values_kind(values)
     validate_slice(adata, spatial_key=spatial_key)
@@ -226,7 +233,7 @@ def compute_embedding(
     positions = np.ascontiguousarray(np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2])
     run_key = "|".join([
         gene_scale_key, hashlib.sha1(positions.tobytes()).hexdigest()[:16], str(split_num), split_mode, str(seed),
-    ])
+    ] + ([f"adapt{adapt:g}"] if adapt > 0 else []))
     final = adata.obsm.get(STOFM_KEY)
     meta_before = adata.uns.get(UNS_KEY, {}) or {}
     if (use_cache and cell.reused and final is not None and meta_before.get("run_key") == run_key
@@ -234,6 +241,12 @@ def compute_embedding(
         report(progress, adata.n_obs, adata.n_obs, "SE(2) transformer (cached)")
         return Embedding(cell, np.asarray(final, dtype=np.float32), None, {}, reused=True)
     check_cancelled(cancel)
+    adaptation = None
+    if adapt > 0:
+        from napari_stofm.training.adapt import adapt_model
+
+        model, adaptation = adapt_model(model, cell.embeddings, positions, adapt, seed=seed, progress=progress,
+                                        cancel=cancel)
     forward = forward_slice(model, positions, cell.embeddings, split_num=split_num, split_mode=split_mode,
                             seed=seed, batch_size=batch_size, progress=progress, cancel=cancel)
     meta = dict(
@@ -249,6 +262,8 @@ def compute_embedding(
         run_key=run_key,
         seconds=round(time.perf_counter() - t0, 3),
     )
+    if adaptation is not None:
+        meta["adaptation"] = adaptation.as_dict()
     return Embedding(cell, forward.representations, forward.hypernodes.assignment.astype(np.int32), meta)
 
 
@@ -274,6 +289,11 @@ def embed(adata, model=None, **kwargs):
         when scanpy's ``uns['log1p']`` is there, else read off the values (non-integers no
         larger than 20 are taken as log1p data, with a warning). Recorded in
         ``uns['stofm']['values_assumed']`` (and how it was decided in ``values_basis``).
+    adapt
+        Seconds of label-free per-slice adaptation (0, the default: off): the SE(2) stage's
+        self-supervised objective continues on this slice, on a copy of the model, before
+        it is embedded (:mod:`napari_stofm.training.adapt`); what ran goes to
+        ``uns['stofm']['adaptation']``.
     progress, cancel
         See :mod:`napari_stofm.progress`. Cancelling leaves ``adata`` as it was.
 

@@ -11,7 +11,9 @@ import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import scipy.sparse as sp
 import torch
+from scipy.spatial import cKDTree
 
 from napari_stofm.model.multiscale import (
     CLS_TYPE,
@@ -27,10 +29,6 @@ from napari_stofm.model.multiscale import (
 )
 from napari_stofm.training.config import PretrainConfig
 from napari_stofm.training.corpus import SpatialSlice
-
-#: the input vector of a masked cell token in stage 2
-MASK_VALUE = -100.0
-
 
 # --------------------------------------------------------------------------- stage 1
 
@@ -116,6 +114,8 @@ def make_training_batch(sl: SpatialSlice, rng: np.random.Generator, cfg: Pretrai
     spacing = math.sqrt(area / n)
     parts = split_subslices(xy, cfg.train_split_num, mode="spatial")
     chosen = rng.choice(len(parts), size=min(cfg.batch_subslices, len(parts)), replace=False)
+    scales = tuple(int(k) for k in cfg.niche_neighbours) if cfg.niche_weight > 0 else ()
+    niche = niche_targets(xy, emb, np.concatenate([parts[c] for c in chosen]).astype(np.int64), scales)
     h = hyper.xy.shape[0]
     d = emb.shape[1]
     items, masks, keeps = [], [], []
@@ -137,7 +137,7 @@ def make_training_batch(sl: SpatialSlice, rng: np.random.Generator, cfg: Pretrai
         noisy[1 + h :][sel] += rng.normal(0, cfg.noise_spacings * spacing, size=(int(sel.sum()), 2))
         token_emb = np.concatenate([np.zeros((1, d)), hyper.embeddings, emb[cells]]).astype(np.float32)
         target_emb = emb[cells].astype(np.float32)
-        token_emb[1 + h :][masked] = MASK_VALUE
+        token_emb[1 + h :][masked] = cfg.cell_mask_value
         items.append(SubsliceInput(token_embeddings=token_emb, attn_bias=subslice_distances(noisy, types),
                                    token_types=types, indices=np.concatenate([np.full(1 + h, -1), cells]),
                                    spatial=noisy.astype(np.float32)))
@@ -148,11 +148,18 @@ def make_training_batch(sl: SpatialSlice, rng: np.random.Generator, cfg: Pretrai
     b, l = batch["token_types"].shape
     sel_mask = torch.zeros(b, l, dtype=torch.bool)
     targets = []
+    cell_mask = torch.zeros(b, l, dtype=torch.bool)
+    unmasked_mask = torch.zeros(b, l, dtype=torch.bool)
+    unmasked_targets = []
     pair_b, pair_i, pair_j, pair_t = [], [], [], []
     for k, ((sel, target_emb), h_k) in enumerate(zip(masks, keeps, strict=True)):
         pos = 1 + h_k + np.flatnonzero(sel)
         sel_mask[k, torch.from_numpy(pos)] = True
         targets.append(torch.from_numpy(target_emb[sel]))
+        cell_mask[k, 1 + h_k : 1 + h_k + sel.size] = True
+        unmasked = np.flatnonzero(~sel)
+        unmasked_mask[k, torch.from_numpy(1 + h_k + unmasked)] = True
+        unmasked_targets.append(torch.from_numpy(target_emb[unmasked]))
         dist = true_dists[k]
         cell_tok = np.zeros(dist.shape[0], dtype=bool)
         cell_tok[1 + h_k :] = True
@@ -167,9 +174,42 @@ def make_training_batch(sl: SpatialSlice, rng: np.random.Generator, cfg: Pretrai
         pair_t.append(dist[ii, jj] / spacing)
     batch["selected"] = sel_mask
     batch["target"] = torch.cat(targets)
+    # every cell token, in sub-slice then cell order (the order of ``niche``)
+    batch["cells"] = cell_mask
+    batch["niche_target"] = torch.from_numpy(niche)
+    batch["unmasked"] = unmasked_mask
+    batch["unmasked_target"] = torch.cat(unmasked_targets)
     batch["pairs"] = tuple(torch.from_numpy(np.concatenate(a).astype(np.int64)) for a in (pair_b, pair_i, pair_j))
     batch["pair_target"] = torch.from_numpy(np.concatenate(pair_t).astype(np.float32))
     return batch
+
+
+def niche_targets(xy: np.ndarray, emb: np.ndarray, cells: np.ndarray, scales: Sequence[int]) -> np.ndarray:
+    """(len(cells), len(scales), D): for each cell, the mean embedding of its ``k`` nearest
+    cells of the (augmented) slice, itself excluded, for each ``k`` in ``scales``, minus the
+    slice's mean embedding.
+
+    The stage-2 niche target: a cell's output token must say what surrounds it, at the
+    scale of its immediate neighbours and of a wider neighbourhood. Centred, because the
+    raw means of unit vectors share most of their direction (the slice average): a cosine
+    against them is near 1 whatever the prediction and teaches little.
+    """
+    d = emb.shape[1]
+    if not len(scales) or cells.size == 0:
+        return np.zeros((cells.size, len(scales), d), dtype=np.float32)
+    k_max = min(int(max(scales)), xy.shape[0] - 1)
+    if k_max < 1:
+        return np.zeros((cells.size, len(scales), d), dtype=np.float32)
+    _, nbr = cKDTree(xy).query(xy[cells], k=k_max + 1)
+    nbr = nbr[:, 1:]  # the nearest is the cell itself
+    out = np.empty((cells.size, len(scales), d), dtype=np.float32)
+    for j, k in enumerate(scales):
+        k = min(int(k), k_max)
+        w = sp.csr_matrix((np.full(cells.size * k, 1.0 / k, dtype=np.float32), nbr[:, :k].ravel(),
+                           np.arange(0, cells.size * k + 1, k)), shape=(cells.size, xy.shape[0]))
+        out[:, j] = w @ emb
+    out -= emb.mean(0, dtype=np.float64).astype(np.float32)
+    return out
 
 
 # --------------------------------------------------------------------------- loader

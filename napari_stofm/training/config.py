@@ -6,13 +6,13 @@ where a run keeps its resumable state (``OUT/state/``). Plain Python, no torch: 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 STATE_DIR = "state"
 #: settings a resumed run may change (the model's shapes and the vocabulary stay)
 RESUME_OVERRIDABLE = ("train_split_num", "batch_subslices", "batch_cells", "stage1_share", "crop_prob",
                       "subsample_min", "contrastive_weight", "profile_weight", "pair_weight", "device",
-                      "loader_threads")
+                      "loader_threads", "niche_weight", "self_weight", "lr2")
 
 
 @dataclass
@@ -42,10 +42,20 @@ class PretrainConfig:
     train_split_num: int = 400
     batch_subslices: int = 4
     lr2: float = 5e-4
+    # the input vector of a masked cell token (every component); -100 as in the published code
+    cell_mask_value: float = -100.0
     cell_mask_prob: float = 0.12
     cell_keep_prob: float = 0.03
     pair_weight: float = 1.0
     noise_spacings: float = 5.0
+    # niche prediction: from every cell token's output, ``niche_head`` predicts the mean input
+    # embedding of the cell's ``niche_neighbours`` nearest cells (itself excluded) at each of
+    # those scales (cosine loss); 0 turns it off (the v2 recipe)
+    niche_weight: float = 1.0
+    niche_neighbours: Tuple[int, ...] = (10, 40)
+    # every unmasked cell token's output also reconstructs its own input (``lm_head``, cosine):
+    # the output keeps the cell's state beside its niche; 0 scores only the masked cells
+    self_weight: float = 0.5
     crop_prob: float = 0.5
     min_crop: float = 0.5
     subsample_min: float = 0.7
@@ -65,6 +75,9 @@ class PretrainConfig:
     se2_heads: int = 8
     se2_gaussians: int = 64
     min_cells_per_gene: int = 10
+    # start from this checkpoint directory (its vocabulary, sizes, cell encoder, SE(2) transformer
+    # and pretraining heads) instead of a random model; with stage1_steps=0 only stage 2 trains
+    init_from: Optional[str] = None
     # output
     name: str = "napari-stofm-small"
     split_num: int = 1000  # inference sub-slice size written into stofm.json
@@ -72,4 +85,9 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "PretrainConfig":
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if "niche_neighbours" in values:  # a list once written to JSON
+            values["niche_neighbours"] = tuple(int(k) for k in values["niche_neighbours"])
+        if "niche_weight" not in data:  # a run saved before the niche term existed
+            values["niche_weight"], values["self_weight"] = 0.0, 0.0
+        return cls(**values)

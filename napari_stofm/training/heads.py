@@ -83,3 +83,9 @@ def make_lm_head(e: int, input_dim: int) -> nn.Sequential:
 
 def make_pair_head(heads: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(heads, heads), nn.ReLU(), nn.Linear(heads, 1))
+
+
+def make_niche_head(e: int, input_dim: int, scales: int) -> nn.Sequential:
+    """Predicts, from a cell's output token, the mean input embedding of its neighbours at
+    each of ``scales`` neighbourhood sizes (concatenated)."""
+    return nn.Sequential(nn.Linear(e, e), nn.ReLU(), nn.Linear(e, input_dim * scales))

@@ -40,7 +40,19 @@ Two stages, as in the paper, run on the CPU in minutes for a small model (or on 
      from the noisy positions, and ``pair_head`` (heads -> heads, ReLU, -> 1) on the pair
      representation regresses the original distance (in units of the cell spacing
      sqrt(area / n_cells)) of every original neighbour pair of cells involving a selected
-     cell (MSE).
+     cell (MSE);
+   * niche prediction (weight ``niche_weight``): from *every* cell token's output,
+     ``niche_head`` predicts the mean input embedding of the cell's 10 and 40 nearest cells
+     (itself excluded), centred on the slice's mean embedding (cosine per scale). The two
+     terms above score only the few selected cells and ask for their own embedding or
+     distances; this one asks each cell's output to say what surrounds it, which is what
+     tissue regions are read from;
+   * self reconstruction (weight ``self_weight``): ``lm_head`` on every unmasked cell's output
+     gives back its own input embedding (cosine), so the output keeps the cell's state beside
+     its niche.
+
+   ``init_from`` starts a run from a checkpoint (its vocabulary, sizes, encoder, SE(2)
+   transformer and heads); with ``stage1_steps=0`` only stage 2 trains.
 
 Joint fine-tuning of both (the paper's third stage) is not part of this recipe.
 
@@ -75,7 +87,15 @@ from napari_stofm.errors import StofmInputError
 from napari_stofm.training.batches import drop_genes, make_training_batch, mask_tokens, pad_sequences, prefetched
 from napari_stofm.training.config import RESUME_OVERRIDABLE, STATE_DIR, PretrainConfig
 from napari_stofm.training.corpus import HELD_OUT_SLICES, GeneCorpus, SpatialSlice, load_corpus, prepare_spatial_slices
-from napari_stofm.training.heads import MLMHead, ProfileHead, info_nce, make_lm_head, make_pair_head, profile_targets
+from napari_stofm.training.heads import (
+    MLMHead,
+    ProfileHead,
+    info_nce,
+    make_lm_head,
+    make_niche_head,
+    make_pair_head,
+    profile_targets,
+)
 from napari_stofm.training.report import (
     CURVE_NAME,
     LOG_NAME,
@@ -137,6 +157,7 @@ class Trainer:
                                         self.encoder.bert.embeddings.word_embeddings)
         self.lm_head = make_lm_head(cfg.se2_dim, self.encoder.embedding_dim)
         self.pair_head = make_pair_head(cfg.se2_heads)
+        self.niche_head = make_niche_head(cfg.se2_dim, self.encoder.embedding_dim, len(cfg.niche_neighbours))
         from napari_stofm.model.stofm import resolve_device
 
         self.device = resolve_device(cfg.device)
@@ -147,7 +168,8 @@ class Trainer:
                                          for n, p in head.named_parameters() if not n.startswith("word_embeddings")],
                                       lr=cfg.lr1, weight_decay=cfg.weight_decay)
         self.opt2 = torch.optim.AdamW(list(self.se2.parameters()) + list(self.lm_head.parameters())
-                                      + list(self.pair_head.parameters()), lr=cfg.lr2, weight_decay=cfg.weight_decay)
+                                      + list(self.pair_head.parameters()) + list(self.niche_head.parameters()),
+                                      lr=cfg.lr2, weight_decay=cfg.weight_decay)
         self.stage = 1
         self.step = 0  # steps done in the current stage
         self.stage1_done_steps = 0
@@ -163,7 +185,8 @@ class Trainer:
 
     def modules(self) -> Dict[str, nn.Module]:
         return {"encoder": self.encoder, "se2": self.se2, "mlm_head": self.mlm_head,
-                "profile_head": self.profile_head, "lm_head": self.lm_head, "pair_head": self.pair_head}
+                "profile_head": self.profile_head, "lm_head": self.lm_head, "pair_head": self.pair_head,
+                "niche_head": self.niche_head}
 
     def save_state(self) -> None:
         from safetensors.torch import save_file
@@ -218,6 +241,24 @@ class Trainer:
         tr.history = meta["history"]
         tr.seconds = meta.get("seconds", tr.seconds)
         return tr
+
+    def start_from(self, path: PathLike) -> None:
+        """Load a checkpoint's cell encoder, SE(2) transformer and pretraining heads (those it
+        holds) into this run's modules; the shapes must match (:func:`init_config` sets them)."""
+        from napari_stofm.model.checkpoint import load_se2_transformer
+        from napari_stofm.model.stofm import load_model
+
+        model = load_model(path)
+        _, heads = load_se2_transformer(path, return_heads=True)
+        self.encoder.load_state_dict(model.cell_encoder.state_dict(), strict=True)
+        self.se2.load_state_dict(model.se2.state_dict(), strict=True)
+        for prefix, mod in (("lm_head", self.lm_head), ("pair_head", self.pair_head),
+                            ("niche_head", self.niche_head)):
+            sd = {k[len(prefix) + 1:]: v for k, v in heads.items() if k.startswith(prefix + ".")}
+            if sd and all(sd[k].shape == v.shape for k, v in mod.state_dict().items() if k in sd):
+                mod.load_state_dict(sd, strict=True)
+        for mod in self.modules().values():
+            mod.to(self.device)
 
     # ------------------------------------------------------------ stage 1
 
@@ -301,40 +342,19 @@ class Trainer:
     def train_on_batch(self, batch: dict) -> dict:
         """One optimisation step of stage 2 on a batch from :func:`make_training_batch`."""
         cfg = self.cfg
-        dev = self.device
-        batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else
-                     tuple(t.to(dev) for t in v) if isinstance(v, tuple) else v) for k, v in batch.items()}
-        self.se2.train()
-        self.lm_head.train()
-        self.pair_head.train()
-        out = self.se2(batch["token_embeddings"], batch["attn_bias"], batch["token_types"], return_pair_rep=True)
-        hidden = out["last_hidden_state"][batch["selected"]]
-        pred = F.normalize(self.lm_head(hidden), dim=-1)
-        cos = 1.0 - (pred * F.normalize(batch["target"], dim=-1)).sum(-1).mean()
-        b, i, j = batch["pairs"]
-        if b.numel():
-            dist_pred = self.pair_head(out["pair_rep"][b, i, j]).squeeze(-1)
-            pair = F.mse_loss(dist_pred, batch["pair_target"])
-        else:
-            pair = torch.zeros((), device=dev)
-        loss = cos + cfg.pair_weight * pair
         for g in self.opt2.param_groups:
             g["lr"] = cfg.lr2 * _lr_factor(self.step, cfg.stage2_steps, cfg.warmup_steps, self.time_frac)
-        self.opt2.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in self.opt2.param_groups for p in g["params"]], 1.0)
-        self.opt2.step()
-        values = torch.stack([loss.detach(), cos.detach(), pair.detach()]).cpu().tolist()
-        row = dict(zip(("loss",) + STAGE2_TERMS, values, strict=True))
-        if "slice" in batch:
-            row["slice"] = batch["slice"]
-        return row
+        return stage2_step(self.se2, self.stage2_heads(), self.opt2, batch, cfg, self.device)
+
+    def stage2_heads(self) -> Dict[str, nn.Module]:
+        return {"lm_head": self.lm_head, "pair_head": self.pair_head, "niche_head": self.niche_head}
 
     # ------------------------------------------------------------ output
 
     def heads_state(self) -> Dict[str, torch.Tensor]:
         out = {}
-        for prefix, mod in (("lm_head", self.lm_head), ("pair_head", self.pair_head)):
+        for prefix, mod in (("lm_head", self.lm_head), ("pair_head", self.pair_head),
+                            ("niche_head", self.niche_head)):
             for k, v in mod.state_dict().items():
                 out[f"{prefix}.{k}"] = v
         return out
@@ -359,7 +379,78 @@ class Trainer:
         return self.out
 
 
+# --------------------------------------------------------------------------- stage-2 step
+
+
+def stage2_loss(se2: nn.Module, heads: Dict[str, nn.Module], batch: dict, cfg: PretrainConfig
+                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The stage-2 objective on one batch (already on the model's device): masked-cell
+    cosine + ``pair_weight`` x pair-distance MSE + ``niche_weight`` x niche cosine +
+    ``self_weight`` x unmasked-cell reconstruction. Returns the total and each term."""
+    dev = batch["token_embeddings"].device
+    out = se2(batch["token_embeddings"], batch["attn_bias"], batch["token_types"], return_pair_rep=True)
+    last = out["last_hidden_state"]
+    lm_head = heads["lm_head"]
+    pred = F.normalize(lm_head(last[batch["selected"]]), dim=-1)
+    cos = 1.0 - (pred * F.normalize(batch["target"], dim=-1)).sum(-1).mean()
+    b, i, j = batch["pairs"]
+    zero = torch.zeros((), device=dev)
+    pair = F.mse_loss(heads["pair_head"](out["pair_rep"][b, i, j]).squeeze(-1), batch["pair_target"]) \
+        if b.numel() else zero
+    niche = self_rec = zero
+    if cfg.niche_weight > 0 and batch["niche_target"].numel():
+        h = last[batch["cells"]]
+        pred_n = heads["niche_head"](h).view(h.shape[0], len(cfg.niche_neighbours), -1)
+        niche = 1.0 - F.cosine_similarity(pred_n, batch["niche_target"], dim=-1, eps=1e-6).mean()
+    if cfg.self_weight > 0 and batch["unmasked_target"].numel():
+        pred_s = F.normalize(lm_head(last[batch["unmasked"]]), dim=-1)
+        self_rec = 1.0 - (pred_s * F.normalize(batch["unmasked_target"], dim=-1)).sum(-1).mean()
+    loss = cos + cfg.pair_weight * pair + cfg.niche_weight * niche + cfg.self_weight * self_rec
+    return loss, {"cosine": cos, "pair_mse": pair, "niche": niche, "self": self_rec}
+
+
+def stage2_step(se2: nn.Module, heads: Dict[str, nn.Module], opt: torch.optim.Optimizer, batch: dict,
+                cfg: PretrainConfig, device) -> dict:
+    """One optimisation step of the stage-2 objective (learning rates as set in ``opt``);
+    returns the loss terms as floats (and the batch's slice name)."""
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else
+                 tuple(t.to(device) for t in v) if isinstance(v, tuple) else v) for k, v in batch.items()}
+    se2.train()
+    for head in heads.values():
+        head.train()
+    loss, terms = stage2_loss(se2, heads, batch, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    values = torch.stack([loss.detach()] + [terms[k].detach() for k in STAGE2_TERMS]).cpu().tolist()
+    row = dict(zip(("loss",) + STAGE2_TERMS, values, strict=True))
+    if "slice" in batch:
+        row["slice"] = batch["slice"]
+    return row
+
+
 # --------------------------------------------------------------------------- main entry
+
+
+def init_config(cfg: PretrainConfig):
+    """Set the model sizes of ``cfg`` to those of the checkpoint ``cfg.init_from`` and return
+    its vocabulary (the corpus is tokenized with it)."""
+    from napari_stofm.model.stofm import load_model
+
+    model = load_model(cfg.init_from)
+    enc = model.cell_encoder.config
+    se2 = model.se2.config if hasattr(model.se2, "config") else None
+    get = enc.get if hasattr(enc, "get") else (lambda k, d=None: getattr(enc, k, d))
+    cfg.bert_hidden, cfg.bert_layers = int(get("hidden_size")), int(get("num_hidden_layers"))
+    cfg.bert_heads, cfg.bert_intermediate = int(get("num_attention_heads")), int(get("intermediate_size"))
+    cfg.max_genes = int(get("max_position_embeddings")) - 1
+    if se2 is not None:
+        sget = se2.get if hasattr(se2, "get") else (lambda k, d=None: getattr(se2, k, d))
+        cfg.se2_layers, cfg.se2_dim = int(sget("num_hidden_layers")), int(sget("embedding_dim"))
+        cfg.se2_ffn, cfg.se2_heads = int(sget("ffn_embedding_dim")), int(sget("num_attention_heads"))
+        cfg.se2_gaussians = int(sget("gaussian_hidden_dim"))
+    return model.vocabulary
 
 
 def pretrain(
@@ -406,12 +497,16 @@ def pretrain(
             raise StofmInputError(f"{out} already holds a pretraining run: pass --resume to continue it, "
                                   "or choose another output folder")
         torch.manual_seed(cfg.seed)
-        pack = load_corpus(data, adatas, exclude_held_out, None, cfg.max_genes, min_cells=cfg.min_cells_per_gene)
+        start = init_config(cfg) if cfg.init_from else None
+        pack = load_corpus(data, adatas, exclude_held_out, start, cfg.max_genes, min_cells=cfg.min_cells_per_gene)
         if pack.max_genes != cfg.max_genes:
             log.info("max_genes %d comes from the packed corpus", pack.max_genes)
             cfg.max_genes = pack.max_genes
         log.info("vocabulary: %d genes from %d slices", pack.vocabulary.n_genes, len(pack.names))
         tr = Trainer(out, cfg, pack.vocabulary, pack.names)
+        if cfg.init_from:
+            tr.start_from(cfg.init_from)
+            log.info("starting from %s", cfg.init_from)
     names, tokenized = pack.names, pack.tokenized
     log.info("training on %s", tr.device)
     budget = None if cfg.minutes is None else cfg.minutes * 60.0
