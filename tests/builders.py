@@ -30,3 +30,25 @@ def gene_adata(var_names, var=None, species=None, n=4):
     if species is not None:
         a.uns["source"] = {"species": species, "values": "raw_counts"}
     return a
+
+
+def noisy_cell_types(session, seed=0):
+    """A made-up embedding (the sample's cell types plus noise) and a noisy ``stofm_cell_type``
+    prediction (30 % of the cells flipped, confidence 0.3-1) on a sample-slice session; no
+    model runs. Returns the true codes."""
+    from napari_stofm.keys import CELL_TYPE
+
+    rng = np.random.default_rng(seed)
+    truth = session.adata.obs["cell_type"].astype("category")
+    names = [str(c) for c in truth.cat.categories]
+    true_codes = truth.cat.codes.to_numpy().astype(np.int32)
+    n = len(true_codes)
+    onehot = np.eye(len(names), dtype=np.float32)[true_codes]
+    session.adata.obsm["X_stofm"] = np.hstack([onehot * 2.0, rng.normal(size=(n, 6)).astype(np.float32)])
+    noisy = true_codes.copy()
+    flip = rng.random(n) < 0.3
+    noisy[flip] = rng.integers(0, len(names), flip.sum())
+    conf = rng.uniform(0.3, 1.0, n).astype(np.float32)
+    session.annotations[CELL_TYPE] = Annotation.from_prediction(CELL_TYPE, names, noisy, conf,
+                                                                provenance={"model": "SToFM"})
+    return true_codes

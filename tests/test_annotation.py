@@ -132,6 +132,29 @@ def test_obs_round_trip_identical(tmp_path):
         ann.to_obs(_adata(13))
 
 
+def test_companion_columns_only_for_predictions():
+    adata = _adata(4)
+    adata.obs["cell_type"] = pd.Categorical(["T", "B", None, "T"])
+    truth = Annotation.from_obs(adata, "cell_type")
+    assert not truth.is_prediction
+    truth.assign([2], 0)  # curated on the canvas: the column changes, no companions appear
+    truth.to_obs(adata)
+    assert [c for c in adata.obs.columns if c.startswith("cell_type_")] == []
+    assert list(adata.obs["cell_type"].astype(str)) == ["T", "B", "B", "T"]
+    # a prediction gets them, whatever its key (a model made it)
+    predicted = Annotation.from_prediction("my_labels", ["a", "b"], np.array([0, 1, 1, 0]),
+                                           provenance={"model": "SToFM"})
+    predicted.to_obs(adata)
+    assert {"my_labels_confidence", "my_labels_curated", "my_labels_predicted"} <= set(adata.obs.columns)
+    # a column that already had them (an earlier export) keeps them in step
+    adata.obs["region"] = pd.Categorical(["x", "y", "x", "y"])
+    adata.obs["region_curated"] = False
+    region = Annotation.from_obs(adata, "region")
+    region.assign([0], 1)
+    region.to_obs(adata)
+    assert list(adata.obs["region_curated"]) == [True, False, False, False]
+
+
 def test_from_obs_of_plain_categorical():
     adata = _adata(4)
     adata.obs["cell_type"] = pd.Categorical(["T", "B", None, "T"])

@@ -81,3 +81,15 @@ def test_autosave_falls_back_when_folder_is_read_only(tmp_path, monkeypatch):
     assert str(path).startswith(str(tmp_path / "cache"))
     assert list(data.iterdir()) == []
     assert CurationStore(data / "slice.h5ad").load(obs_names)["stofm_region"].equals(ann)
+
+
+def test_autosave_mode_follows_the_umask(tmp_path):
+    import stat
+
+    slice_path = tmp_path / "slice.h5ad"
+    old = os.umask(0o002)
+    try:
+        written = CurationStore(slice_path).save([example_annotation()], [f"c{i}" for i in range(12)])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o664  # not mkstemp's 0600

@@ -315,3 +315,24 @@ def test_autosave_confidence_outside_unit_interval_is_clipped(tmp_path):
     with pytest.warns(UserWarning, match="clipped"):
         ann = store.load(obs_names)[KEY]
     assert ann.confidence.min() == 0 and ann.confidence.max() == 1
+
+
+def test_a_late_autosave_after_close_keeps_the_sessions_own_file(slice_path, recwarn):
+    """Closing a session (its layers removed from napari) and autosaving once more (a timer
+    that fires late) is the same writer: nothing is kept aside, no warning."""
+    session = SliceSession.open(slice_path)
+    session.annotations[KEY] = Annotation.from_prediction(KEY, ["a", "b"], np.arange(300) % 2)
+    first = session.autosave()
+    session.close()
+    assert session.autosave() == first
+    assert session.kept_aside == [] and not [w for w in recwarn if "had not loaded" in str(w.message)]
+    session.close()
+    # ... but a file someone else wrote meanwhile is still kept aside
+    other = SliceSession.open(slice_path)
+    other.annotations[KEY].assign([0], 1)
+    other.autosave()
+    other.close()
+    with pytest.warns(UserWarning, match="had not loaded"):
+        session.autosave()
+    assert len(session.kept_aside) == 1
+    session.close()

@@ -9,3 +9,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli_main(["embed", str(missing), "-o", str(tmp_path / "o.h5ad")]) == 1
     err = capsys.readouterr().err
     assert "nope.h5ad" in err and "Traceback" not in err
+
+
+def test_help_texts_show_percent_signs_once(capsys):
+    import pytest
+
+    for command in ("demo", "predict", "embed", "export"):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "%%" not in out, command
+        if command == "demo":
+            assert "from 20% of them" in " ".join(out.split())

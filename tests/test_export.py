@@ -230,3 +230,56 @@ def _snapshot(path):
     if path.is_file():
         return path.read_bytes()
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def umask_027():
+    import os
+
+    old = os.umask(0o027)
+    yield 0o027
+    os.umask(old)
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "csv", "zarr"])
+def test_export_file_mode_follows_the_umask(tmp_path, slice_and_annotations, umask_027, kind):
+    import stat
+
+    adata, annotations = slice_and_annotations
+    writer = {"h5ad": export_h5ad, "csv": export_csv, "zarr": export_spatialdata}[kind]
+    path = writer(adata, annotations, tmp_path / f"out.{kind}")
+    files = [p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()]
+    if kind == "csv":
+        files.append(export_module.markers_csv_path(path))
+    assert files
+    for file in files:  # what any new file of the user's gets (mkstemp alone gives 0600)
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask_027, file
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "csv", "zarr"])
+def test_cancelled_export_writes_nothing_and_reports_one_progress(tmp_path, slice_and_annotations, kind):
+    import threading
+
+    from napari_stofm.errors import Cancelled
+    from napari_stofm.progress import OVERALL_TOTAL
+
+    adata, annotations = slice_and_annotations
+    writer = {"h5ad": export_h5ad, "csv": export_csv, "zarr": export_spatialdata}[kind]
+    path = tmp_path / f"out.{kind}"
+    cancel = threading.Event()
+    seen = []
+
+    def progress(done, total, message):
+        seen.append((done, total, message))
+        if message.startswith("Writing"):
+            cancel.set()  # Cancel pressed while the file is written
+
+    with pytest.raises(Cancelled):
+        writer(adata, annotations, path, progress=progress, cancel=cancel)
+    assert list(tmp_path.iterdir()) == []  # no target, no marker table, no temporary file
+    assert seen and all(total == OVERALL_TOTAL for _, total, _ in seen)
+    assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen)
+    assert any(m.startswith("Marker genes") for _, _, m in seen)
+    seen.clear()
+    writer(adata, annotations, path, progress=lambda d, t, m: seen.append((d, t, m)))
+    assert seen[-1] == (OVERALL_TOTAL, OVERALL_TOTAL, f"exported to {path.name}")

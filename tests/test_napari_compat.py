@@ -414,6 +414,19 @@ def test_qt_window_private_path_and_fallback(make_napari_viewer, napari_patch, d
     assert _said(debug_log, "Window._qt_window")
 
 
+def test_canvas_widget_private_path_and_fallback(make_napari_viewer, napari_patch, debug_log):
+    from qtpy.QtWidgets import QWidget
+
+    viewer = make_napari_viewer()
+    native = compat.canvas_widget(viewer)
+    assert isinstance(native, QWidget) and native is viewer.window._qt_viewer.canvas.native
+    assert not _said(debug_log, "Window._qt_viewer.canvas.native")
+    # fallback: the largest OpenGL widget of the main window
+    napari_patch.setattr(type(viewer.window), "_qt_viewer", property(lambda self: None))
+    assert compat.canvas_widget(viewer) is native
+    assert _said(debug_log, "Window._qt_viewer.canvas.native")
+
+
 # ----------------------------------------------------------------------------- through the binding
 
 
@@ -424,7 +437,7 @@ def _sample_region_layer(qtbot):
     from napari_stofm._napari.binding import bind
     from napari_stofm._napari.hooks import sample_slice
 
-    data, kwargs, _ = next(t for t in sample_slice() if t[1]["name"] == "region")
+    data, kwargs, _ = next(t for t in sample_slice() if t[1]["metadata"].get("stofm_key") == "region")
     layer = Labels(data, **kwargs)
     session = kwargs["metadata"]["stofm_session"]
     bind(layer, session, "region")

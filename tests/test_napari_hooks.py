@@ -8,6 +8,8 @@ import pytest
 pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
 
+from napari_stofm._napari.layers import layer_name  # noqa: E402 - after the napari check
+
 
 @pytest.mark.realdata
 def test_reader_on_a_real_slice(make_napari_viewer, shared_data_dir, tmp_path):
@@ -24,7 +26,7 @@ def test_reader_on_a_real_slice(make_napari_viewer, shared_data_dir, tmp_path):
     session = cells.metadata["stofm_session"]
     assert cells.data.shape[0] == session.adata.n_obs == 3177
     np.testing.assert_allclose(cells.data, np.asarray(session.adata.obsm["spatial"])[:, ::-1])
-    cell_type = [l for l in layers if l.name == "cell_type"]
+    cell_type = [l for l in layers if l.name == layer_name("cell_type")]
     assert cell_type, [l.name for l in layers]
     layer = cell_type[0]
     ann = session.annotations["cell_type"]
@@ -91,7 +93,7 @@ def test_reader_on_spatialdata_uses_the_cell_masks(make_napari_viewer, tmp_path)
     # and each cell's position falls inside its own territory
     rc = terr.world_to_pixel(session.xy[:, ::-1])
     assert (terr.instance_map[rc[:, 0], rc[:, 1]] == np.arange(len(ids)) + 1).all()
-    layer = [l for l in layers if l.name == "cell_type"][0]
+    layer = [l for l in layers if l.name == layer_name("cell_type")][0]
     np.testing.assert_allclose(layer.scale, (1.0, 1.0))
     ann = session.annotations["cell_type"]
     np.testing.assert_array_equal(layer.data, terr.class_image(ann.codes))

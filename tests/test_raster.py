@@ -199,3 +199,25 @@ def _disk_fast(img, rc, radius, value):
     sl = (slice(r0 - radius, r0 + radius + 1), slice(c0 - radius, c0 + radius + 1))
     img[sl][m] = value
     return sl
+
+
+def test_small_gaps_inside_the_tissue_are_filled_and_large_holes_kept():
+    from scipy import ndimage as ndi
+
+    xy = _grid(n_side=40, step=10.0)
+    ij = np.rint((xy - (100.0, 50.0)) / 10.0).astype(int)
+    small = (np.abs(ij[:, 0] - 10) <= 1) & (np.abs(ij[:, 1] - 10) <= 1)  # 3 x 3 cells missing
+    large = (np.abs(ij[:, 0] - 27) <= 4) & (np.abs(ij[:, 1] - 27) <= 4)  # 9 x 9 cells missing (a ventricle)
+    keep = ~small & ~large
+    terr = rasterize_territories(xy[keep])
+    inside = lambda x, y: terr.instance_map[tuple(terr.world_to_pixel([y, x]))]  # noqa: E731
+    assert inside(100.0 + 100, 50.0 + 100) > 0  # the centre of the small gap: a cell's now
+    assert inside(100.0 + 270, 50.0 + 270) == 0  # the large hole stays background
+    labels, n = ndi.label(terr.instance_map == 0)
+    assert n == 2  # the outside and the large hole
+    # a filled pixel belongs to a nearest cell
+    r, c = terr.world_to_pixel([50.0 + 100, 100.0 + 100])
+    distance = np.linalg.norm(xy[keep] - terr.pixel_to_world([r, c])[::-1], axis=1)
+    assert distance[terr.instance_map[r, c] - 1] == pytest.approx(distance.min())
+    assert distance.min() > terr.max_radius  # beyond the cap: only the filling gives it a cell
+    assert terr.areas.sum() == (terr.instance_map > 0).sum()

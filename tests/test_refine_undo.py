@@ -7,26 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from builders import noisy_cell_types
 
-from napari_stofm.heads.annotation import Annotation
 from napari_stofm.review.session import CELL_TYPE_KEY, REGION_KEY, SliceSession
 
 
 def _prepare(session, seed=0):
     """A fake embedding and a noisy cell-type prediction on ``session`` (sample slice)."""
-    rng = np.random.default_rng(seed)
-    truth = session.adata.obs["cell_type"].astype("category")
-    names = [str(c) for c in truth.cat.categories]
-    true_codes = truth.cat.codes.to_numpy().astype(np.int32)
-    n = len(true_codes)
-    onehot = np.eye(len(names), dtype=np.float32)[true_codes]
-    session.adata.obsm["X_stofm"] = np.hstack([onehot * 2.0, rng.normal(size=(n, 6)).astype(np.float32)])
-    noisy = true_codes.copy()
-    flip = rng.random(n) < 0.3
-    noisy[flip] = rng.integers(0, len(names), flip.sum())
-    conf = rng.uniform(0.3, 1.0, n).astype(np.float32)
-    session.annotations[CELL_TYPE_KEY] = Annotation.from_prediction(CELL_TYPE_KEY, names, noisy, conf)
-    return true_codes
+    return noisy_cell_types(session, seed)
 
 
 def _state(ann):

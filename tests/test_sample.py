@@ -107,3 +107,18 @@ def test_cell_types_express_their_markers(sample):
 def test_small_slices():
     assert make_sample_slice(1).n_obs == 1
     assert make_sample_slice(50, seed=2).n_obs == 50
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_top_layer_and_the_lesion_are_as_distinct_as_neighbouring_layers(seed):
+    """Both lack excitatory neurons; before they differed half as much as layer 1 and layer
+    2/3 do, and the region map merged them at the default region count."""
+    adata = make_sample_slice(seed=seed)
+    X = adata.X.toarray()
+    X = np.log1p(X / X.sum(axis=1, keepdims=True) * 1e3)
+    _, idx = cKDTree(adata.obsm["spatial"]).query(adata.obsm["spatial"], k=9)
+    profile = X[idx].mean(axis=1)  # a cell's neighbourhood, as a region is seen
+    region = adata.obs["region"].to_numpy()
+    mean = {r: profile[region == r].mean(axis=0) for r in ("Layer 1", "Layer 2/3", "Lesion")}
+    apart = np.linalg.norm(mean["Layer 1"] - mean["Lesion"]) / np.linalg.norm(mean["Layer 1"] - mean["Layer 2/3"])
+    assert apart > 0.75

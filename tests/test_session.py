@@ -37,8 +37,11 @@ def test_reference_transfer_autosave_and_reopen(tiny_checkpoint, slice_file, tmp
     progress = []
     result = session.run(weights=str(tiny_checkpoint), n_regions=5,
                          label_source=("reference", str(ref_path), "cell_type"),
-                         progress=lambda d, t, m: progress.append(m))
-    assert not result.embedding_reused and progress
+                         progress=lambda d, t, m: progress.append((d, t, m)))
+    assert not result.embedding_reused
+    _assert_one_overall_progress(progress, ["Loading the weights", "Reading the reference", "Embedding the slice",
+                                            "Tissue regions", "Embedding the reference", "Cell types",
+                                            "Cell territories"])
     ann = session.annotations[CELL_TYPE_KEY]
     assert ann.categories == list(make_sample_slice(10).obs["cell_type"].cat.categories)
     accuracy = np.mean(np.array(ann.categories, dtype=object)[ann.codes] == truth.astype(str).to_numpy())
@@ -69,6 +72,43 @@ def test_reference_transfer_autosave_and_reopen(tiny_checkpoint, slice_file, tmp
     with pytest.raises(StofmInputError, match="corrected by hand"):
         session.recluster(3)
     assert session.recluster(3, discard_curated=True).n_classes == 3
+
+
+def _assert_one_overall_progress(reports, stages):
+    """One bar for the whole run: one total, never back, every stage named in order, then done."""
+    from napari_stofm.progress import OVERALL_TOTAL
+
+    assert reports and all(total == OVERALL_TOTAL for _, total, _ in reports)
+    dones = [done for done, _, _ in reports]
+    assert dones == sorted(dones), "the overall progress went back"
+    assert reports[-1] == (OVERALL_TOTAL, OVERALL_TOTAL, "done")
+    firsts = [next(i for i, (_, _, m) in enumerate(reports) if m.startswith(stage)) for stage in stages]
+    assert firsts == sorted(firsts), [reports[i][2] for i in firsts]
+    # no stage starts the bar again: each begins where the one before left it
+    starts = [reports[i][0] for i in firsts]
+    assert starts == sorted(starts) and starts[-1] > 0
+
+
+def test_relabel_and_accept_mark_cells_curated_as_one_edit(tmp_path):
+    from napari_stofm.heads.annotation import Annotation
+    from napari_stofm.io.sample import make_sample_slice
+
+    session = SliceSession(make_sample_slice(60, seed=1), name="s", autosave_dir=tmp_path)
+    ann = Annotation.from_prediction(CELL_TYPE_KEY, ["A", "B", "C"], np.arange(60) % 3,
+                                     np.linspace(0, 1, 60).astype(np.float32))
+    session.annotations[CELL_TYPE_KEY] = ann
+    heard = []
+    session.subscribe(lambda key, what: heard.append((key, what)))
+    accepted = session.accept(CELL_TYPE_KEY, [4, 4, 5])
+    assert accepted.cells.tolist() == [4, 5] and ann.codes[[4, 5]].tolist() == [1, 2]
+    assert ann.curated[[4, 5]].all() and ann.curated.sum() == 2 and heard == [(CELL_TYPE_KEY, "codes")]
+    assert not session.accept(CELL_TYPE_KEY, [4]).changed  # already curated: nothing to do
+    relabelled = session.relabel(CELL_TYPE_KEY, [4, 7], 0)
+    assert relabelled.cells.tolist() == [4, 7] and ann.codes[[4, 7]].tolist() == [0, 0]
+    session.restore(CELL_TYPE_KEY, relabelled.previous)  # the undo
+    assert ann.codes[[4, 7]].tolist() == [1, 1] and ann.curated[4] and not ann.curated[7]
+    with pytest.raises(StofmInputError):
+        session.relabel(CELL_TYPE_KEY, [1], 3)
 
 
 def test_refine_needs_corrections_and_keeps_them(tiny_checkpoint, slice_file, tmp_path):

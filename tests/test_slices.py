@@ -296,3 +296,18 @@ def test_real_slices(shared_data_dir):
         assert adata.obsm["spatial"].shape == (adata.n_obs, 2)
         assert adata.uns["stofm_source"]["format"] == "h5ad"
     assert validate_slice(adata).values == "non_negative"  # MERFISH POA is volume-normalised
+
+
+@pytest.mark.parametrize(("path", "name"), [
+    ("data/animal1_bregma-0.29.h5ad", "animal1_bregma-0.29"),
+    ("/x/slice.v2.H5AD", "slice.v2"),
+    ("/x/sample.zarr/", "sample"),
+    ("x/tissue.ome.zarr", "tissue"),
+    ("noext", "noext"),
+])
+def test_slice_names_keep_their_dots(path, name, tmp_path):
+    from napari_stofm.io.slices import slice_name
+    from napari_stofm.review.session import SliceSession
+
+    assert slice_name(path) == name
+    assert SliceSession(make_sample_slice(20, seed=0), path, autosave_dir=tmp_path).name == name

@@ -113,14 +113,18 @@ def _run(viewer, qtbot, checkpoint, *, source=None, label_key=None, n_regions=6)
         widget.label_key.setCurrentText(label_key)
     worker = widget.run()
     assert worker is not None, widget.last_error
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: widget.worker is None and not widget.showing, timeout=RUN_TIMEOUT_MS)
     assert widget.last_error is None, widget.last_error
     return widget
 
 
-def _labels(viewer, name):
-    found = [l for l in viewer.layers if l.name == name]
+def _labels(viewer, key):
+    """The Labels layer of labelling ``key``, found by the name it is shown under."""
+    from napari_stofm._napari.layers import layer_name
+
+    found = [l for l in viewer.layers if l.name == layer_name(key)]
     assert found, [l.name for l in viewer.layers]
+    assert found[0].metadata["stofm_key"] == key
     return found[0]
 
 
@@ -176,9 +180,10 @@ def test_run_widget_produces_two_labels_layers(make_napari_viewer, qtbot, tiny_c
     widget = _run(viewer, qtbot, tiny_checkpoint, source="labels column of this slice", label_key="partial_cell_type")
     assert widget.last_result.embedding_reused is False  # the model really ran
     assert session.adata.obsm["X_stofm"].shape[0] == session.adata.n_obs
+    _assert_one_monotonic_progress(widget)
 
-    regions = _labels(viewer, "tissue regions")
-    types = _labels(viewer, "cell types")
+    regions = _labels(viewer, "stofm_region")
+    types = _labels(viewer, "stofm_cell_type")
     ann_r = session.annotations["stofm_region"]
     ann_t = session.annotations["stofm_cell_type"]
     assert ann_r.n_classes == 6 and ann_r.categories[0] == "Region 1"
@@ -203,6 +208,20 @@ def test_run_widget_produces_two_labels_layers(make_napari_viewer, qtbot, tiny_c
     assert not [m for m in messages if m[0] == "error"]
 
 
+def _assert_one_monotonic_progress(widget):
+    """The run's bar: one total for the whole run, never back, never a long sit at 0 (the
+    stages share one bar), full at the end, the stage names in the message on the way."""
+    from napari_stofm.progress import OVERALL_TOTAL
+
+    history = widget.task.history
+    assert history and all(total == OVERALL_TOTAL for _, total in history)
+    dones = [done for done, _ in history]
+    assert dones == sorted(dones), "the progress bar went back"
+    assert sum(1 for d in dones if d == 0) <= 2  # only the first reports of the run are at 0
+    assert widget.task.state == "done" and widget.progress_bar.value() == widget.progress_bar.maximum()
+    assert widget.status.text().startswith("done: 6 regions")
+
+
 def test_changing_region_count_reclusters_without_the_model(make_napari_viewer, qtbot, tiny_checkpoint,
                                                             sample_embedding, monkeypatch):
     viewer = make_napari_viewer()
@@ -210,7 +229,7 @@ def test_changing_region_count_reclusters_without_the_model(make_napari_viewer, 
     _inject(session, sample_embedding)
     widget = _run(viewer, qtbot, tiny_checkpoint, n_regions=5)
     assert widget.last_result.embedding_reused is True
-    layer = _labels(viewer, "tissue regions")
+    layer = _labels(viewer, "stofm_region")
 
     import napari_stofm.pipeline.embed as embedding
 
@@ -224,7 +243,7 @@ def test_changing_region_count_reclusters_without_the_model(make_napari_viewer, 
     qtbot.waitUntil(lambda: layer.features.shape[0] == 9, timeout=5_000)
     ann = session.annotations["stofm_region"]
     np.testing.assert_array_equal(layer.data, session.territories.class_image(ann.codes))
-    assert len([l for l in viewer.layers if l.name == "tissue regions"]) == 1
+    assert len([l for l in viewer.layers if (l.metadata or {}).get("stofm_key") == "stofm_region"]) == 1
 
 
 def test_cancel_leaves_the_slice_unchanged(make_napari_viewer, qtbot, tiny_checkpoint, messages):
@@ -236,18 +255,24 @@ def test_cancel_leaves_the_slice_unchanged(make_napari_viewer, qtbot, tiny_check
     layer_names = [l.name for l in viewer.layers]
     widget.run()
     widget.cancel()  # before the first cancellation point
+    assert widget.status.text().startswith("cancelling")
     qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
     assert "cancelled" in (widget.last_error or "")
     assert [l.name for l in viewer.layers] == layer_names
     assert "stofm_region" not in session.annotations
     assert any("cancelled" in m for _, m in messages)
+    # the bar and the message are left clean: empty, saying so, Cancel off, Run on again
+    assert widget.task.state == "cancelled" and widget.progress_bar.value() == 0
+    assert widget.progress_bar.maximum() > 0  # not a busy bar
+    assert widget.status.text() == "SToFM cancelled; nothing was changed."
+    assert not widget.cancel_button.isEnabled() and widget.run_button.isEnabled()
 
 
 # ----------------------------------------------------------------------------- edits
 
 
 @pytest.fixture
-def predicted(make_napari_viewer, sample_embedding, run_result):
+def predicted(make_napari_viewer, qtbot, sample_embedding, run_result):
     """A viewer on the sample showing a copy of ``run_result`` through the Run widget's own code."""
     viewer = make_napari_viewer()
     cells, session = _open_sample(viewer)
@@ -256,6 +281,8 @@ def predicted(make_napari_viewer, sample_embedding, run_result):
     dock, widget = viewer.window.add_plugin_dock_widget("napari-stofm", "Run SToFM")
     widget._on_result(session, _copy_result(run_result))
     assert widget.last_error is None, widget.last_error
+    qtbot.waitUntil(lambda: not widget.showing, timeout=5_000)  # one layer per turn of the event loop
+    assert viewer.layers.selection.active.name == "tissue regions (SToFM)"
     return viewer, session
 
 
@@ -268,7 +295,7 @@ def _cell_pixel(session, cell):
 
 def test_paint_changes_cells_and_undo_redo_restore_them(predicted):
     viewer, session = predicted
-    layer = _labels(viewer, "tissue regions")
+    layer = _labels(viewer, "stofm_region")
     ann = session.annotations["stofm_region"]
     terr = session.territories
     before_codes, before_curated = ann.codes.copy(), ann.curated.copy()
@@ -297,7 +324,7 @@ def test_paint_changes_cells_and_undo_redo_restore_them(predicted):
 
 def test_fill_data_setitem_and_erase(predicted, qtbot):
     viewer, session = predicted
-    layer = _labels(viewer, "cell types")
+    layer = _labels(viewer, "stofm_cell_type")
     ann = session.annotations["stofm_cell_type"]
     terr = session.territories
 
@@ -329,7 +356,7 @@ def test_fill_data_setitem_and_erase(predicted, qtbot):
 
 def test_painting_a_class_that_does_not_exist_is_refused(predicted, messages):
     viewer, session = predicted
-    layer = _labels(viewer, "tissue regions")
+    layer = _labels(viewer, "stofm_region")
     ann = session.annotations["stofm_region"]
     before = ann.codes.copy()
     layer.brush_size = 9
@@ -341,7 +368,7 @@ def test_painting_a_class_that_does_not_exist_is_refused(predicted, messages):
 
 def test_hover_shows_cell_class_and_confidence(predicted):
     viewer, session = predicted
-    layer = _labels(viewer, "tissue regions")
+    layer = _labels(viewer, "stofm_region")
     ann = session.annotations["stofm_region"]
     cell = 42
     status = layer.get_status(session.xy[cell][::-1], world=True)
@@ -355,7 +382,7 @@ def test_hover_shows_cell_class_and_confidence(predicted):
 
 def test_review_widget_classes_navigation_and_refine(predicted, qtbot):
     viewer, session = predicted
-    layer = _labels(viewer, "cell types")
+    layer = _labels(viewer, "stofm_cell_type")
     viewer.layers.selection.active = layer
     dock, review = viewer.window.add_plugin_dock_widget("napari-stofm", "Review labels")
     review.select_layer(layer)
@@ -420,7 +447,7 @@ def test_export_widget_writes_and_rereads(predicted, qtbot, tmp_path, messages):
     from napari_stofm.io.slices import read_slice
 
     viewer, session = predicted
-    layer = _labels(viewer, "cell types")
+    layer = _labels(viewer, "stofm_cell_type")
     ann = session.annotations["stofm_cell_type"]
     terr = session.territories
     for c in np.flatnonzero(ann.codes == 1)[:7]:
@@ -532,3 +559,22 @@ def test_bad_input_gives_messages_not_crashes(make_napari_viewer, qtbot, tmp_pat
     assert export.export(tmp_path / "out.txt", fmt="csv") is None and "end in .csv" in export.last_error
     assert not (tmp_path / "out.txt").exists()
     assert sum(kind == "error" for kind, _ in messages) >= 5
+
+
+def test_run_widget_adapt_box_reaches_the_run(make_napari_viewer, qtbot, tiny_checkpoint):
+    """Ticking "Adapt to this slice first" passes the seconds to the run; weights without
+    pretraining heads are refused with a message that says why (nothing is shown)."""
+    viewer = make_napari_viewer()
+    _open_sample(viewer)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-stofm", "Run SToFM")
+    assert "adapt" not in widget.parameters() and not widget.adapt_seconds.isEnabled()
+    widget.adapt_check.setChecked(True)
+    widget.adapt_seconds.setValue(5)
+    assert widget.adapt_seconds.isEnabled()
+    widget.weights_combo.setCurrentText("checkpoint folder")
+    widget.weights_path.setText(str(tiny_checkpoint))
+    assert widget.parameters()["adapt"] == 5.0
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert "pretraining heads" in str(widget.last_error)
+    assert not [layer for layer in viewer.layers if "(SToFM)" in layer.name]  # no prediction shown

@@ -94,7 +94,11 @@ def bind_viewer(viewer) -> list:
             _bind(event.value)
 
         def _on_removed(event):
-            # the last layer of a slice is gone: release its autosave lock now, not at exit
+            # the last layer of a slice is gone: save what is pending, then release its autosave
+            # lock now, not at exit (a timer firing later would otherwise lock it again)
+            binding = binding_of(event.value)
+            if binding is not None:
+                binding.finish_autosave()
             meta = event.value.metadata or {}
             session = meta.get("stofm_session")
             if session is None or not hasattr(session, "close"):
@@ -105,7 +109,18 @@ def bind_viewer(viewer) -> list:
         viewer.layers.events.inserted.connect(_on_inserted)
         viewer.layers.events.removed.connect(_on_removed)
         _BOUND_VIEWERS.add(viewer)
+        _add_legend(viewer)
     return [b for b in (_bind(layer) for layer in list(viewer.layers)) if b is not None]
+
+
+def _add_legend(viewer) -> None:
+    """The canvas legend of the viewer's SToFM labels (none without a Qt canvas)."""
+    try:
+        from napari_stofm._napari.legend import ensure_legend
+
+        ensure_legend(viewer)
+    except ImportError:  # no Qt binding: a headless viewer has no canvas to draw on
+        log.debug("no canvas legend", exc_info=True)
 
 
 class LabelsBinding:
@@ -314,6 +329,38 @@ class LabelsBinding:
             self._update_features()
         self._schedule_autosave()
 
+    def relabel(self, cells, code: Optional[int] = None) -> Optional[EditResult]:
+        """Give ``cells`` class ``code`` (None: keep their classes, i.e. accept them) and mark
+        them curated (:meth:`SliceSession.relabel`), repainted as one undo step of the layer
+        (``layer.undo()`` restores classes, curated flags and pixels)."""
+        self.flush()
+        layer = self.layer
+        self._busy = True
+        try:
+            edit = self.session.relabel(self.key, cells, code)
+            rows = cols = np.empty(0, np.int64)
+            old = new = np.empty(0, dtype=np.asarray(layer.data).dtype)
+            region = self.session.territories.cell_bbox(edit.cells) if edit.changed else None
+            if region is not None and isinstance(layer.data, np.ndarray):
+                want = self.session.territories.class_image(self.annotation.codes, bbox=region)
+                current = layer.data[region]
+                diff = want != current
+                rows, cols = np.nonzero(diff)
+                old, new = current[diff].copy(), want[diff]
+                rows, cols = rows + region[0].start, cols + region[1].start
+                layer.data[rows, cols] = new
+            if edit.changed and not compat.push_history_item(layer, [_EditAtom((rows, cols), old, new, edit)]):
+                compat.clear_history(layer)
+            if rows.size:
+                compat.refresh_labels_region(layer, rows, cols, new)
+        finally:
+            self._busy = False
+        if edit.changed:
+            self.last_edit = edit
+            self._update_features()
+            self._schedule_autosave()
+        return edit
+
     def resync(self) -> int:
         """Map any pixel that disagrees with the annotation (e.g. painted before binding).
 
@@ -417,6 +464,16 @@ class LabelsBinding:
         if self._autosave_timer is not None:
             self._autosave_timer.stop()
         self._autosave()
+
+    def finish_autosave(self) -> None:
+        """Write an autosave still waiting for its timer now (nothing when none is waiting)."""
+        timer = self._autosave_timer
+        try:
+            pending = timer is not None and timer.isActive()
+        except RuntimeError:  # the timer's Qt object is already gone
+            return
+        if pending:
+            self.autosave_now()
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -27,6 +27,7 @@ Private napari names used here (and nowhere else in the package):
   that ``Labels._load_history`` replays) -- :func:`history_atom_bbox`,
   :func:`history_atom_written`, :class:`PixelHistoryAtom`
 * ``Window._qt_window`` (the Qt main window) -- :func:`qt_window`
+* ``Window._qt_viewer.canvas.native`` (the Qt widget the canvas draws in) -- :func:`canvas_widget`
 
 Not wrapped, because they are public: ``Labels.events.paint`` / ``labels_update``,
 ``layer.refresh()``, ``world_to_data``, ``napari.qt.threading.create_worker`` and its
@@ -405,10 +406,42 @@ def qt_window(viewer):
     return None
 
 
+def canvas_widget(viewer):
+    """The Qt widget the viewer's canvas draws in (a ``QOpenGLWidget``), or None.
+
+    Written against napari 0.9.1 (``Window._qt_viewer.canvas.native``). Fallback: the
+    largest ``QOpenGLWidget`` inside the main window of :func:`qt_window` (a scan of its
+    children); None (debug message) when there is none. Callers then go without what they
+    would have drawn over the canvas.
+    """
+    viewer = unwrap_proxy(viewer)
+    qt_viewer = getattr(getattr(viewer, "window", None), "_qt_viewer", None)
+    native = getattr(getattr(qt_viewer, "canvas", None), "native", None)
+    if native is not None:
+        return native
+    _missing("Window._qt_viewer.canvas.native", "looking for the main window's OpenGL widget")
+    window = qt_window(viewer)
+    if window is None:
+        return None
+    try:
+        from qtpy.QtWidgets import QOpenGLWidget
+    except ImportError:
+        try:
+            from qtpy.QtOpenGLWidgets import QOpenGLWidget
+        except ImportError:
+            _missing("QOpenGLWidget", "no canvas widget (None)")
+            return None
+    widgets = window.findChildren(QOpenGLWidget)
+    if not widgets:
+        _missing("an OpenGL widget in the main window", "no canvas widget (None)")
+        return None
+    return max(widgets, key=lambda w: w.width() * w.height())
+
+
 __all__ = [
     "WRITTEN_AGAINST", "unwrap_proxy", "last_undo_item", "last_redo_item", "append_to_history_item",
     "push_history_item", "clear_history",
     "PixelHistoryAtom", "history_atom_bbox", "history_atom_written", "displayed_slice_image",
     "label_texture_values", "refresh_labels_region", "patch_method", "unpatch_method", "patch_tooltip",
-    "unpatch_tooltip", "qt_window",
+    "unpatch_tooltip", "qt_window", "canvas_widget",
 ]

@@ -53,34 +53,54 @@ def read_slice_layers(path: PathOrPaths):
     if isinstance(path, (list, tuple)):
         path = path[0]
     session = SliceSession.open(path)  # raises StofmInputError with the fix
-    _tell_restored(session)
+    placed = _place(session)
+    _tell_restored(session, placed)
     _bind_when_added()
     return slice_layer_data(session)
 
 
-def _bind_when_added() -> None:
-    """Once napari has added the layers, map paint/fill/erase on them to cells even
-    before any of the plugin's widgets is opened."""
+def _current_viewer():
     try:
         import napari
+    except ImportError:  # headless use of the reader
+        return None
+    return napari.current_viewer()
+
+
+def _place(session):
+    """Place a slice beside those the current viewer shows (a note saying so, or None)."""
+    from napari_stofm._napari.layers import place_beside
+
+    viewer = _current_viewer()
+    return place_beside(viewer, session) if viewer is not None else None
+
+
+def _bind_when_added() -> None:
+    """Once napari has added the layers: map paint/fill/erase on them to cells even before
+    any of the plugin's widgets is opened, and show the whole of every slice."""
+    try:
         from qtpy.QtCore import QTimer
 
         from napari_stofm._napari.binding import bind_viewer
     except ImportError:  # headless use of the reader (qtpy's "no Qt binding" error is an ImportError too)
         return
-    viewer = napari.current_viewer()
+    viewer = _current_viewer()
     if viewer is not None:
-        QTimer.singleShot(0, lambda: bind_viewer(viewer))
+        def settle():
+            bind_viewer(viewer)
+            viewer.reset_view()
+
+        QTimer.singleShot(0, settle)
 
 
-def _tell_restored(session) -> None:
+def _tell_restored(session, placed=None) -> None:
     message = None
     if session.restored_from is not None:
         message = (f"Restored curated labels of {session.name} from the autosave {session.restored_from} "
                    "(delete that file to start from the predictions again).")
     elif getattr(session, "restore_error", None):
         message = session.restore_error
-    notes = [getattr(session, "autosave_error", None)] + [
+    notes = [getattr(session, "autosave_error", None), placed] + [
         f"obs column {key!r} was not opened as labels: {why}" for key, why in
         dict(getattr(session, "skipped_columns", None) or {}).items()]
     message = " ".join(m for m in [message, *notes] if m) or None
@@ -111,7 +131,8 @@ def sample_slice(n_cells: int = 3000, seed: int = 0):
     session.store = _sample_store(name)
     session.load_existing_labels()
     session.load_embedding_cache()
-    _tell_restored(session)
+    placed = _place(session)
+    _tell_restored(session, placed)
     _bind_when_added()
     return slice_layer_data(session)
 

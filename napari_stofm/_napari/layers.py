@@ -4,6 +4,12 @@ Every layer made here carries ``metadata['adata']`` (the AnnData) and
 ``metadata['stofm_session']`` (the :class:`~napari_stofm.review.session.SliceSession`);
 Labels layers also ``metadata['stofm_key']`` (the annotation they show). Label value
 ``code + 1`` is class ``code``; 0 is background / unassigned.
+
+Layer names tell a prediction from the labels that came with the slice
+(:func:`layer_name`: ``tissue regions (SToFM)`` / ``cell_type (in file)``). A slice opened
+into a viewer that already shows one is drawn to the right of it (:func:`place_beside`): its
+layers are translated by :func:`display_offset`, in the world only (positions in the
+AnnData and in every export stay as they are).
 """
 from __future__ import annotations
 
@@ -15,13 +21,74 @@ import pandas as pd
 
 from napari_stofm._napari import compat
 from napari_stofm._napari.compat import unwrap_proxy as unwrap
-from napari_stofm.keys import display_name
+from napari_stofm.keys import PREDICTED_KEYS, display_name
 from napari_stofm.review.session import SliceSession
 
 ROLE_CELLS = "cells"
 ROLE_LABELS = "labels"
+#: a slice placed beside another is this share of the wider one's width away from it
+GAP_FRACTION = 0.06
 
 _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_OFFSETS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # session -> (dy, dx) in world units
+
+
+def layer_name(key: str) -> str:
+    """The layer name of labelling ``key``: ``'<name> (SToFM)'`` for a prediction (the
+    ``stofm_*`` keys), ``'<column> (in file)'`` for labels the slice came with."""
+    if key in PREDICTED_KEYS or key.startswith("stofm_"):
+        return f"{display_name(key)} (SToFM)"
+    return f"{key} (in file)"
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def display_offset(session) -> np.ndarray:
+    """``(dy, dx)`` the layers of ``session`` are moved by in the world (0, 0 unless placed beside)."""
+    return np.asarray(_OFFSETS.get(session, (0.0, 0.0)), dtype=np.float64)
+
+
+def world_yx(session, cells=None) -> np.ndarray:
+    """World ``(y, x)`` of cells (all when None) as the viewer shows them."""
+    xy = session.xy if cells is None else session.xy[np.atleast_1d(cells)]
+    return xy[:, ::-1] + display_offset(session)
+
+
+def _slice_box(session) -> np.ndarray:
+    """``[[y0, x0], [y1, x1]]`` of a slice's cells plus their territory reach, in its own units."""
+    from napari_stofm.review.raster import RADIUS_PER_SPACING, spacing_of
+
+    yx = session.xy[:, ::-1]
+    reach = RADIUS_PER_SPACING * spacing_of(session.xy)
+    return np.array([yx.min(axis=0) - reach, yx.max(axis=0) + reach])
+
+
+def place_beside(viewer, session) -> Optional[str]:
+    """Put ``session`` to the right of the slices ``viewer`` shows (top edges aligned) and
+    return a note saying so; None (offset 0) when it shows none. Only the layers of SToFM
+    slices count: a slice opened over an image of the same tissue stays where it is."""
+    others = []
+    for layer in viewer.layers:
+        other = (layer.metadata or {}).get("stofm_session")
+        if other is not None and other is not session and all(o is not other for o in others):
+            others.append(other)
+    if not others:
+        _OFFSETS.pop(session, None)
+        return None
+    boxes = [_slice_box(o) + display_offset(o) for o in others]
+    right = max(b[1, 1] for b in boxes)
+    top = min(b[0, 0] for b in boxes)
+    width = max(max(b[1, 1] - b[0, 1] for b in boxes), 1e-9)
+    own = _slice_box(session)
+    gap = GAP_FRACTION * max(width, own[1, 1] - own[0, 1])
+    _OFFSETS[session] = (float(top - own[0, 0]), float(right + gap - own[0, 1]))
+    units = {str(((o.adata.uns.get("source") or {}) if hasattr(o.adata, "uns") else {}).get("spatial_unit", ""))
+             for o in [*others, session]}
+    note = f"{session.name} is shown to the right of {', '.join(o.name for o in others)}"
+    if len(units - {""}) > 1:
+        note += f" (their positions are in different units: {', '.join(sorted(units - {''}))})"
+    return note + "; its positions in the data and in exports are unchanged."
 
 
 # ----------------------------------------------------------------------------- registry
@@ -146,6 +213,7 @@ def cells_layer_data(session: SliceSession):
     meta = {"adata": session.adata, "stofm_session": session, "stofm_role": ROLE_CELLS}
     kwargs = {
         "name": f"{session.name} cells",
+        "translate": tuple(display_offset(session)),
         "features": _point_features(session.adata),
         "size": max(spacing * 0.45, 1e-9),
         "face_color": "#9aa0a6",
@@ -162,9 +230,9 @@ def labels_layer_data(session: SliceSession, key: str, *, visible: bool = True):
     terr = session.territories
     ann = session.annotations[key]
     kwargs = {
-        "name": display_name(key),
+        "name": layer_name(key),
         "scale": terr.scale,
-        "translate": terr.translate,
+        "translate": tuple(np.asarray(terr.translate) + display_offset(session)),
         "colormap": labels_colormap(ann),
         "features": labels_features(ann),
         "opacity": 0.75,
@@ -176,12 +244,15 @@ def labels_layer_data(session: SliceSession, key: str, *, visible: bool = True):
 
 
 def slice_layer_data(session: SliceSession):
-    """Everything a slice shows when opened: its cells, then one Labels layer per annotation."""
+    """Everything a slice shows when opened: its cells, then one Labels layer per annotation.
+
+    One Labels layer is visible (a prediction first: stacked label images hide each other),
+    and it comes last, so napari puts it on top and makes it the active layer: the layer
+    shown is the one the layer controls and the brush act on."""
     layers = [cells_layer_data(session)]
     keys = list(session.annotations)
-    # one Labels layer visible (a prediction first): stacked label images hide each other
     shown = next((k for k in keys if k.startswith("stofm_")), keys[0] if keys else None)
-    for key in keys:
+    for key in [k for k in keys if k != shown] + ([shown] if shown is not None else []):
         layers.append(labels_layer_data(session, key, visible=key == shown))
     return layers
 
@@ -210,7 +281,7 @@ def refresh_labels_layer(layer, session: SliceSession, key: str, *, data=None, c
         else:
             layer.data = data
         layer.scale = terr.scale
-        layer.translate = terr.translate
+        layer.translate = tuple(np.asarray(terr.translate) + display_offset(session))
         compat.clear_history(layer)
     layer.colormap = labels_colormap(ann)
     layer.features = labels_features(ann)

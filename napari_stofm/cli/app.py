@@ -99,6 +99,9 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--values", choices=["raw_counts", "volume_normalized", "log_normalized"], default=None,
                    help="what X holds (default: uns['source']['values'], else log_normalized when uns['log1p'] is "
                    "there, else read off the values: non-integers no larger than 20 are taken as log1p data)")
+    p.add_argument("--adapt", type=bounded_float("adaptation seconds", minimum=0.0), default=0.0, metavar="SECONDS",
+                   help="label-free per-slice adaptation: continue the SE(2) stage's self-supervised training on "
+                        "this slice for SECONDS before embedding it (default: 0, off)")
 
 
 def _read(path: str):
@@ -125,6 +128,7 @@ def _embed(adata, model, args, progress):
     embed(
         adata, model, device=None if args.device == "auto" else args.device, spatial_key=args.spatial_key,
         gene_key=args.gene_key, split_num=args.split_num, seed=args.seed, progress=progress, values=args.values,
+        adapt=args.adapt,
     )
 
 
@@ -141,13 +145,17 @@ def _check_output(path: str, overwrite: bool) -> None:
 
 @command("embed")
 def cmd_embed(args) -> int:
-    from napari_stofm.progress import TextProgress
+    from napari_stofm.pipeline.predict import EMBEDDING_PARTS, STAGE_EMBED
+    from napari_stofm.progress import StagedProgress, TextProgress
 
     _check_output(args.output, args.overwrite)
     adata = _read(args.input)
     model = _load_model(args)
     print(f"{args.input}: {adata.n_obs} cells x {adata.n_vars} genes; model {model}", file=sys.stderr)
-    _embed(adata, model, args, None if args.quiet else TextProgress())
+    overall = None if args.quiet else StagedProgress(TextProgress(), [(STAGE_EMBED, 1.0, EMBEDDING_PARTS)])
+    _embed(adata, model, args, None if overall is None else overall.stage(STAGE_EMBED))
+    if overall is not None:
+        overall.finish("embedded")
     meta = adata.uns[keys.UNS]
     print(
         f"embedded {adata.n_obs} cells in {meta['seconds']:.1f} s ({meta['genes_matched']}/{meta['genes_total']} genes "

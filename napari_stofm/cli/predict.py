@@ -64,7 +64,7 @@ def _add_parsers(sub) -> None:
     p = sub.add_parser(
         "demo", help="the whole job on the bundled sample slice and weights",
         description="Generate the sample slice, run SToFM with the bundled weights, predict tissue regions and "
-        "complete the cell types from 20%% of them, score both against the slice's ground truth, and write the "
+        "complete the cell types from 20% of them, score both against the slice's ground truth, and write the "
         "results (.h5ad + CSV) into a folder.",
     )
     p.add_argument("-o", "--output", default="stofm-demo", help="folder for the results (default: stofm-demo)")
@@ -94,7 +94,7 @@ def cmd_predict(args) -> int:
         adata, model, n_regions=args.regions, resolution=args.resolution, reference=args.reference,
         label_key=args.label_key, target_key=f"stofm_{args.target}", spatial_key=args.spatial_key,
         device=None if args.device == "auto" else args.device, seed=args.seed, gene_key=args.gene_key,
-        split_num=args.split_num, progress=_progress(args), values=args.values,
+        split_num=args.split_num, progress=_progress(args), values=args.values, adapt=args.adapt,
     )
     for key, ann in result.annotations.items():
         table = ann.summary()
@@ -168,9 +168,8 @@ def cmd_demo(args) -> int:
     model = _load_model(args)
     print(f"sample slice: {adata.n_obs} cells, {adata.n_vars} genes; model {model}", file=sys.stderr)
     n_true = adata.obs["region"].cat.categories.size
-    predict(adata, model, n_regions=n_true, device=None if args.device == "auto" else args.device,
-            progress=_progress(args))
-    predict(adata, model, label_key="cell_type_partial", device=None if args.device == "auto" else args.device)
+    predict(adata, model, n_regions=n_true, label_key="cell_type_partial",  # one run, one progress bar
+            device=None if args.device == "auto" else args.device, progress=_progress(args))
     ari = adjusted_rand_score(adata.obs["region"], adata.obs[keys.REGION])
     hidden = partial.isna().to_numpy()
     pred_types = adata.obs[keys.CELL_TYPE].astype(str).to_numpy()[hidden]

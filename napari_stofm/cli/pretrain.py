@@ -105,6 +105,10 @@ def _add_parser(sub) -> None:
     g.add_argument("--self-weight", type=bounded_float("self weight", minimum=0.0), default=d.self_weight,
                    help="weight of the stage-2 term that has every unmasked cell's output reconstruct its own "
                         f"embedding (default: {d.self_weight})")
+    g.add_argument("--lr2", type=bounded_float("stage-2 learning rate", minimum=0.0, exclusive_minimum=True),
+                   default=d.lr2, help=f"peak learning rate of stage 2 (default: {d.lr2})")
+    g.add_argument("--warmup-steps", type=nonnegative_int("warm-up steps"), default=d.warmup_steps,
+                   help=f"linear warm-up steps of each stage (default: {d.warmup_steps})")
     g.add_argument("--cell-mask-value", type=float, default=d.cell_mask_value,
                    help="the input value of a masked cell token in stage 2 (the v2 recipe: -100; "
                         f"default: {d.cell_mask_value})")
@@ -150,7 +154,8 @@ def cmd_pretrain(args) -> int:
         contrastive_weight=args.contrastive_weight,
         profile_weight=args.profile_weight, name=args.name, device=args.device,
         loader_threads=args.loader_threads, niche_weight=args.niche_weight, self_weight=args.self_weight,
-        init_from=_init_dir(args.init_from), cell_mask_value=args.cell_mask_value,
+        init_from=_init_dir(args.init_from), cell_mask_value=args.cell_mask_value, lr2=args.lr2,
+        warmup_steps=args.warmup_steps,
     )
     out = pretrain(args.data, args.output, cfg, resume=args.resume, exclude_held_out=args.exclude_held_out,
                    show_progress=not args.quiet, resume_overrides=given)

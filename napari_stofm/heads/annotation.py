@@ -303,18 +303,37 @@ class Annotation:
 
         return pd.Categorical.from_codes(codes, categories=pd.Index(self.categories, dtype=object))
 
+    @property
+    def is_prediction(self) -> bool:
+        """Made by a model (a ``stofm_*`` key, or a provenance naming the model), not labels
+        a slice came with (ground truth, a user's own annotation)."""
+        return self.key in keys.PREDICTED_KEYS or self.key.startswith("stofm_") or bool(self.provenance.get("model"))
+
+    def writes_companions(self, adata=None) -> bool:
+        """Whether ``<key>_confidence`` / ``_curated`` / ``_predicted`` columns go with the
+        labels: for a prediction, or where ``adata`` already has them (kept in step)."""
+        if self.is_prediction:
+            return True
+        obs = getattr(adata, "obs", None)
+        return obs is not None and any(c in obs for c in keys.companion_keys(self.key)[1:])
+
     def to_obs(self, adata) -> None:
-        """Write the obs columns, ``uns['<key>_colors']`` and ``uns['stofm']['provenance'][key]``."""
+        """Write the obs column, ``uns['<key>_colors']`` and ``uns['stofm']['provenance'][key]``;
+        for a prediction also ``<key>_confidence``, ``<key>_curated`` and ``<key>_predicted``
+        (:meth:`writes_companions`: labels a slice came with get no such columns; which of
+        their cells were curated is in an export's ``uns['stofm']['curated_cells']``)."""
         if adata.n_obs != self.n_cells:
             raise StofmInputError(
                 f"{self.key} labels {self.n_cells} cells but the slice has {adata.n_obs}: "
                 "the annotation belongs to another slice (or the slice was filtered after predicting)."
             )
         key = self.key
+        companions = self.writes_companions(adata)
         adata.obs[key] = self._categorical(self.codes)
-        adata.obs[keys.confidence_key(key)] = self.confidence.copy()
-        adata.obs[keys.curated_key(key)] = self.curated.copy()
-        adata.obs[keys.predicted_key(key)] = self._categorical(self.predicted_codes)
+        if companions:
+            adata.obs[keys.confidence_key(key)] = self.confidence.copy()
+            adata.obs[keys.curated_key(key)] = self.curated.copy()
+            adata.obs[keys.predicted_key(key)] = self._categorical(self.predicted_codes)
         adata.uns[keys.colors_key(key)] = list(self.colors)
         stofm = adata.uns.get(keys.UNS)
         stofm = dict(stofm) if isinstance(stofm, Mapping) else {}

@@ -151,10 +151,42 @@ def temp_prefix(path: Path) -> str:
     return f".{Path(path).name}.stofm-{host_tag()}-{os.getpid()}-"
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def user_umask() -> int:
+    """The process's umask, read without changing it where Linux's ``/proc`` tells it (else
+    set and put back at once, under a lock)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode a new file of the user's gets: ``0o666`` less the umask."""
+    return 0o666 & ~user_umask()
+
+
 def make_temp(path: Path, suffix: str = ".tmp"):
-    """``(fd, tmp_path)`` of a new temporary file beside ``path`` (registered as in use)."""
+    """``(fd, tmp_path)`` of a new temporary file beside ``path`` (registered as in use).
+
+    ``mkstemp`` makes it ``0o600``; it gets :func:`new_file_mode` instead, so that a file
+    moved into place from it (an export, an autosave) has the permissions the user's umask
+    gives any new file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, new_file_mode())
+    except (OSError, AttributeError):  # a file system without modes (or no fchmod): mkstemp's mode
+        pass
     with _ACTIVE_LOCK:
         _ACTIVE_TEMPS.add(os.path.abspath(tmp))
     return fd, Path(tmp)
@@ -339,7 +371,7 @@ def acquire_lock(path: Path, *, owner: str = "") -> Optional[SessionLock]:
             "process_start": process_start(os.getpid()), "owner": owner, "package": "napari-stofm"}
     for _attempt in range(5):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # less the umask
         except FileExistsError:
             holder = read_lock(path)
             if not lock_is_stale(path, holder):

@@ -14,8 +14,9 @@ are deleted by the next export into that folder. Write failures raise
 for a read-only folder) naming the target, its folder and the fix.
 
 What is written for each annotation (see :class:`~napari_stofm.heads.annotation.Annotation`):
-obs columns ``<key>`` (Categorical with every class), ``<key>_confidence``,
-``<key>_curated`` and ``<key>_predicted``; colours in ``uns['<key>_colors']``; and in
+obs column ``<key>`` (Categorical with every class) and, for a prediction,
+``<key>_confidence``, ``<key>_curated`` and ``<key>_predicted``; colours in
+``uns['<key>_colors']``; and in
 ``uns['stofm']``: package version, export time, the provenance of each annotation (model,
 weights fingerprint, parameters, timestamps) and the ids of the curated cells.
 """
@@ -50,6 +51,7 @@ from napari_stofm.io.autosave import (
     release_temp,
     remove_stale_temps,
 )
+from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report, staged
 from napari_stofm.provenance import canonical, now_iso
 
 log = logging.getLogger(__name__)
@@ -67,20 +69,55 @@ class ExportTargetExists(StofmInputError, FileExistsError):
     """The export target exists and ``overwrite=True`` was not given."""
 
 
+#: the progress stages of an export
+STAGE_MARKERS = "Marker genes"
+STAGE_WRITING = "Writing"
+
+
+class _ExportPlan:
+    """The stages of one export on one overall progress bar (nothing without ``progress``).
+
+    Weights: markers (a Wilcoxon test per labelling) take about as long as writing the
+    slice; both grow with cells x genes."""
+
+    def __init__(self, progress, adata, annotations, markers: bool, target: Path):
+        self.overall, self.owned = staged(progress)
+        self.target = target
+        if self.overall is None:
+            return
+        size = max(adata.n_obs * max(adata.n_vars, 1) / 1e6, 0.05)
+        if markers and annotations:
+            self.overall.add(STAGE_MARKERS, size * len(annotations))
+        self.overall.add(STAGE_WRITING, size)
+
+    def callback(self, name: str) -> Optional[ProgressCallback]:
+        return None if self.overall is None else self.overall.stage(name)
+
+    def begin_writing(self) -> None:
+        if self.overall is not None:
+            self.overall.begin(STAGE_WRITING, self.target.name)
+
+    def finish(self, written: Path) -> None:
+        if self.overall is not None and self.owned:
+            self.overall.finish(f"exported to {written.name}")
+
+
 # ----------------------------------------------------------------------------- content
 
 
-def annotated_copy(adata, annotations=None, *, export_format: str = "", markers: bool = False):
+def annotated_copy(adata, annotations=None, *, export_format: str = "", markers: bool = False,
+                   progress: Optional[ProgressCallback] = None, cancel: CancelToken = None):
     """A copy of ``adata`` with the annotations written into obs / uns, plus export provenance.
 
     ``markers=True``: also the marker genes of each annotation's classes in
-    ``uns['stofm_markers'][key]`` (see :func:`add_markers`)."""
+    ``uns['stofm_markers'][key]`` (see :func:`add_markers`; ``progress`` / ``cancel`` are
+    theirs)."""
     annotations = as_annotation_dict(annotations)
     out = adata.copy()
     for ann in annotations.values():
         ann.to_obs(out)
     if markers:
-        add_markers(out, annotations)
+        add_markers(out, annotations, progress=progress, cancel=cancel)
     stofm = dict(out.uns.get(keys.UNS, {}) or {})
     stofm.update(_export_provenance(out, annotations, export_format))
     out.uns[keys.UNS] = stofm
@@ -109,29 +146,36 @@ def _export_provenance(adata, annotations: Dict[str, Annotation], export_format:
     return canonical(record)
 
 
-def add_markers(adata, annotations: Dict[str, Annotation], n_genes: int = MARKER_GENES) -> Dict[str, object]:
+def add_markers(adata, annotations: Dict[str, Annotation], n_genes: int = MARKER_GENES, *,
+                progress: Optional[ProgressCallback] = None, cancel: CancelToken = None) -> Dict[str, object]:
     """Write the marker table of every annotation into ``adata.uns['stofm_markers'][key]``
     (reused when one for the same labels and expression is there already); returns the tables.
 
-    Never raises over markers: a labelling whose markers cannot be computed is warned about
-    and left out."""
-    return marker_tables(adata, annotations, n_genes, store=True)
+    Never raises over markers (only :class:`~napari_stofm.errors.Cancelled` when
+    ``cancel`` says so): a labelling whose markers cannot be computed is warned about and
+    left out."""
+    return marker_tables(adata, annotations, n_genes, store=True, progress=progress, cancel=cancel)
 
 
 def marker_tables(adata, annotations: Dict[str, Annotation], n_genes: int = MARKER_GENES, *,
-                  store: bool = False) -> Dict[str, object]:
+                  store: bool = False, progress: Optional[ProgressCallback] = None,
+                  cancel: CancelToken = None) -> Dict[str, object]:
     """The marker table of every annotation (``store=True``: also kept in ``adata.uns``);
-    a labelling whose markers cannot be computed is warned about and left out."""
+    a labelling whose markers cannot be computed is warned about and left out. ``progress``
+    counts the labellings done; ``cancel`` is checked before each."""
     from napari_stofm.heads.markers import markers as compute_markers
 
     tables = {}
-    for key, ann in annotations.items():
+    for i, (key, ann) in enumerate(annotations.items()):
+        check_cancelled(cancel)
+        report(progress, i, len(annotations), f"marker genes of {key}")
         try:
             tables[key] = compute_markers(adata, key, n_genes, annotation=ann, store=store)
         except Exception as err:  # noqa: BLE001 - markers are an extra of the export: warn, never fail it
             log.debug("markers of %s failed", key, exc_info=True)
             warnings.warn(f"marker genes of '{key}' were not exported ({type(err).__name__}: {err}); "
                           "the labels are exported without them.", UserWarning, stacklevel=3)
+    report(progress, len(annotations), len(annotations), "marker genes")
     return tables
 
 
@@ -158,10 +202,10 @@ def marker_csv_table(tables: Mapping[str, object]):
     return pd.concat(parts, ignore_index=True)
 
 
-def write_table_csv(table, path, *, overwrite: bool = False) -> Path:
+def write_table_csv(table, path, *, overwrite: bool = False, cancel: CancelToken = None) -> Path:
     """Write a DataFrame to a CSV atomically (an existing file only with ``overwrite``)."""
     target = _target(path, overwrite)
-    return _atomic_file(target, lambda tmp: _write_csv(table, tmp))
+    return _atomic_file(target, lambda tmp: _write_csv(table, tmp), cancel=cancel)
 
 
 def _check_sizes(adata, annotations: Dict[str, Annotation]) -> None:
@@ -264,8 +308,11 @@ def _write_error(path: Path, err: OSError) -> ExportError:
     )
 
 
-def _atomic_file(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, then ``os.replace`` it in."""
+def _atomic_file(path: Path, write: Callable[[Path], None], *, cancel: CancelToken = None) -> Path:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, then ``os.replace`` it in
+    (``cancel`` is checked before the replace: a cancelled export leaves ``path`` as it was).
+    The file gets the mode of any new file of the user's (``0o666`` less the umask, see
+    :func:`~napari_stofm.io.autosave.make_temp`)."""
     if path.is_dir():
         raise StofmInputError(f"{path} is a folder; choose a file name for the export.")
     try:
@@ -275,6 +322,7 @@ def _atomic_file(path: Path, write: Callable[[Path], None]) -> Path:
         raise _write_error(path, err) from err
     try:
         write(tmp)
+        check_cancelled(cancel)
         os.replace(tmp, path)
     except OSError as err:
         _remove(tmp)
@@ -287,8 +335,9 @@ def _atomic_file(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def _atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write a folder at ``path.tmp-<tag>``, then swap it in (the old one kept until the swap).
+def _atomic_dir(path: Path, write: Callable[[Path], None], *, cancel: CancelToken = None) -> Path:
+    """Write a folder at ``path.tmp-<tag>``, then swap it in (the old one kept until the swap;
+    ``cancel`` is checked before it, so a cancelled export leaves ``path`` as it was).
 
     The swap is two renames (old -> ``path.bak-<tag>``, new -> ``path``); when the process is
     killed between them, the next export to ``path`` puts the backup back
@@ -299,6 +348,7 @@ def _atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         _write_marker(tmp)
+        check_cancelled(cancel)
     except OSError as err:
         _remove(tmp)
         raise _write_error(path, err) from err
@@ -488,18 +538,26 @@ def _remove(path: Path) -> None:
 # ----------------------------------------------------------------------------- h5ad / CSV
 
 
-def export_h5ad(adata, annotations=None, path=None, *, overwrite: bool = False, markers: bool = True) -> Path:
+def export_h5ad(adata, annotations=None, path=None, *, overwrite: bool = False, markers: bool = True,
+                progress: Optional[ProgressCallback] = None, cancel: CancelToken = None) -> Path:
     """Write ``adata`` with the annotations (obs, colours, provenance) to an ``.h5ad`` file.
 
     ``markers``: also each annotation's marker genes in ``uns['stofm_markers'][key]``
-    (computed unless ``adata`` holds them for the same labels; a failure only warns)."""
+    (computed unless ``adata`` holds them for the same labels; a failure only warns).
+    ``progress`` / ``cancel``: see :mod:`napari_stofm.progress`; a cancelled export writes
+    nothing."""
     if path is None:
         raise StofmInputError("export_h5ad needs a target path.")
     annotations = as_annotation_dict(annotations)
     _check_sizes(adata, annotations)
     target = _target(path, overwrite)
-    out = annotated_copy(adata, annotations, export_format="h5ad", markers=markers)
-    return _atomic_file(target, lambda tmp: _write_h5ad(out, tmp))
+    plan = _ExportPlan(progress, adata, annotations, markers, target)
+    out = annotated_copy(adata, annotations, export_format="h5ad", markers=markers,
+                         progress=plan.callback(STAGE_MARKERS), cancel=cancel)
+    plan.begin_writing()
+    written = _atomic_file(target, lambda tmp: _write_h5ad(out, tmp), cancel=cancel)
+    plan.finish(written)
+    return written
 
 
 def _write_h5ad(adata, tmp: Path) -> None:
@@ -507,30 +565,33 @@ def _write_h5ad(adata, tmp: Path) -> None:
 
 
 def export_csv(adata, annotations=None, path=None, *, overwrite: bool = False, spatial_key: str = keys.SPATIAL,
-               markers: bool = True) -> Path:
-    """One row per cell: cell_id, x, y, then per annotation <key>, <key>_confidence,
-    <key>_curated, <key>_predicted (unassigned cells have an empty class).
+               markers: bool = True, progress: Optional[ProgressCallback] = None, cancel: CancelToken = None) -> Path:
+    """One row per cell: cell_id, x, y, then per annotation <key> and, for a prediction,
+    <key>_confidence, <key>_curated, <key>_predicted (unassigned cells have an empty class).
 
     ``markers``: also write the annotations' marker genes beside it (``labels.csv`` ->
     ``labels.markers.csv``: key, class, gene, score, logfoldchange, pval_adj, pct_in,
     pct_out); reused from ``adata.uns['stofm_markers']`` when there for the same labels.
-    A failure there only warns; the labels CSV is written first either way."""
+    A failure there only warns; the labels CSV is written either way. The markers are
+    computed before anything is written, so a cancelled export (``cancel``) writes nothing."""
     if path is None:
         raise StofmInputError("export_csv needs a target path.")
     annotations = as_annotation_dict(annotations)
     _check_sizes(adata, annotations)
     target = _target(path, overwrite)
+    plan = _ExportPlan(progress, adata, annotations, markers, target)
+    tables = marker_tables(adata, annotations, progress=plan.callback(STAGE_MARKERS), cancel=cancel) \
+        if markers and annotations else {}
     table = csv_table(adata, annotations, spatial_key=spatial_key)
-    written = _atomic_file(target, lambda tmp: _write_csv(table, tmp))
-    if markers and annotations:
-        _export_markers_csv(adata, annotations, markers_csv_path(target), overwrite)
+    plan.begin_writing()
+    written = _atomic_file(target, lambda tmp: _write_csv(table, tmp), cancel=cancel)
+    if tables:
+        _export_markers_csv(tables, markers_csv_path(target), overwrite)
+    plan.finish(written)
     return written
 
 
-def _export_markers_csv(adata, annotations, path: Path, overwrite: bool) -> Optional[Path]:
-    tables = marker_tables(adata, annotations)
-    if not tables:
-        return None
+def _export_markers_csv(tables, path: Path, overwrite: bool) -> Optional[Path]:
     try:
         return write_table_csv(marker_csv_table(tables), path, overwrite=overwrite)
     except (StofmInputError, ExportError) as err:
@@ -546,6 +607,8 @@ def csv_table(adata, annotations, *, spatial_key: str = keys.SPATIAL):
     columns = {"cell_id": np.asarray(adata.obs_names, dtype=object), "x": xy[:, 0], "y": xy[:, 1]}
     for key, ann in as_annotation_dict(annotations).items():
         columns[key] = ann.names()
+        if not ann.writes_companions(adata):  # labels the slice came with: the classes only
+            continue
         columns[keys.confidence_key(key)] = ann.confidence
         columns[keys.curated_key(key)] = ann.curated
         predicted = np.array(ann.categories + [None], dtype=object)[ann.predicted_codes]
@@ -561,7 +624,8 @@ def _write_csv(table, tmp: Path) -> None:
 
 
 def export_spatialdata(adata, annotations=None, path=None, *, labels=None, overwrite: bool = False,
-                       spatial_key: str = keys.SPATIAL, markers: bool = True) -> Path:
+                       spatial_key: str = keys.SPATIAL, markers: bool = True,
+                       progress: Optional[ProgressCallback] = None, cancel: CancelToken = None) -> Path:
     """Write a SpatialData ``.zarr`` whose table annotates the cells' territories.
 
     ``labels``: the cell territory raster, as a :class:`napari_stofm.review.raster.Territories`, as
@@ -584,8 +648,13 @@ def export_spatialdata(adata, annotations=None, path=None, *, labels=None, overw
     annotations = as_annotation_dict(annotations)
     _check_sizes(adata, annotations)
     target = _target(path, overwrite, kind="dir")
-    sdata = build_spatialdata(adata, annotations, labels=labels, spatial_key=spatial_key, markers=markers)
-    return _atomic_dir(target, lambda tmp: _write_spatialdata(sdata, tmp))
+    plan = _ExportPlan(progress, adata, annotations, markers, target)
+    sdata = build_spatialdata(adata, annotations, labels=labels, spatial_key=spatial_key, markers=markers,
+                              progress=plan.callback(STAGE_MARKERS), cancel=cancel)
+    plan.begin_writing()
+    written = _atomic_dir(target, lambda tmp: _write_spatialdata(sdata, tmp), cancel=cancel)
+    plan.finish(written)
+    return written
 
 
 def _write_spatialdata(sdata, tmp: Path) -> None:
@@ -593,13 +662,14 @@ def _write_spatialdata(sdata, tmp: Path) -> None:
 
 
 def build_spatialdata(adata, annotations=None, *, labels=None, spatial_key: str = keys.SPATIAL,
-                      markers: bool = False):
+                      markers: bool = False, progress: Optional[ProgressCallback] = None, cancel: CancelToken = None):
     """The in-memory :class:`spatialdata.SpatialData` that :func:`export_spatialdata` writes
     (``markers``: with ``uns['stofm_markers']`` in its table)."""
     import spatialdata as sd
     from spatialdata.models import TableModel
 
-    table = annotated_copy(adata, annotations, export_format="spatialdata", markers=markers)
+    table = annotated_copy(adata, annotations, export_format="spatialdata", markers=markers, progress=progress,
+                           cancel=cancel)
     table = _drop_old_links(table)
     region_key = _free_column(table.obs, "region", "stofm_region_element")
     instance_key = _free_column(table.obs, "instance_id", "stofm_instance_id")

@@ -1,11 +1,17 @@
 """A generated, cortex-like sample slice with known regions and cell types.
 
 ``make_sample_slice`` lays cells on a jittered hexagonal lattice (about 15 um apart) in a
-rectangle of tissue: five cortical-like layers whose boundaries undulate, plus an
-irregular reactive lesion. Each region has its own mix of eight cell types; each cell
-type has real human marker genes, each region a mild expression program. Counts are
-negative binomial (gamma-Poisson) around a log-normal library size, like a targeted
-imaging panel. Ground truth is in ``obs['region']`` and ``obs['cell_type']``.
+rectangle of tissue: four cortical-like layers (1, 2/3, 4, 5/6) over white matter, whose
+boundaries undulate, plus an irregular reactive lesion. Each region has its own mix of
+eight cell types; each cell type has real human marker genes, each region a mild
+expression program (the lesion's reactive program, stronger). Counts are negative binomial
+(gamma-Poisson) around a log-normal library size, like a targeted imaging panel. Ground
+truth is in ``obs['region']`` and ``obs['cell_type']``.
+
+The top layer and the lesion both lack excitatory neurons; their cell-type mixes and
+programs are made to differ as much as neighbouring layers do, so that a region map at the
+default count shows them as the two structures they are (on the bundled weights, seed 0:
+every one of the six regions its own region at 6, 7 and 8 regions).
 
 The slice is deterministic for a seed and follows the layout of the real slices
 (``uns['source']``, raw counts in a CSR ``X``, (x, y) microns in ``obsm['spatial']``).
@@ -24,14 +30,17 @@ CELL_TYPES = ["Excitatory neuron", "Inhibitory neuron", "Astrocyte", "Oligodendr
 CELL_TYPE_COLORS = ["#1f77b4", "#ff7f0e", "#279e68", "#aa40fc", "#e377c2", "#8c564b", "#d62728", "#17becf"]
 
 # Cell-type proportions per region (rows: REGIONS, columns: CELL_TYPES; normalised below).
+# Layer 1 (few neurons, astrocytes and interneurons) and the lesion (microglia first, then
+# reactive astrocytes) both lack excitatory neurons, but their mixes differ, and so do their
+# programs: a region map should tell them apart.
 COMPOSITION = np.array([
     # Exc   Inh   Astro Oligo OPC   Micro Endo  Peri
-    [0.02, 0.22, 0.38, 0.03, 0.10, 0.12, 0.08, 0.05],  # Layer 1
+    [0.02, 0.30, 0.40, 0.02, 0.10, 0.04, 0.08, 0.04],  # Layer 1
     [0.58, 0.16, 0.09, 0.03, 0.05, 0.04, 0.03, 0.02],  # Layer 2/3
     [0.62, 0.13, 0.08, 0.04, 0.04, 0.04, 0.03, 0.02],  # Layer 4
     [0.48, 0.12, 0.09, 0.14, 0.05, 0.05, 0.04, 0.03],  # Layer 5/6
     [0.03, 0.02, 0.13, 0.62, 0.09, 0.06, 0.03, 0.02],  # White matter
-    [0.06, 0.03, 0.34, 0.06, 0.08, 0.30, 0.09, 0.04],  # Lesion
+    [0.03, 0.02, 0.28, 0.05, 0.05, 0.46, 0.08, 0.03],  # Lesion
 ])
 
 MARKERS = {
@@ -65,13 +74,15 @@ REGION_PROGRAM = {
                "CD68", "GPNMB", "HLA-DRA", "IFITM3"],
 }
 LAYER_NEURON_GENES = {r: REGION_PROGRAM[r] for r in ("Layer 2/3", "Layer 4", "Layer 5/6")}
+#: how strongly the lesion's reactive program is expressed (a region program's fold is 1.6-2.6)
+LESION_FOLD = 2.0
 
 HOUSEKEEPING = ["ACTB", "GAPDH", "B2M", "RPLP0", "PPIA", "UBC", "EEF1A1", "TUBB", "HPRT1",
                 "TBP", "PGK1", "SDHA", "YWHAZ", "MALAT1", "POLR2A", "GUSB", "RPL13A", "HMBS"]
 
 SPACING_UM = 15.0  # mean distance between neighbouring cell centres
 ASPECT = 1.3  # tissue width / depth
-LAYER_DEPTHS = [0.09, 0.36, 0.50, 0.78]  # boundaries between the five layers (fraction of depth)
+LAYER_DEPTHS = [0.12, 0.38, 0.52, 0.79]  # boundaries between the five bands (fraction of depth)
 
 
 def gene_panel() -> list:
@@ -139,7 +150,7 @@ def _expression_profiles(genes: list, rng: np.random.Generator):
     layer_fold = np.ones((len(REGIONS), len(genes)))
     for r, name in enumerate(REGIONS):
         for g in REGION_PROGRAM[name]:
-            region_fold[r, index[g]] = rng.uniform(1.6, 2.6)
+            region_fold[r, index[g]] = rng.uniform(1.6, 2.6) * (LESION_FOLD if name == "Lesion" else 1.0)
         for g in LAYER_NEURON_GENES.get(name, []):
             layer_fold[r, index[g]] = rng.uniform(6.0, 12.0)
     return types, region_fold, layer_fold
@@ -207,12 +218,12 @@ def _source(n_cells: int, seed: int, n_genes: int) -> dict:
 
     return {
         "repository": "napari-stofm (generated)",
-        "path": "napari_stofm/sample_data.py",
+        "path": "napari_stofm/io/sample.py",
         "commit": f"napari-stofm {__version__}",
         "paper": "",
         "technology": "generated targeted imaging panel (negative-binomial counts)",
         "species": "Homo sapiens",
-        "tissue": "cortex-like tissue: five layers plus a reactive lesion",
+        "tissue": "cortex-like tissue: four layers over white matter, plus a reactive lesion",
         "values": "raw_counts",
         "spatial_unit": "micron",
         "slice": f"sample_seed{seed}",

@@ -90,6 +90,20 @@ def _zarr_kind(directory: Path) -> Optional[str]:
     return None
 
 
+#: file-name endings of a slice that are not part of its name (longest first)
+SLICE_SUFFIXES = (".anndata.zarr", ".ome.zarr", ".h5ad", ".zarr", ".h5")
+
+
+def slice_name(path: PathLike) -> str:
+    """A slice's name from its path: the file name without the format's ending, dots kept
+    (``animal1_bregma-0.29.h5ad`` -> ``animal1_bregma-0.29``, ``sample.zarr/`` -> ``sample``)."""
+    name = Path(str(path).rstrip("/\\")).name
+    for suffix in SLICE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name or "slice"
+
+
 def is_slice_path(path: PathLike) -> bool:
     """True for an ``.h5ad`` file or a zarr directory that holds SpatialData (or an AnnData)."""
     try:

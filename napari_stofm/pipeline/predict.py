@@ -32,7 +32,7 @@ import numpy as np
 
 from napari_stofm import keys
 from napari_stofm.errors import StofmInputError
-from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report
+from napari_stofm.progress import CancelToken, ProgressCallback, StagedProgress, check_cancelled, staged
 
 REGION_KEY = keys.REGION
 CELL_TYPE_KEY = keys.CELL_TYPE
@@ -210,6 +210,68 @@ def model_provenance(meta: dict) -> dict:
     return prov
 
 
+#: the stages of a run, as its progress names them (see :class:`RunPlan`)
+STAGE_WEIGHTS = "Loading the weights"
+STAGE_REFERENCE_READ = "Reading the reference"
+STAGE_EMBED = "Embedding the slice"
+STAGE_REGIONS = "Tissue regions"
+STAGE_REFERENCE = "Embedding the reference"
+STAGE_SHARED = "Embedding the slice on the shared genes"
+STAGE_LABELS = "Cell types"
+
+#: the steps of an embedding, by the message each reports (its share of the embedding's time)
+EMBEDDING_PARTS = (("Tokenizing", 0.08), ("Cell embeddings", 0.5), ("Macro scale", 0.07), ("SE(2)", 0.35))
+#: about how long each stage takes, in seconds per 1,000 cells on a laptop CPU with the bundled
+#: weights (only the proportions matter: they share out one progress bar; the time left is
+#: measured)
+SECONDS_PER_1000_CELLS = {STAGE_EMBED: 3.5, STAGE_REGIONS: 0.4, STAGE_LABELS: 0.5}
+SECONDS_FIXED = {STAGE_WEIGHTS: 1.0, STAGE_REFERENCE_READ: 0.5, STAGE_REGIONS: 0.3, STAGE_LABELS: 0.5}
+
+
+class RunPlan:
+    """The stages of one run on one overall progress bar (:class:`~napari_stofm.progress.StagedProgress`).
+
+    ``overall`` None (no progress wanted): every method does nothing and :meth:`callback`
+    returns None.
+    """
+
+    def __init__(self, overall: Optional[StagedProgress]):
+        self.overall = overall
+
+    def declare(self, n_cells: int, *, load: bool, reference: bool, regions: bool, labels: bool) -> None:
+        if self.overall is None:
+            return
+        k = n_cells / 1000.0
+        if load:
+            self.overall.add(STAGE_WEIGHTS, SECONDS_FIXED[STAGE_WEIGHTS])
+        if reference:
+            self.overall.add(STAGE_REFERENCE_READ, SECONDS_FIXED[STAGE_REFERENCE_READ])
+        self.overall.add(STAGE_EMBED, SECONDS_PER_1000_CELLS[STAGE_EMBED] * k, EMBEDDING_PARTS)
+        if regions:
+            self.overall.add(STAGE_REGIONS, SECONDS_FIXED[STAGE_REGIONS] + SECONDS_PER_1000_CELLS[STAGE_REGIONS] * k)
+        if labels:
+            self.overall.add(STAGE_LABELS, SECONDS_FIXED[STAGE_LABELS] + SECONDS_PER_1000_CELLS[STAGE_LABELS] * k)
+
+    def reference(self, n_reference: int, n_cells: int, *, shared: bool) -> None:
+        """Add the reference's embedding (and the slice's on the shared genes) before the cell types."""
+        if self.overall is None:
+            return
+        per_cell = SECONDS_PER_1000_CELLS[STAGE_EMBED] / 1000.0
+        stages = [(STAGE_REFERENCE, per_cell * n_reference)] + ([(STAGE_SHARED, per_cell * n_cells)] if shared else [])
+        labels = (SECONDS_FIXED[STAGE_LABELS] + SECONDS_PER_1000_CELLS[STAGE_LABELS] * (n_reference + n_cells) / 1000)
+        self.overall.remove(STAGE_LABELS)
+        for name, weight in stages:
+            self.overall.add(name, weight, EMBEDDING_PARTS)
+        self.overall.add(STAGE_LABELS, labels)
+
+    def begin(self, name: str, message: str = "") -> None:
+        if self.overall is not None:
+            self.overall.begin(name, message)
+
+    def callback(self, name: str) -> Optional[ProgressCallback]:
+        return None if self.overall is None else self.overall.stage(name)
+
+
 def run_annotations(
     adata,
     model=None,
@@ -259,14 +321,20 @@ def run_annotations(
     if want_regions and n_regions is None and resolution is None:
         n_regions = DEFAULT_N_REGIONS
     check_cancelled(cancel)
+    overall, owned = staged(progress)
+    plan = RunPlan(overall)
+    plan.declare(adata.n_obs, load=model is None, reference=reference is not None, regions=want_regions,
+                 labels=label_key is not None)
     if model is None:
-        report(progress, 0, 1, "loading weights")
+        plan.begin(STAGE_WEIGHTS)
         model = load_model(weights)
     embed_args = dict(embed_kwargs, device=device, spatial_key=spatial_key, seed=seed, cancel=cancel)
     transfer = None
     if reference is not None:  # read and checked before anything runs
+        plan.begin(STAGE_REFERENCE_READ)
         transfer = _prepare_transfer(reference, label_key, adata, model, embed_args.get("gene_key"))
-    embedding = compute_embedding(adata, model, progress=progress, **embed_args)
+        plan.reference(transfer["reference"].n_obs, adata.n_obs, shared=transfer["shared"] is not None)
+    embedding = compute_embedding(adata, model, progress=plan.callback(STAGE_EMBED), **embed_args)
     result = RunResult(embedding=embedding)
     if transfer is not None and transfer["warning"]:
         result.messages.append(transfer["warning"])
@@ -278,41 +346,41 @@ def run_annotations(
     check_cancelled(cancel)
 
     if want_regions:
-        report(progress, 0, 1, "Tissue regions")
-        clusterer = RegionClusterer(emb, xy, seed=seed, progress=_stage(progress, "regions: "), cancel=cancel)
+        plan.begin(STAGE_REGIONS)
+        clusterer = RegionClusterer(emb, xy, seed=seed, progress=plan.callback(STAGE_REGIONS), cancel=cancel)
         pred = clusterer.regions(n_regions=n_regions, resolution=resolution)
         result.clusterer = clusterer
         result.annotations[region_key] = Annotation.from_prediction(
             region_key, pred, provenance={**base_prov, "n_regions": n_regions, "resolution": resolution})
-        report(progress, 1, 1, "Tissue regions")
 
     transfer_genes = None
     if label_key is not None:
         check_cancelled(cancel)
-        report(progress, 0, 1, f"Labels from {label_key!r}")
         if reference is not None:
             ref, labels, shared = transfer["reference"], transfer["labels"], transfer["shared"]
-            ref_progress = _stage(progress, "reference: ")
+            ref_progress = plan.callback(STAGE_REFERENCE)
             if shared is None:  # the same panel: each slice as it is
                 ref_emb = compute_embedding(ref, model, progress=ref_progress, **embed_args).representations
                 query_emb = emb
             else:
                 # Rank-value tokens depend on which genes a slice measures: embed both slices on
                 # the genes they share, so that the same cell state gets the same embedding.
-                ref_emb, query_emb = (_embedded_on(a, shared, model, p, embed_args)
-                                      for a, p in ((ref, ref_progress), (adata, progress)))
+                ref_emb, query_emb = (_embedded_on(a, shared, model, p, embed_args) for a, p in (
+                    (ref, ref_progress), (adata, plan.callback(STAGE_SHARED))))
             transfer_genes = transfer["n_genes"]
             check_cancelled(cancel)
+            plan.begin(STAGE_LABELS, f"learning {label_key!r} from the reference")
             pred = transfer_labels(ref_emb, labels, query_emb, ref_xy=_xy(ref, spatial_key), query_xy=xy, seed=seed)
             source = {"label_source": "reference", "reference": describe_reference(reference)}
         else:
+            plan.begin(STAGE_LABELS, f"completing {label_key!r} from its labelled cells")
             pred = complete_labels(emb, _labels_of(adata, label_key), xy, seed=seed)
             source = {"label_source": "column"}
+        check_cancelled(cancel)
         known = _known_class_colors(adata, label_key, transfer["reference"] if reference is not None else None)
         result.annotations[target_key] = Annotation.from_prediction(
             target_key, pred, colors=colors_for(pred.categories, known),
             provenance={**base_prov, **source, "label_key": label_key, "transfer_genes": transfer_genes})
-        report(progress, 1, 1, f"Labels from {label_key!r}")
 
     prediction = {
         "n_regions": len(result[region_key].categories) if region_key in result.annotations else None,
@@ -323,6 +391,8 @@ def run_annotations(
         "seed": seed,
     }
     result.prediction = {k: v for k, v in prediction.items() if v is not None}
+    if owned:
+        overall.finish("done")
     return result
 
 
@@ -381,12 +451,6 @@ def _embedded_on(adata, genes, model, progress, embed_args) -> np.ndarray:
     sub = adata[:, genes].copy()
     sub.uns.pop(keys.UNS, None)  # a cached embedding of the whole panel is not this one
     return compute_embedding(sub, model, progress=progress, **embed_args).representations
-
-
-def _stage(progress: Optional[ProgressCallback], prefix: str) -> Optional[ProgressCallback]:
-    if progress is None:
-        return None
-    return lambda done, total, message="": progress(done, total, prefix + (message or ""))
 
 
 def predict(

@@ -6,7 +6,10 @@ a *territory* of pixels:
 
 * its segmentation mask, when the data has one (an instance image), or
 * a Voronoi territory (the pixels nearer to this cell than to any other) capped at a
-  radius, so that holes in the tissue stay background.
+  radius, so that the tissue's outline and its real holes (a ventricle, a tear) stay
+  background; a gap the cap leaves inside the tissue that is smaller than
+  :data:`HOLE_MAX_CELLS` cells (a few cells missing from a dense slice) goes to the nearest
+  cells, so that the tissue shows no black specks.
 
 :class:`Territories` keeps the instance map (pixel -> cell) and turns per-cell class codes
 into a class image (:meth:`Territories.class_image`) and edited class images back into
@@ -38,6 +41,9 @@ DEFAULT_MAX_PIXELS = 40_000_000
 PIXELS_PER_SPACING = 4.0
 #: Territory radius as a multiple of the median cell spacing.
 RADIUS_PER_SPACING = 1.5
+#: Background enclosed by territories is filled (nearest cell) up to this many cells' area
+#: (median spacing squared each); larger enclosed holes stay background.
+HOLE_MAX_CELLS = 25
 
 BBox = Tuple[slice, slice]
 
@@ -414,6 +420,7 @@ def _voronoi(xy, pixel_size, max_radius, max_pixels) -> Territories:
         dist, idx = tree.query(pts, k=1, distance_upper_bound=max_radius, workers=-1)
         lab = np.where(np.isfinite(dist), idx + 1, 0).astype(np.int32)
         inst[r0:r1, cs] = lab.reshape(rr.shape)
+    _fill_small_holes(inst, tree, (x0, y0), pixel_size, HOLE_MAX_CELLS * (spacing / pixel_size) ** 2)
 
     # A cell that owns no pixel (a near-duplicate position) gets its centre pixel when
     # the current owner keeps at least one other pixel, so it stays editable.
@@ -432,6 +439,29 @@ def _voronoi(xy, pixel_size, max_radius, max_pixels) -> Territories:
         inst, (pixel_size, pixel_size), (y0, x0), n, source="voronoi", max_radius=max_radius,
         _areas=areas.astype(np.int64),
     )
+
+
+def _fill_small_holes(inst: np.ndarray, tree, origin, pixel_size: float, max_pixels: float) -> int:
+    """Give the pixels of every background component that touches no edge of the raster
+    and has at most ``max_pixels`` pixels to their nearest cell (in place); returns how
+    many pixels were filled."""
+    from scipy import ndimage as ndi
+
+    labels, n = ndi.label(inst == 0)
+    if n <= 1:
+        return 0
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    fill = sizes <= max_pixels
+    fill[0] = False
+    edges = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    fill[np.unique(edges)] = False
+    if not fill.any():
+        return 0
+    rows, cols = np.nonzero(fill[labels])
+    points = np.column_stack([origin[0] + cols * pixel_size, origin[1] + rows * pixel_size])
+    _, idx = tree.query(points, k=1, workers=-1)
+    inst[rows, cols] = (np.asarray(idx) + 1).astype(np.int32)
+    return int(rows.size)
 
 
 def _from_masks(xy, masks, mask_ids, mask_scale, mask_translate, max_pixels) -> Territories:

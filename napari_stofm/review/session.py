@@ -34,9 +34,10 @@ from napari_stofm import keys
 from napari_stofm.errors import AutosaveLocked, AutosaveRefused, StofmInputError
 from napari_stofm.heads.annotation import Annotation, PreviousState
 from napari_stofm.io.autosave import CurationStore, cache_dir, file_signature, host_name
+from napari_stofm.io.slices import slice_name
 from napari_stofm.keys import display_name
 from napari_stofm.pipeline.predict import RunResult
-from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report
+from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report, staged
 
 REGION_KEY = keys.REGION
 CELL_TYPE_KEY = keys.CELL_TYPE
@@ -48,6 +49,10 @@ KNOWN_COLUMNS = (
     ("cell_type", "cell_type"),
 )
 EMBEDDING_SUFFIX = ".stofm-embedding.npz"
+#: the run's last progress stage when the slice has no territories yet (and its weight, as in
+#: :data:`napari_stofm.pipeline.predict.SECONDS_PER_1000_CELLS`)
+STAGE_TERRITORIES = "Cell territories"
+TERRITORY_SECONDS_PER_1000_CELLS = 0.15
 
 
 @dataclass
@@ -154,7 +159,7 @@ class SliceSession:
             src = adata.uns.get(keys.SOURCE, {}) if hasattr(adata, "uns") else {}
             path = src.get("path") if isinstance(src, dict) else None
         self.path: Optional[Path] = Path(path) if path else None
-        self.name = name or (self.path.name.split(".")[0] if self.path else "slice")
+        self.name = name or (slice_name(self.path) if self.path else "slice")
         self.spatial_key = spatial_key
         self.annotations: Dict[str, Annotation] = {}
         self._territories = None
@@ -182,7 +187,8 @@ class SliceSession:
         self._lock_store = None  # the store the lock was claimed for
         self._lock_finalizer = None
         self._autosave_store: Optional[CurationStore] = None  # where autosaves go (store or a sibling)
-        self._known_autosave = None  # signature of the autosave file this session read or wrote
+        #: (path, signature) of the autosave file this session last read or wrote
+        self._known_autosave = None
         #: undoable non-paint steps (refine, merge, re-cluster), oldest first; see :meth:`undo_change`
         self.changes: List[ChangeRecord] = []
         #: the step being announced to listeners (set only during that notification), so a
@@ -244,7 +250,7 @@ class SliceSession:
                 self.annotations.update(saved)
                 self.restored_from = path
                 if target is self.store:
-                    self._known_autosave = before
+                    self._known_autosave = (str(path), before)
         return list(self.annotations)
 
     def _keep_refused(self, err: "AutosaveRefused", *, mine: bool) -> str:
@@ -280,9 +286,11 @@ class SliceSession:
             return None
         if self._lock_store is store and self._autosave_store is not None and (self._lock is None or self._lock.held):
             return self._autosave_store  # still ours (a lock file deleted or taken by someone else is claimed again)
+        # (re)claiming: what this session knows of a file stays keyed by its path, so that a
+        # session closed and locking again (a late autosave after its layers were removed)
+        # still knows the file it wrote itself, and anything written there since is kept aside
         self._release_lock()
         self._lock_store = store
-        self._known_autosave = None
         owner = f"napari-stofm session of {self.name}"
         try:
             lock, target = store.acquire_lock(owner=owner), store
@@ -401,29 +409,38 @@ class SliceSession:
         from napari_stofm.pipeline.predict import run_annotations
 
         reference, label_key = _label_arguments(label_source, reference, label_key)
+        overall, owned = staged(progress)
+        with self._territory_lock:
+            need_territories = self._territories is None
+        if overall is not None and need_territories:  # the last stage of the run's one progress bar
+            overall.add(STAGE_TERRITORIES, TERRITORY_SECONDS_PER_1000_CELLS * self.adata.n_obs / 1000, final=True)
         result = run_annotations(
             self.adata, model, n_regions=n_regions, resolution=resolution, reference=reference,
             label_key=label_key, regions=True, weights=weights, spatial_key=self.spatial_key, device=device,
-            seed=self.seed, progress=progress, cancel=cancel, **embed_kwargs)
+            seed=self.seed, progress=overall, cancel=cancel, **embed_kwargs)
         check_cancelled(cancel)
-        with self._territory_lock:
-            territories = self._territories
-        if territories is None:
+        if need_territories:
             from napari_stofm.review.raster import territories_for_slice
 
-            report(progress, 0, 1, "cell territories")
+            if overall is not None:
+                overall.begin(STAGE_TERRITORIES)
             result.territories = territories_for_slice(self.adata, spatial_key=self.spatial_key)
-        report(progress, 1, 1, "done")
+        check_cancelled(cancel)
+        if owned:
+            overall.finish("done")
         return result
 
-    def apply(self, result: RunResult) -> None:
-        """Install a run's result (replacing earlier predictions) and autosave."""
+    def apply(self, result: RunResult, *, save_cache: bool = True) -> None:
+        """Install a run's result (replacing earlier predictions) and autosave.
+
+        ``save_cache``: also write the embedding cache (:meth:`save_embedding_cache`) now; a
+        GUI passes False and writes it from a worker thread (the file is large)."""
         if result.territories is not None:
             self.territories = result.territories
         if result.clusterer is not None:
             self.clusterer = result.clusterer
         result.write(self.adata)
-        if not result.embedding_reused:
+        if save_cache and not result.embedding_reused:
             try:
                 self.save_embedding_cache()
             except OSError as err:  # a cache is a convenience: never fail a run over it
@@ -601,6 +618,31 @@ class SliceSession:
         self._notify(key, "codes")
         return previous
 
+    def relabel(self, key: str, cells, code: Optional[int] = None) -> EditResult:
+        """Give ``cells`` the class ``code`` (-1 = unassigned; None: each keeps its class, i.e.
+        *accept* the prediction) and mark them curated, as an edit (``restore(key,
+        result.previous)`` undoes it; the napari binding makes it one undo step of the layer).
+
+        ``result.cells`` are the cells whose class or curated flag changed."""
+        ann = self._annotation(key)
+        cells = np.unique(ann._indices(cells))
+        new_codes = ann.codes[cells].copy() if code is None else np.full(cells.size, ann._check_code(
+            code, allow_unassigned=True), dtype=np.int32)
+        changed = (new_codes != ann.codes[cells]) | ~ann.curated[cells]
+        which, codes = cells[changed], new_codes[changed]
+        previous = PreviousState(which.copy(), ann.codes[which].copy(), ann.curated[which].copy())
+        if which.size:
+            ann.codes[which] = codes
+            ann.curated[which] = True
+            ann._touch()
+            self._notify(key, "codes")
+        after = PreviousState(which.copy(), ann.codes[which].copy(), ann.curated[which].copy())
+        return EditResult(key, which, codes, cells, ann.codes[cells].copy(), previous, after)
+
+    def accept(self, key: str, cells) -> EditResult:
+        """Mark ``cells`` curated without changing their class (see :meth:`relabel`)."""
+        return self.relabel(key, cells, None)
+
     def restore(self, key: str, state: PreviousState) -> None:
         """Set cells back to a recorded state (undo / redo of an edit)."""
         if state.cell_indices.size:
@@ -725,11 +767,13 @@ class SliceSession:
         if keys.EMBEDDING not in self.adata.obsm:
             raise StofmInputError("refining needs the SToFM embedding of the slice: run SToFM first.")
         check_cancelled(cancel)
-        report(progress, 0, 1, "refining")
+        n = int(ann.curated.sum())
+        report(progress, 0, 1, f"retraining the head on {n} corrected cell{'s' if n != 1 else ''}")
         conf = np.nan_to_num(ann.confidence, nan=0.0)
         # spatial context as predict() uses for its label head
         pred = refine_from_corrections(np.asarray(self.adata.obsm[keys.EMBEDDING]), self.xy, ann.codes.copy(),
                                        ann.curated.copy(), list(ann.categories), conf, seed=self.seed)
+        check_cancelled(cancel)  # a refinement cancelled while the head trained is dropped
         report(progress, 1, 1, "refined")
         return pred
 
@@ -777,35 +821,52 @@ class SliceSession:
             raise AutosaveLocked(self.autosave_error or "this session has no autosave file.")
         path = target.path
         current = file_signature(path)
-        if current is not None and current != self._known_autosave:
+        if current is not None and self._known_autosave != (str(path), current):
             aside = target.set_aside("previous", path)
             if aside is not None:
                 self.kept_aside.append(aside)
                 warnings.warn(f"the autosave {path} held labels this session had not loaded; it was kept as {aside} "
                               "before this session's autosave was written.", UserWarning, stacklevel=2)
         written = target.save(self.annotations, self.adata.obs_names)
-        self._known_autosave = file_signature(written)
+        self._known_autosave = (str(written), file_signature(written))
         return written
 
     def export(self, path, *, fmt: Optional[str] = None, overwrite: bool = False,
-               keys: Optional[Sequence[str]] = None) -> Path:
-        """Export the annotations as ``.h5ad``, ``.csv`` or SpatialData ``.zarr`` (by suffix or ``fmt``)."""
+               keys: Optional[Sequence[str]] = None, progress: Optional[ProgressCallback] = None,
+               cancel: CancelToken = None) -> Path:
+        """Export the annotations as ``.h5ad``, ``.csv`` or SpatialData ``.zarr`` (by suffix or ``fmt``).
+
+        ``progress`` / ``cancel``: see :mod:`napari_stofm.progress`; a cancelled export writes
+        nothing. The annotations are copied first, so a GUI may run this in a worker while
+        the user goes on editing (the export holds the labels as they were when it began)."""
         from napari_stofm.io import export as export_module
 
         if not self.annotations:
             raise StofmInputError("there are no labels to export yet: run SToFM or open labelled data first.")
-        anns = {k: a for k, a in self.annotations.items() if keys is None or k in keys}
+        anns = {k: a.copy() for k, a in self.annotations.items() if keys is None or k in keys}
         fmt = fmt or export_format_of(path)
-        if fmt in ("h5ad", "csv", "spatialdata"):  # refuse before the territories are built
-            export_module.check_export_target(path, overwrite=overwrite, fmt=fmt)
+        if fmt not in ("h5ad", "csv", "spatialdata"):
+            raise StofmInputError(f"unknown export format {fmt!r}: use h5ad, csv or spatialdata (.zarr).")
+        export_module.check_export_target(path, overwrite=overwrite, fmt=fmt)  # refuse before any work
         if fmt == "h5ad":
-            return export_module.export_h5ad(self.adata, anns, path, overwrite=overwrite)
+            return export_module.export_h5ad(self.adata, anns, path, overwrite=overwrite, progress=progress,
+                                             cancel=cancel)
         if fmt == "csv":
-            return export_module.export_csv(self.adata, anns, path, overwrite=overwrite)
-        if fmt == "spatialdata":
-            return export_module.export_spatialdata(self.adata, anns, path, overwrite=overwrite,
-                                                    labels=self.territories.as_spatialdata_labels())
-        raise StofmInputError(f"unknown export format {fmt!r}: use h5ad, csv or spatialdata (.zarr).")
+            return export_module.export_csv(self.adata, anns, path, overwrite=overwrite, progress=progress,
+                                            cancel=cancel)
+        overall, owned = staged(progress)
+        with self._territory_lock:
+            need_territories = self._territories is None
+        if overall is not None and need_territories:
+            overall.add(STAGE_TERRITORIES, TERRITORY_SECONDS_PER_1000_CELLS * self.adata.n_obs / 1000)
+            overall.begin(STAGE_TERRITORIES)
+        labels = self.territories.as_spatialdata_labels()
+        check_cancelled(cancel)
+        written = export_module.export_spatialdata(self.adata, anns, path, overwrite=overwrite, labels=labels,
+                                                   progress=overall, cancel=cancel)
+        if owned:
+            overall.finish(f"exported to {written.name}")
+        return written
 
 
 def export_format_of(path) -> str:

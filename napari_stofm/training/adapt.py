@@ -111,7 +111,12 @@ def adapt_model(
     sl = SpatialSlice("slice", pos, emb, hyper.assignment)
     device = model.device
     se2 = copy.deepcopy(model.se2).to(device)
-    heads, cfg, _found = _checkpoint_heads(model, cfg)
+    heads, cfg, found = _checkpoint_heads(model, cfg)
+    if "lm_head" not in found:
+        raise StofmInputError(
+            f"the weights in {model.source} carry no pretraining heads (lm_head.* in se2transformer.safetensors), "
+            "which adaptation trains with: embed without adapt, or use weights saved by stofm pretrain "
+            "(the bundled weights have them)")
     for head in heads.values():
         head.to(device)
     params = list(se2.parameters()) + [p for head in heads.values() for p in head.parameters()]

@@ -1,14 +1,16 @@
-"""Small shared pieces of the dock widgets: slice picker, progress relay, messages."""
+"""Small shared pieces of the dock widgets: slice picker, progress of a worker, messages."""
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable, Optional
 
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QComboBox
+from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from napari_stofm._napari.layers import session_of, slice_layers
 from napari_stofm.errors import Cancelled, StofmError
+from napari_stofm.progress import OVERALL_TOTAL
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +22,132 @@ class ProgressRelay(QObject):
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
         self.progressed.emit(int(done), int(total), str(message or ""))
+
+
+class TaskProgress(QWidget):
+    """The progress bar, message and Cancel button of one long library call in a worker.
+
+    :meth:`start` returns the ``progress`` callback and ``cancel`` Event to give the call.
+    The bar follows the call's reports (one overall count, see
+    :class:`napari_stofm.progress.StagedProgress`; a step that cannot be measured, reported
+    as ``0 of 1``, shows as a busy bar), the message says the stage and the time left, and
+    napari's activity dock shows the same. :meth:`finish` leaves bar and message in a clean
+    state: full and the outcome when done, empty and "cancelled" / the error otherwise.
+    Reports that arrive after :meth:`finish` (or from an earlier call) are ignored.
+    ``cancel_button`` is laid out by the owner (next to its Run button, say).
+    """
+
+    STATES = ("done", "cancelled", "failed")
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.bar = QProgressBar()
+        self.bar.setRange(0, OVERALL_TOTAL)
+        self.bar.setValue(0)
+        self.message = QLabel("")
+        self.message.setWordWrap(True)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.cancel_event: Optional[threading.Event] = None
+        self.running = False
+        self.cancelling = False
+        self.state: Optional[str] = None  # the outcome of the last call
+        self.history: list = []  # (done, total) of every report shown, for scripts and tests
+        self._call = 0
+        self._pbar = None
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.bar)
+        layout.addWidget(self.message)
+
+    def start(self, description: str):
+        """A new call begins: returns ``(progress, cancel)`` for it."""
+        self._call += 1
+        call = self._call
+        self.cancel_event = threading.Event()
+        self.running, self.cancelling, self.state, self.history = True, False, None, []
+        relay = ProgressRelay(self)
+        relay.progressed.connect(lambda done, total, message: self._on_progress(call, done, total, message))
+        self._relay = relay
+        self.bar.setRange(0, OVERALL_TOTAL)
+        self.bar.setValue(0)
+        self.message.setText(f"{description}: starting…")
+        self.cancel_button.setEnabled(True)
+        self._open_activity(description)
+        return relay, self.cancel_event
+
+    def cancel(self) -> None:
+        """Ask the running call to stop (at its next cancellation point)."""
+        if not self.running or self.cancel_event is None:
+            return
+        self.cancel_event.set()
+        self.cancelling = True
+        self.cancel_button.setEnabled(False)
+        self.message.setText("cancelling… (stops at the end of the current step)")
+
+    def _on_progress(self, call: int, done: int, total: int, message: str) -> None:
+        if call != self._call or not self.running:
+            return
+        total = max(int(total), 1)
+        done = min(max(int(done), 0), total)
+        self.history.append((done, total))
+        if total == 1 and done == 0:  # a step that cannot be measured: busy, not a bar stuck at 0 %
+            self.bar.setRange(0, 0)
+        else:
+            self.bar.setRange(0, total)
+            self.bar.setValue(done)
+        if message and not self.cancelling:
+            self.message.setText(message)
+        self._update_activity(done, total, message)
+
+    def finish(self, state: str, message: str = "") -> None:
+        """The call is over (``state``: 'done', 'cancelled' or 'failed')."""
+        if state not in self.STATES:
+            raise ValueError(f"state must be one of {self.STATES}, got {state!r}")
+        self.running, self.cancelling, self.state = False, False, state
+        self.cancel_event = None
+        self.cancel_button.setEnabled(False)
+        self.bar.setRange(0, OVERALL_TOTAL)
+        self.bar.setValue(OVERALL_TOTAL if state == "done" else 0)
+        self.message.setText(message or {"done": "done", "cancelled": "cancelled: nothing was changed",
+                                          "failed": "failed"}[state])
+        self._close_activity()
+
+    # ------------------------------------------------------------------ napari's activity dock
+    def _open_activity(self, description: str) -> None:
+        from napari.utils import progress
+
+        self._close_activity()
+        self._pbar = progress(total=OVERALL_TOTAL, desc=description)
+
+    def _update_activity(self, done: int, total: int, message: str) -> None:
+        if self._pbar is None:
+            return
+        try:
+            if self._pbar.total != total:
+                self._pbar.total = total
+            self._pbar.n = done
+            if message:
+                self._pbar.set_description(message)
+            self._pbar.refresh()
+        except Exception:  # noqa: BLE001 - best-effort mirror in napari's activity dock; the widget's bar is updated
+            log.debug("the napari progress bar could not be updated", exc_info=True)
+
+    def _close_activity(self) -> None:
+        if self._pbar is not None:
+            try:
+                self._pbar.close()
+            except Exception:  # noqa: BLE001 - best-effort close of the napari progress bar
+                log.debug("the napari progress bar could not be closed", exc_info=True)
+            self._pbar = None
+
+
+def button_row(*widgets) -> QHBoxLayout:
+    row = QHBoxLayout()
+    for widget in widgets:
+        row.addWidget(widget)
+    return row
 
 
 class SliceCombo(QComboBox):
@@ -67,11 +195,14 @@ def show_info(message: str) -> None:
     _show_info(message)
 
 
-def report_failure(err: BaseException, what: str) -> str:
-    """Turn an exception from a worker into one message in napari; return it."""
+def report_failure(err: BaseException, what: str, task: Optional[TaskProgress] = None) -> str:
+    """Turn an exception from a worker into one message in napari; return it (and leave
+    ``task`` in its clean cancelled / failed state)."""
     if isinstance(err, Cancelled):
         message = f"{what} cancelled; nothing was changed."
         show_info(message)
+        if task is not None:
+            task.finish("cancelled", message)
         return message
     if isinstance(err, (StofmError, FileExistsError, PermissionError, OSError)):
         message = f"{what} failed: {err}"
@@ -79,6 +210,8 @@ def report_failure(err: BaseException, what: str) -> str:
         log.exception("%s failed", what, exc_info=err)
         message = f"{what} failed unexpectedly ({type(err).__name__}: {err}). Please report this."
     show_error(message)
+    if task is not None:
+        task.finish("failed", message)
     return message
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 from qtpy.QtWidgets import QLabel, QListWidget, QVBoxLayout, QWidget
 
+from napari_stofm._napari.layers import world_yx
 from napari_stofm.errors import StofmError
 from napari_stofm.widgets._common import report_failure, show_error, start_worker
 
@@ -45,6 +46,7 @@ class MarkerPanel(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.label)
         layout.addWidget(self.genes)
+        layout.addStretch(1)
 
     # ------------------------------------------------------------------ markers
     def set_source(self, session, key) -> None:
@@ -132,7 +134,7 @@ class MarkerPanel(QWidget):
         name = f"expression: {gene}"
         layer = next((l for l in self.viewer.layers if (l.metadata or {}).get("stofm_role") == ROLE_EXPRESSION
                       and (l.metadata or {}).get("stofm_slice") is session.adata), None)
-        data = session.xy[:, ::-1].copy()
+        data = world_yx(session)  # as the slice's other layers show it (placed beside another or not)
         features = {"expression": values}
         if layer is None:
             layer = self.viewer.add_points(

@@ -1,8 +1,9 @@
 """"Export labels" dock widget: curated labels to .h5ad, CSV or SpatialData .zarr.
 
 The export itself is :meth:`napari_stofm.review.session.SliceSession.export` (atomic writes in
-:mod:`napari_stofm.io.export`); the widget asks before replacing an existing target and
-shows any failure as a napari message.
+:mod:`napari_stofm.io.export`), in a worker with its progress (marker genes, writing) and a
+Cancel button (a cancelled export writes nothing); the widget asks before replacing an
+existing target and shows any failure as a napari message.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
     QMessageBox,
     QPushButton,
@@ -25,7 +25,15 @@ from qtpy.QtWidgets import (
 
 from napari_stofm._napari.binding import bind_viewer, binding_of
 from napari_stofm._napari.layers import ROLE_LABELS, session_of
-from napari_stofm.widgets._common import SliceCombo, report_failure, show_error, show_info, start_worker
+from napari_stofm.widgets._common import (
+    SliceCombo,
+    TaskProgress,
+    button_row,
+    report_failure,
+    show_error,
+    show_info,
+    start_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +61,8 @@ class ExportWidget(QWidget):
         self.browse.clicked.connect(self._browse)
         self.export_button = QPushButton("Export")
         self.export_button.clicked.connect(lambda: self.export())
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.task = TaskProgress(self)
+        self.status = self.task.message
 
         row = QWidget()
         rl = QHBoxLayout(row)
@@ -67,8 +75,8 @@ class ExportWidget(QWidget):
         form.addRow("File", row)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addWidget(self.export_button)
-        layout.addWidget(self.status)
+        layout.addLayout(button_row(self.export_button, self.task.cancel_button))
+        layout.addWidget(self.task)
         layout.addStretch(1)
 
     # ------------------------------------------------------------------ form
@@ -136,25 +144,30 @@ class ExportWidget(QWidget):
         except Exception as err:  # noqa: BLE001 - UI action: a failed autosave must not block the export; reported
             log.debug("autosave before the export failed", exc_info=True)
             show_error(f"autosave failed ({err}); exporting anyway.")
-        self.status.setText(f"exporting to {target}…")
         self.export_button.setEnabled(False)
+        progress, cancel = self.task.start(f"Export to {target.name}")
         self.worker = start_worker(
-            session.export, target, fmt=fmt, overwrite=overwrite,
+            session.export, target, fmt=fmt, overwrite=overwrite, progress=progress, cancel=cancel,
             on_return=self._on_written, on_error=self._on_error, on_finish=self._on_finished,
         )
         return self.worker
 
+    def cancel(self):
+        """Stop the export before it replaces anything (nothing is written)."""
+        self.task.cancel()
+
     def _on_written(self, path):
         self.last_written = Path(path)
-        self.status.setText(f"exported to {path}")
+        self.task.finish("done", f"exported to {path}")
         show_info(f"Curated labels exported to {path}")
 
     def _on_error(self, err):
-        self.last_error = report_failure(err, "Export")
-        self.status.setText(self.last_error)
+        self.last_error = report_failure(err, "Export", self.task)
 
     def _on_finished(self):
         self.worker = None
+        if self.task.running:
+            self.task.finish("failed", self.last_error or "the export ended without a result")
         self.export_button.setEnabled(True)
 
     def _fail(self, message: str):

@@ -6,10 +6,18 @@ to correct it.
   them, add a class. Selecting a row makes it the label napari's brush paints.
 * Paint, fill and erase on the layer itself are mapped back to cells by
   :class:`~napari_stofm._napari.binding.LabelsBinding` (undo/redo included).
-* "Next least confident cell" centres the view on the next uncorrected cell with the
-  lowest confidence.
-* "Refine from corrections" retrains the label head on the curated cells (worker thread)
-  and updates only the cells nobody corrected.
+* The least-confident review (:class:`~napari_stofm.widgets._cell_review.CellReviewPanel`)
+  shows one uncorrected cell at a time, lowest confidence first: centred, ringed, its class
+  and confidence said; accept it or relabel it, from the buttons or the keys ``N`` /
+  ``Shift-N`` / ``A`` / ``R`` on the layer.
+* "Refine from corrections" retrains the label head on the curated cells (worker thread,
+  with progress and Cancel), says how many cells would change, and updates only the cells
+  nobody corrected (one undo step).
+* Tabs: the selected class's top genes (:class:`~napari_stofm.widgets._markers.MarkerPanel`)
+  and the agreement with the slice's other labels
+  (:class:`~napari_stofm.widgets._agreement.AgreementPanel`).
+* "Legend on canvas" shows or hides the canvas legend of the visible labels
+  (:mod:`napari_stofm._napari.legend`).
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QColorDialog,
     QComboBox,
     QHBoxLayout,
@@ -29,16 +38,19 @@ from qtpy.QtWidgets import (
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
 
 from napari_stofm._napari.binding import bind, bind_viewer, binding_of
 from napari_stofm._napari.layers import ROLE_LABELS, session_of
+from napari_stofm._napari.legend import legend_for
 from napari_stofm.errors import StofmError
 from napari_stofm.keys import display_name
-from napari_stofm.review.raster import PIXELS_PER_SPACING
-from napari_stofm.widgets._common import report_failure, show_error, start_worker
+from napari_stofm.widgets._agreement import AgreementPanel
+from napari_stofm.widgets._cell_review import CellReviewPanel
+from napari_stofm.widgets._common import TaskProgress, report_failure, show_error, start_worker
 from napari_stofm.widgets._markers import MarkerPanel
 
 COLUMNS = ("", "class", "cells", "confidence", "curated")
@@ -51,11 +63,9 @@ class ReviewWidget(QWidget):
         self._session = None
         self._key: Optional[str] = None
         self._layers = []
-        self._visited: set = set()
         self._filling = False
         self.refine_worker = None
         self.last_error: Optional[str] = None
-        self.current_cell: Optional[int] = None
         bind_viewer(napari_viewer)
 
         self.layer_combo = QComboBox()
@@ -81,30 +91,46 @@ class ReviewWidget(QWidget):
         self.merge_button = QPushButton("Merge selected")
         self.merge_button.setToolTip("Merge the selected classes into the first selected one")
         self.merge_button.clicked.connect(self._merge_selected)
-        self.next_button = QPushButton("Next least confident cell")
-        self.next_button.clicked.connect(self.next_least_confident)
+        self.legend_box = QCheckBox("Legend on canvas")
+        self.legend_box.setChecked(True)
+        self.legend_box.toggled.connect(self._on_legend_toggled)
+        self.cells = CellReviewPanel(napari_viewer)  # least-confident review: one cell at a time
+        self.next_button = self.cells.next_button
         self.refine_button = QPushButton("Refine from corrections")
         self.refine_button.setToolTip("Retrain the label head on the corrected cells; only uncorrected cells "
                                        "change. Says how many first; one undo step")
         self.refine_button.clicked.connect(self.refine)
+        self.refine_task = TaskProgress(self)
+        self.refine_task.setVisible(False)
         self.info = QLabel("")
         self.info.setWordWrap(True)
         self.markers = MarkerPanel(napari_viewer)  # top genes of the selected class; click -> expression
+        self.agreement = AgreementPanel(napari_viewer)  # against the slice's other labels
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.markers, "Top genes")
+        self.tabs.addTab(self.agreement, "Agreement")
 
         row1 = QHBoxLayout()
         row1.addWidget(self.add_button)
         row1.addWidget(self.merge_button)
         row2 = QHBoxLayout()
-        row2.addWidget(self.next_button)
         row2.addWidget(self.refine_button)
+        row2.addWidget(self.refine_task.cancel_button)
+        top = QHBoxLayout()
+        top.addWidget(QLabel("Labels layer"))
+        top.addStretch(1)
+        top.addWidget(self.legend_box)
         layout = QVBoxLayout(self)
-        layout.addWidget(QLabel("Labels layer"))
+        layout.addLayout(top)
         layout.addWidget(self.layer_combo)
         layout.addWidget(self.table)
         layout.addLayout(row1)
-        layout.addLayout(row2)
         layout.addWidget(self.info)
-        layout.addWidget(self.markers)
+        layout.addWidget(QLabel("<b>Least confident cells</b>"))
+        layout.addWidget(self.cells)
+        layout.addLayout(row2)
+        layout.addWidget(self.refine_task)
+        layout.addWidget(self.tabs)
 
         napari_viewer.layers.events.inserted.connect(self._refresh_layers)
         napari_viewer.layers.events.removed.connect(self._refresh_layers)
@@ -158,19 +184,25 @@ class ReviewWidget(QWidget):
         if self._session is not None and self._session is not session:
             self._session.unsubscribe(self._on_session_change)
         self._session, self._key = session, key
-        self._visited = set()
         if session is not None and key in session.annotations:
             bind(layer, session, key)
             session.subscribe(self._on_session_change)
         self.fill_table()
         self.markers.set_source(session, key)
+        self.cells.set_source(layer, session, key)
+        self.agreement.set_source(session, key)
 
     def _on_session_change(self, key, what):
+        self.agreement.on_session_change(key, what)
         if key == self._key:
             self.fill_table()
             self.markers.request()
-            if what in ("replaced", "merged"):
-                self._visited = set()
+            self.cells.on_session_change(key, what)
+
+    def _on_legend_toggled(self, on: bool):
+        legend = legend_for(self.viewer)
+        if legend is not None:
+            legend.set_enabled(on)
 
     # ------------------------------------------------------------------ table
     def fill_table(self):
@@ -179,8 +211,9 @@ class ReviewWidget(QWidget):
         try:
             self.table.setRowCount(0)
             enabled = ann is not None
-            for w in (self.add_button, self.merge_button, self.next_button, self.refine_button):
+            for w in (self.add_button, self.merge_button, self.next_button):
                 w.setEnabled(enabled)
+            self.refine_button.setEnabled(enabled and self.refine_worker is None)
             if ann is None:
                 self.info.setText("Run SToFM (or open labelled data) to review labels.")
                 return
@@ -269,33 +302,14 @@ class ReviewWidget(QWidget):
         for src in sorted(codes[1:], reverse=True):
             self.merge(src, dst)
 
-    # ------------------------------------------------------------------ navigation
+    # ------------------------------------------------------------------ least-confident review
+    @property
+    def current_cell(self) -> Optional[int]:
+        return self.cells.current_cell
+
     def next_least_confident(self) -> Optional[int]:
-        """Centre the view on the uncorrected cell with the lowest confidence not yet shown."""
-        ann = self.annotation
-        if ann is None:
-            return None
-        order = ann.least_confident(len(self._visited) + 64)
-        cell = next((int(c) for c in order if int(c) not in self._visited), None)
-        if cell is None:
-            self.info.setText("every uncorrected cell has been visited.")
-            return None
-        self._visited.add(cell)
-        self.current_cell = cell
-        y, x = self._session.xy[cell, 1], self._session.xy[cell, 0]
-        terr = self._session.territories
-        self.viewer.camera.center = (y, x)
-        # zoom in to about a dozen cells across a ~600 px view (never zoom out)
-        span = max(terr.scale) * PIXELS_PER_SPACING * 12
-        self.viewer.camera.zoom = max(600.0 / span, self.viewer.camera.zoom)
-        if self.layer is not None:
-            self.viewer.layers.selection.active = self.layer
-        code = int(ann.codes[cell])
-        name = ann.categories[code] if code >= 0 else "unassigned"
-        conf = float(ann.confidence[cell])
-        self.info.setText(f"cell {self._session.adata.obs_names[cell]}: {name}, confidence "
-                          f"{'n/a' if not np.isfinite(conf) else f'{conf:.2f}'}")
-        return cell
+        """Show the next uncorrected cell with the lowest confidence (see :class:`CellReviewPanel`)."""
+        return self.cells.next()
 
     # ------------------------------------------------------------------ refine
     def refine(self):
@@ -308,19 +322,30 @@ class ReviewWidget(QWidget):
             binding.flush()
         self.refine_button.setEnabled(False)
         self.info.setText("refining from the corrections…")
+        self.refine_task.setVisible(True)
+        progress, cancel = self.refine_task.start("Refine")
         self.refine_worker = start_worker(
-            session.preview_refinement, key,
+            session.preview_refinement, key, progress=progress, cancel=cancel,
             on_return=lambda preview: self._on_refined(session, key, preview),
             on_error=self._on_refine_error,
             on_finish=self._on_refine_finished,
         )
         return self.refine_worker
 
+    def cancel_refine(self):
+        """Stop a refinement being computed (nothing changes)."""
+        self.refine_task.cancel()
+
     #: ask "N cells would change — apply?" before a refinement is applied (tests turn it off)
     confirm_refine = True
 
     def _on_refined(self, session, key, preview):
         """The refinement is computed: say how many cells it changes, ask, then apply."""
+        if self.refine_task.cancelling:  # Cancel pressed while the last step finished
+            self.refine_task.finish("cancelled", "Refine cancelled; nothing was changed.")
+            self.info.setText("not refined (cancelled).")
+            return None
+        self.refine_task.finish("done", "refinement computed")
         self.pending_refinement = (session, key, preview)
         text = preview.describe()
         self.info.setText(f"{text}.")
@@ -350,11 +375,14 @@ class ReviewWidget(QWidget):
             return None
 
     def _on_refine_error(self, err):
-        self.last_error = report_failure(err, "Refine")
+        self.last_error = report_failure(err, "Refine", self.refine_task)
         self.info.setText(self.last_error)
 
     def _on_refine_finished(self):
         self.refine_worker = None
+        if self.refine_task.running:
+            self.refine_task.finish("failed", self.last_error or "the refinement ended without a result")
+        self.refine_task.setVisible(False)
         self.refine_button.setEnabled(self.annotation is not None)
 
 

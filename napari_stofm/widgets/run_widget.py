@@ -1,28 +1,30 @@
 """"Run SToFM" dock widget: parameters in, Labels layers out; the work happens in the library.
 
-The run (:meth:`napari_stofm.review.session.SliceSession.compute`) goes to a worker thread with
-a napari progress bar fed by the library's ``progress`` callback and a Cancel button
-that sets the ``cancel`` Event. Changing the number of regions after a run re-cuts the
-cached region tree (:meth:`~napari_stofm.review.session.SliceSession.compute_regions`) without
-running the model again.
+The run (:meth:`napari_stofm.review.session.SliceSession.compute`) goes to a worker thread;
+its one overall progress (every stage on one bar, with the stage's name and the time left)
+shows in the dock and in napari's activity dock, and Cancel sets the ``cancel`` Event
+(:class:`~napari_stofm.widgets._common.TaskProgress`). The result is shown one layer per
+turn of the event loop (the visible layer first) and the embedding cache is written from a
+worker, so the viewer stays responsive at the end of a run. Changing the number of regions
+after a run re-cuts the cached region tree
+(:meth:`~napari_stofm.review.session.SliceSession.compute_regions`) without running the model
+again.
 """
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import Optional
 
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
     QMessageBox,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -30,11 +32,19 @@ from qtpy.QtWidgets import (
 )
 
 from napari_stofm._napari.binding import bind_viewer
-from napari_stofm._napari.layers import ROLE_LABELS, add_or_update_labels, session_of
-from napari_stofm.errors import StofmInputError
+from napari_stofm._napari.layers import ROLE_LABELS, add_or_update_labels, labels_layer_for, session_of
+from napari_stofm.errors import Cancelled, StofmInputError
 from napari_stofm.heads.regions import DEFAULT_RESOLUTION
 from napari_stofm.keys import REGION as REGION_KEY
-from napari_stofm.widgets._common import ProgressRelay, SliceCombo, report_failure, show_error, show_info, start_worker
+from napari_stofm.pipeline.predict import DEFAULT_N_REGIONS
+from napari_stofm.widgets._common import (
+    SliceCombo,
+    TaskProgress,
+    report_failure,
+    show_error,
+    show_info,
+    start_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,9 @@ SOURCE_NONE = "none"
 SOURCE_REFERENCE = "reference slice"
 SOURCE_COLUMN = "labels column of this slice"
 RECLUSTER_DELAY_MS = 400
+
+#: the Run widget's adaptation time when the box is ticked
+DEFAULT_ADAPT_SECONDS = 60
 
 
 def _path_row(line: QLineEdit, button: QPushButton) -> QWidget:
@@ -62,9 +75,9 @@ class RunWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.worker = None
-        self.cancel_event: Optional[threading.Event] = None
-        self._pbar = None
         self._recluster_worker = None
+        self._cache_worker = None
+        self._pending_layers: list = []  # (session, key) still to be shown after a run
         self.last_error: Optional[str] = None
         self.last_result = None
         bind_viewer(napari_viewer)
@@ -82,7 +95,7 @@ class RunWidget(QWidget):
 
         self.regions_spin = QSpinBox()
         self.regions_spin.setRange(0, 60)
-        self.regions_spin.setValue(7)
+        self.regions_spin.setValue(DEFAULT_N_REGIONS)
         self.regions_spin.setSpecialValueText("auto (Leiden)")
         self.regions_spin.setToolTip("Number of tissue regions; "
                                      "changing it after a run re-clusters without re-running the model.")
@@ -106,16 +119,22 @@ class RunWidget(QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(available_devices())
 
+        self.adapt_check = QCheckBox("Adapt to this slice first")
+        self.adapt_check.setToolTip("Label-free: continue the model's self-supervised SE(2) training on this slice "
+                                    "for the given time before embedding it (a copy of the model; the weights on "
+                                    "disk do not change). Off by default: see the model card for its gain.")
+        self.adapt_seconds = QSpinBox()
+        self.adapt_seconds.setRange(5, 3600)
+        self.adapt_seconds.setValue(DEFAULT_ADAPT_SECONDS)
+        self.adapt_seconds.setSuffix(" s")
+        self.adapt_check.toggled.connect(self._update_enabled)
+
         self.run_button = QPushButton("Run SToFM")
         self.run_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.clicked.connect(self.cancel)
-        self.cancel_button.setEnabled(False)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.task = TaskProgress(self)
+        self.cancel_button = self.task.cancel_button
+        self.progress_bar = self.task.bar
+        self.status = self.task.message
 
         form = QFormLayout()
         form.addRow("Slice", self.slice_combo)
@@ -126,14 +145,20 @@ class RunWidget(QWidget):
         form.addRow("", _path_row(self.reference_path, self.reference_browse))
         form.addRow("Label column", self.label_key)
         form.addRow("Device", self.device_combo)
+        adapt_row = QHBoxLayout()
+        adapt_row.setContentsMargins(0, 0, 0, 0)
+        adapt_row.addWidget(self.adapt_check)
+        adapt_row.addWidget(self.adapt_seconds)
+        adapt_box = QWidget()
+        adapt_box.setLayout(adapt_row)
+        form.addRow("", adapt_box)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
-        layout.addWidget(self.progress_bar)
-        layout.addWidget(self.status)
+        layout.addWidget(self.task)
         self._on_slice_changed()
         self._update_enabled()
 
@@ -146,6 +171,11 @@ class RunWidget(QWidget):
     def running(self) -> bool:
         return self.worker is not None
 
+    @property
+    def showing(self) -> bool:
+        """Layers of the last result are still being added (one per turn of the event loop)."""
+        return bool(self._pending_layers)
+
     def _update_enabled(self, *_):
         checkpoint = self.weights_combo.currentText() == WEIGHTS_CHECKPOINT
         self.weights_path.setEnabled(checkpoint)
@@ -154,13 +184,13 @@ class RunWidget(QWidget):
         self.reference_path.setEnabled(source == SOURCE_REFERENCE)
         self.reference_browse.setEnabled(source == SOURCE_REFERENCE)
         self.label_key.setEnabled(source != SOURCE_NONE)
+        self.adapt_seconds.setEnabled(self.adapt_check.isChecked())
         if source == SOURCE_COLUMN:
             self._fill_column_keys()
         elif source == SOURCE_REFERENCE:
             self._fill_reference_keys()
         running = self.running
-        self.run_button.setEnabled(not running and self.session is not None)
-        self.cancel_button.setEnabled(running)
+        self.run_button.setEnabled(not running and not self.showing and self.session is not None)
 
     def _on_slice_changed(self, *_):
         if self.source_combo.currentText() == SOURCE_COLUMN:
@@ -209,6 +239,8 @@ class RunWidget(QWidget):
     def parameters(self) -> dict:
         """The keyword arguments of :meth:`SliceSession.compute` from the form (raises on bad input)."""
         params = {"device": self.device_combo.currentText()}
+        if self.adapt_check.isChecked():
+            params["adapt"] = float(self.adapt_seconds.value())
         if self.weights_combo.currentText() == WEIGHTS_CHECKPOINT:
             folder = self.weights_path.text().strip()
             if not folder:
@@ -253,84 +285,104 @@ class RunWidget(QWidget):
         except StofmInputError as err:
             self._fail(str(err))
             return None
-        self.cancel_event = threading.Event()
-        relay = ProgressRelay(self)
-        relay.progressed.connect(self._on_progress)
-        self._start_progress(f"SToFM on {session.name}")
-        self.status.setText("running…")
+        progress, cancel = self.task.start(f"SToFM on {session.name}")
         self.worker = start_worker(
-            session.compute, **params, progress=relay, cancel=self.cancel_event,
+            session.compute, **params, progress=progress, cancel=cancel,
             on_return=lambda result, s=session: self._on_result(s, result),
             on_error=self._on_error, on_finish=self._on_finished,
         )
-        self._relay = relay
         self._update_enabled()
         return self.worker
 
+    @property
+    def cancel_event(self):
+        return self.task.cancel_event
+
     def cancel(self):
-        if self.cancel_event is not None:
-            self.cancel_event.set()
-            self.status.setText("cancelling…")
-
-    def _on_progress(self, done: int, total: int, message: str):
-        total = max(int(total), 1)
-        self.progress_bar.setRange(0, total)
-        self.progress_bar.setValue(min(done, total))
-        if message:
-            self.status.setText(message)
-        if self._pbar is not None:
-            try:
-                if self._pbar.total != total:
-                    self._pbar.total = total
-                self._pbar.n = min(done, total)
-                if message:
-                    self._pbar.set_description(message)
-                self._pbar.refresh()
-            except Exception:  # noqa: BLE001 - best-effort progress-bar refresh; the widget's own bar is updated
-                log.debug("the napari progress bar could not be updated", exc_info=True)
-
-    def _start_progress(self, description: str):
-        from napari.utils import progress
-
-        self._close_progress()
-        self._pbar = progress(total=1, desc=description)
-
-    def _close_progress(self):
-        if self._pbar is not None:
-            try:
-                self._pbar.close()
-            except Exception:  # noqa: BLE001 - best-effort close of the napari progress bar
-                log.debug("the napari progress bar could not be closed", exc_info=True)
-            self._pbar = None
+        """Stop the run at its next cancellation point (nothing of the slice changes)."""
+        self.task.cancel()
 
     def _on_result(self, session, result):
+        """Install the result and show it: the visible layer now, the others one per turn of
+        the event loop (adding a Labels layer takes napari a noticeable moment)."""
         self.last_result = result
         try:
-            session.apply(result)
-            layers = []
-            for key in result.annotations:
-                layers.append(add_or_update_labels(self.viewer, session, key))
-            bind_viewer(self.viewer)
-            if layers:  # show the first result; the other label images stay one click away
-                for layer in self.viewer.layers:
-                    if (layer.metadata or {}).get("stofm_role") == ROLE_LABELS and session_of(layer) is session:
-                        layer.visible = layer is layers[0]
-                self.viewer.layers.selection.active = layers[0]
+            if self.task.cancelling:  # Cancel pressed while the last step finished: keep nothing
+                raise Cancelled("cancelled by the user; nothing was changed")
+            first_time = not any(labels_layer_for(self.viewer, session, k) for k in result.annotations)
+            session.apply(result, save_cache=False)
+            keys = list(result.annotations)
+            if keys:
+                self._show_layer(session, keys[0], first=True, reset_view=first_time)
+                self._pending_layers = [(session, k) for k in keys[1:]]
+                if self._pending_layers:
+                    QTimer.singleShot(0, self._show_pending)
+            if not result.embedding_reused:
+                self._save_cache(session)
             note = " (embedding reused)" if result.embedding_reused else ""
-            self.status.setText(f"done{note}: " + ", ".join(
+            self.task.finish("done", f"done{note}: " + ", ".join(
                 f"{len(a.categories)} {('regions' if k == REGION_KEY else 'classes')}"
                 for k, a in result.annotations.items()))
         except Exception as err:  # noqa: BLE001 - UI callback: never leave the UI half-updated without a word; reported
+            self.last_error = report_failure(err, "Showing the SToFM result", self.task)
+
+    def _show_layer(self, session, key, *, first: bool, reset_view: bool = False):
+        """Show labelling ``key``: the first of a result visible, on top and active (and the
+        only visible SToFM labels of its slice); a later one hidden, below the visible one."""
+        existed = labels_layer_for(self.viewer, session, key) is not None
+        layer = add_or_update_labels(self.viewer, session, key)
+        bind_viewer(self.viewer)
+        layers = self.viewer.layers
+        if first:
+            for other in layers:
+                if (other.metadata or {}).get("stofm_role") == ROLE_LABELS and session_of(other) is session:
+                    other.visible = other is layer
+            self._shown_layer = layer
+            if reset_view:
+                self.viewer.reset_view()
+        else:
+            layer.visible = False
+            shown = self._shown_layer
+            if not existed and shown is not None and shown in layers and layers.index(layer) > layers.index(shown):
+                layers.move(layers.index(layer), layers.index(shown))  # below the layer shown
+        shown = self._shown_layer if self._shown_layer in layers else layer
+        layers.selection.active = shown
+        return layer
+
+    _shown_layer = None
+
+    def _show_pending(self):
+        """Add the next layer of the last result (then come back for the rest)."""
+        if not self._pending_layers:
+            return
+        session, key = self._pending_layers.pop(0)
+        try:
+            if key in session.annotations:
+                self._show_layer(session, key, first=False)
+        except Exception as err:  # noqa: BLE001 - UI callback: reported, the other layers are still shown
             self.last_error = report_failure(err, "Showing the SToFM result")
+        if self._pending_layers:
+            QTimer.singleShot(0, self._show_pending)
+        else:
+            self._update_enabled()
+
+    def _save_cache(self, session):
+        """Write the slice's embedding cache from a worker (a failure only says so)."""
+        def failed(err):
+            log.debug("the embedding cache was not written", exc_info=err)
+            show_info(f"the embedding of {session.name} was not cached ({err}); a later run computes it again.")
+
+        self._cache_worker = start_worker(session.save_embedding_cache, on_return=lambda path: None,
+                                          on_error=failed,
+                                          on_finish=lambda: setattr(self, "_cache_worker", None))
 
     def _on_error(self, err):
-        self.last_error = report_failure(err, "SToFM")
-        self.status.setText(self.last_error)
+        self.last_error = report_failure(err, "SToFM", self.task)
 
     def _on_finished(self):
         self.worker = None
-        self.cancel_event = None
-        self._close_progress()
+        if self.task.running:  # finished without a result or an error reaching the widget
+            self.task.finish("failed", self.last_error or "the run ended without a result")
         self._update_enabled()
 
     def _fail(self, message: str):
