@@ -28,7 +28,7 @@ def slices():
 @pytest.fixture(scope="module")
 def run(slices, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain") / "weights"
-    cfg = PretrainConfig(stage1_steps=6, stage2_steps=5, **TINY)
+    cfg = PretrainConfig(stage1_steps=6, stage2_steps=5, niche_weight=1.0, self_weight=0.5, **TINY)
     pretrain([], out, cfg, adatas=slices, show_progress=False)
     return out
 

@@ -121,16 +121,6 @@ def _add_parser(sub) -> None:
 _EXTENSIONS.append(_add_parser)
 
 
-def _init_dir(value):
-    if value is None:
-        return None
-    if value == "bundled":
-        from napari_stofm.model.stofm import BUNDLED_DIR
-
-        return str(BUNDLED_DIR)
-    return value
-
-
 @command("pretrain")
 def cmd_pretrain(args) -> int:
     from napari_stofm.training import PretrainConfig, pack_corpus, pretrain
@@ -154,7 +144,7 @@ def cmd_pretrain(args) -> int:
         contrastive_weight=args.contrastive_weight,
         profile_weight=args.profile_weight, name=args.name, device=args.device,
         loader_threads=args.loader_threads, niche_weight=args.niche_weight, self_weight=args.self_weight,
-        init_from=_init_dir(args.init_from), cell_mask_value=args.cell_mask_value, lr2=args.lr2,
+        init_from=args.init_from, cell_mask_value=args.cell_mask_value, lr2=args.lr2,
         warmup_steps=args.warmup_steps,
     )
     out = pretrain(args.data, args.output, cfg, resume=args.resume, exclude_held_out=args.exclude_held_out,

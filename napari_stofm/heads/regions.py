@@ -161,7 +161,7 @@ class RegionClusterer:
         micro_to_region = self._micro_partition(n_regions, resolution)
         labels = micro_to_region[self.micro_labels]
         n_found = int(labels.max()) + 1
-        labels = _majority_smooth(labels, self.neighbors, n_found, self.smoothing_iterations)
+        labels = _majority_smooth(labels, self.neighbors, n_found, self.smoothing_iterations, self.min_region_size)
         labels = _order_by_size(labels, self.xy)
         return self._prediction(labels)
 
@@ -470,18 +470,23 @@ def _vote_counts(labels: np.ndarray, neighbors: np.ndarray, k: int) -> np.ndarra
     return np.bincount(flat, minlength=n * k).reshape(n, k).astype(np.float32)
 
 
-def _majority_smooth(labels: np.ndarray, neighbors: np.ndarray, k: int, iterations: int) -> np.ndarray:
+def _majority_smooth(labels: np.ndarray, neighbors: np.ndarray, k: int, iterations: int,
+                     min_size: int = 1) -> np.ndarray:
     """Majority vote over each cell and its neighbours; ties keep the cell's own label.
 
-    A region that a vote would erase completely keeps its original cells.
+    A region that a vote would erase completely, or shrink below ``min_size`` cells (when it
+    had at least that many), keeps its original cells.
     """
     n = labels.shape[0]
     rows = np.arange(n)
+    floor = max(1, int(min_size))
     for _ in range(iterations):
         votes = _vote_counts(labels, neighbors, k)
         votes[rows, labels] += 1.5  # the cell itself, plus a tie-break in its favour
         new = votes.argmax(axis=1)
-        lost = np.setdiff1d(np.unique(labels), np.unique(new))
+        before = np.bincount(labels, minlength=k)
+        after = np.bincount(new, minlength=k)
+        lost = np.flatnonzero(((after < floor) & (before >= floor)) | ((after == 0) & (before > 0)))
         if lost.size:
             keep = np.isin(labels, lost)
             new[keep] = labels[keep]

@@ -22,6 +22,16 @@ from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled
 
 #: adaptation learning rate: a fifth of stage 2's, constant (a short run from trained weights)
 ADAPT_LR_SHARE = 0.2
+
+
+def adapt_config():
+    """The objective adaptation continues: every stage-2 term (those whose head the
+    checkpoint lacks are then switched off), the recipe's batch settings."""
+    from napari_stofm.training.config import PretrainConfig
+
+    return PretrainConfig(niche_weight=2.0, self_weight=0.5)
+
+
 #: the fewest cells with a gene-scale embedding a slice needs to be adapted on
 MIN_ADAPT_CELLS = 50
 
@@ -90,13 +100,12 @@ def adapt_model(
     from napari_stofm.model.multiscale import build_hypernodes, normalize_coordinates
     from napari_stofm.model.stofm import SToFM
     from napari_stofm.training.batches import make_training_batch
-    from napari_stofm.training.config import PretrainConfig
     from napari_stofm.training.corpus import SpatialSlice
     from napari_stofm.training.trainer import stage2_step
 
     seconds = number(seconds, "adapt", minimum=0.0, exclusive_minimum=True,
                      fix="the seconds of per-slice adaptation, e.g. 60 (0 turns it off)")
-    cfg = config or PretrainConfig()
+    cfg = config or adapt_config()
     emb = np.asarray(cell_embeddings, dtype=np.float32)
     ok = np.any(emb != 0, axis=1)
     if int(ok.sum()) < MIN_ADAPT_CELLS:

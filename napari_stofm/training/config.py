@@ -50,12 +50,13 @@ class PretrainConfig:
     noise_spacings: float = 5.0
     # niche prediction: from every cell token's output, ``niche_head`` predicts the mean input
     # embedding of the cell's ``niche_neighbours`` nearest cells (itself excluded) at each of
-    # those scales (cosine loss); 0 turns it off (the v2 recipe)
-    niche_weight: float = 1.0
+    # those scales, centred (cosine loss). 0 (the default, the recipe of the bundled weights)
+    # turns it off; the v3 attempt in the model card used 2.0 (with self_weight 0.5)
+    niche_weight: float = 0.0
     niche_neighbours: Tuple[int, ...] = (10, 40)
     # every unmasked cell token's output also reconstructs its own input (``lm_head``, cosine):
-    # the output keeps the cell's state beside its niche; 0 scores only the masked cells
-    self_weight: float = 0.5
+    # the output keeps the cell's state beside its niche; 0 (default) scores only the masked cells
+    self_weight: float = 0.0
     crop_prob: float = 0.5
     min_crop: float = 0.5
     subsample_min: float = 0.7
@@ -88,6 +89,4 @@ class PretrainConfig:
         values = {k: v for k, v in data.items() if k in known}
         if "niche_neighbours" in values:  # a list once written to JSON
             values["niche_neighbours"] = tuple(int(k) for k in values["niche_neighbours"])
-        if "niche_weight" not in data:  # a run saved before the niche term existed
-            values["niche_weight"], values["self_weight"] = 0.0, 0.0
         return cls(**values)

@@ -41,13 +41,15 @@ Two stages, as in the paper, run on the CPU in minutes for a small model (or on 
      representation regresses the original distance (in units of the cell spacing
      sqrt(area / n_cells)) of every original neighbour pair of cells involving a selected
      cell (MSE);
-   * niche prediction (weight ``niche_weight``): from *every* cell token's output,
+   * niche prediction (weight ``niche_weight``, 0 by default: the bundled weights were
+     trained without it; see the model card's v3 attempt): from *every* cell token's output,
      ``niche_head`` predicts the mean input embedding of the cell's 10 and 40 nearest cells
-     (itself excluded), centred on the slice's mean embedding (cosine per scale). The two
+     (itself excluded), centred on the slice's mean embedding, the predictions centred on
+     theirs (cosine per scale). The two
      terms above score only the few selected cells and ask for their own embedding or
      distances; this one asks each cell's output to say what surrounds it, which is what
      tissue regions are read from;
-   * self reconstruction (weight ``self_weight``): ``lm_head`` on every unmasked cell's output
+   * self reconstruction (weight ``self_weight``, 0 by default): ``lm_head`` on every unmasked cell's output
      gives back its own input embedding (cosine), so the output keeps the cell's state beside
      its niche.
 
@@ -248,6 +250,7 @@ class Trainer:
         from napari_stofm.model.checkpoint import load_se2_transformer
         from napari_stofm.model.stofm import load_model
 
+        path = init_path(path)
         model = load_model(path)
         _, heads = load_se2_transformer(path, return_heads=True)
         self.encoder.load_state_dict(model.cell_encoder.state_dict(), strict=True)
@@ -353,8 +356,10 @@ class Trainer:
 
     def heads_state(self) -> Dict[str, torch.Tensor]:
         out = {}
-        for prefix, mod in (("lm_head", self.lm_head), ("pair_head", self.pair_head),
-                            ("niche_head", self.niche_head)):
+        heads = [("lm_head", self.lm_head), ("pair_head", self.pair_head)]
+        if self.cfg.niche_weight > 0:  # an untrained niche head is not worth shipping
+            heads.append(("niche_head", self.niche_head))
+        for prefix, mod in heads:
             for k, v in mod.state_dict().items():
                 out[f"{prefix}.{k}"] = v
         return out
@@ -401,6 +406,10 @@ def stage2_loss(se2: nn.Module, heads: Dict[str, nn.Module], batch: dict, cfg: P
     if cfg.niche_weight > 0 and batch["niche_target"].numel():
         h = last[batch["cells"]]
         pred_n = heads["niche_head"](h).view(h.shape[0], len(cfg.niche_neighbours), -1)
+        # the targets are centred on the slice's mean (a batch holds one slice); so are the
+        # predictions: the head is asked how a cell's surroundings differ from the slice's
+        # average, which it can read off the tokens, not the average itself, which it cannot
+        pred_n = pred_n - pred_n.mean(0, keepdim=True)
         niche = 1.0 - F.cosine_similarity(pred_n, batch["niche_target"], dim=-1, eps=1e-6).mean()
     if cfg.self_weight > 0 and batch["unmasked_target"].numel():
         pred_s = F.normalize(lm_head(last[batch["unmasked"]]), dim=-1)
@@ -433,12 +442,19 @@ def stage2_step(se2: nn.Module, heads: Dict[str, nn.Module], opt: torch.optim.Op
 # --------------------------------------------------------------------------- main entry
 
 
+def init_path(init_from: PathLike) -> Path:
+    """The checkpoint folder ``init_from`` names (``'bundled'``: the bundled weights)."""
+    from napari_stofm.model.stofm import BUNDLED_DIR
+
+    return BUNDLED_DIR if str(init_from) == "bundled" else Path(init_from)
+
+
 def init_config(cfg: PretrainConfig):
     """Set the model sizes of ``cfg`` to those of the checkpoint ``cfg.init_from`` and return
     its vocabulary (the corpus is tokenized with it)."""
     from napari_stofm.model.stofm import load_model
 
-    model = load_model(cfg.init_from)
+    model = load_model(init_path(cfg.init_from))
     enc = model.cell_encoder.config
     se2 = model.se2.config if hasattr(model.se2, "config") else None
     get = enc.get if hasattr(enc, "get") else (lambda k, d=None: getattr(enc, k, d))
