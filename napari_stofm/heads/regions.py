@@ -175,7 +175,7 @@ class RegionClusterer:
                     f"n_regions must be between 1 and {self.n_micro} for this slice, got {n_regions}; "
                     "use fewer regions (or a larger n_micro for very fine partitions)"
                 )
-            return _cut_without_specks(self._merges, self._micro_graph, self._micro_sizes, n_regions,
+            return _cut_without_specks(self._merges, self._micro_sizes, n_regions,
                                        self.min_region_size)
         resolution = DEFAULT_RESOLUTION if resolution is None else check_resolution(resolution)
         part = _leiden(self._micro_graph, resolution, self.seed)
@@ -350,7 +350,7 @@ def _replay(merges: list[tuple[int, int]], m: int, undone: set) -> np.ndarray:
     return np.unique(root, return_inverse=True)[1]
 
 
-def _cut_without_specks(merges, graph: sp.coo_matrix, micro_sizes: np.ndarray, k: int, min_size: int) -> np.ndarray:
+def _cut_without_specks(merges, micro_sizes: np.ndarray, k: int, min_size: int) -> np.ndarray:
     """The tree cut into ``k`` regions where no region is a speck of under ``min_size`` cells.
 
     The plain cut undoes the last ``k - 1`` merges of the tree. This one undoes the last

@@ -604,14 +604,19 @@ class SliceSession:
             )
         changed = tcodes != ann.codes[touched]
         cells, codes = touched[changed], tcodes[changed]
+        previous, after = self._curate(key, ann, cells, codes)
+        return EditResult(key, cells, codes, touched, tcodes, previous, after)
+
+    def _curate(self, key: str, ann, cells: np.ndarray, codes: np.ndarray):
+        """Give ``cells`` the classes ``codes``, mark them curated and notify; returns the
+        (before, after) states of those cells."""
         previous = PreviousState(cells.copy(), ann.codes[cells].copy(), ann.curated[cells].copy())
         if cells.size:
             ann.codes[cells] = codes
             ann.curated[cells] = True
             ann._touch()
             self._notify(key, "codes")
-        after = PreviousState(cells.copy(), ann.codes[cells].copy(), ann.curated[cells].copy())
-        return EditResult(key, cells, codes, touched, tcodes, previous, after)
+        return previous, PreviousState(cells.copy(), ann.codes[cells].copy(), ann.curated[cells].copy())
 
     def assign(self, key: str, cells, code: int) -> PreviousState:
         previous = self._annotation(key).assign(cells, code)
@@ -630,13 +635,7 @@ class SliceSession:
             code, allow_unassigned=True), dtype=np.int32)
         changed = (new_codes != ann.codes[cells]) | ~ann.curated[cells]
         which, codes = cells[changed], new_codes[changed]
-        previous = PreviousState(which.copy(), ann.codes[which].copy(), ann.curated[which].copy())
-        if which.size:
-            ann.codes[which] = codes
-            ann.curated[which] = True
-            ann._touch()
-            self._notify(key, "codes")
-        after = PreviousState(which.copy(), ann.codes[which].copy(), ann.curated[which].copy())
+        previous, after = self._curate(key, ann, which, codes)
         return EditResult(key, which, codes, cells, ann.codes[cells].copy(), previous, after)
 
     def accept(self, key: str, cells) -> EditResult:

@@ -244,14 +244,15 @@ class Trainer:
         tr.seconds = meta.get("seconds", tr.seconds)
         return tr
 
-    def start_from(self, path: PathLike) -> None:
+    def start_from(self, path: PathLike, model=None) -> None:
         """Load a checkpoint's cell encoder, SE(2) transformer and pretraining heads (those it
-        holds) into this run's modules; the shapes must match (:func:`init_config` sets them)."""
+        holds) into this run's modules; the shapes must match (:func:`init_config` sets them).
+        ``model``: the checkpoint already loaded (it is then not read again)."""
         from napari_stofm.model.checkpoint import load_se2_transformer
         from napari_stofm.model.stofm import load_model
 
         path = init_path(path)
-        model = load_model(path)
+        model = model if model is not None else load_model(path)
         _, heads = load_se2_transformer(path, return_heads=True)
         self.encoder.load_state_dict(model.cell_encoder.state_dict(), strict=True)
         self.se2.load_state_dict(model.se2.state_dict(), strict=True)
@@ -451,7 +452,7 @@ def init_path(init_from: PathLike) -> Path:
 
 def init_config(cfg: PretrainConfig):
     """Set the model sizes of ``cfg`` to those of the checkpoint ``cfg.init_from`` and return
-    its vocabulary (the corpus is tokenized with it)."""
+    that checkpoint, loaded (the corpus is tokenized with its vocabulary)."""
     from napari_stofm.model.stofm import load_model
 
     model = load_model(init_path(cfg.init_from))
@@ -466,7 +467,7 @@ def init_config(cfg: PretrainConfig):
         cfg.se2_layers, cfg.se2_dim = int(sget("num_hidden_layers")), int(sget("embedding_dim"))
         cfg.se2_ffn, cfg.se2_heads = int(sget("ffn_embedding_dim")), int(sget("num_attention_heads"))
         cfg.se2_gaussians = int(sget("gaussian_hidden_dim"))
-    return model.vocabulary
+    return model
 
 
 def pretrain(
@@ -514,14 +515,15 @@ def pretrain(
                                   "or choose another output folder")
         torch.manual_seed(cfg.seed)
         start = init_config(cfg) if cfg.init_from else None
-        pack = load_corpus(data, adatas, exclude_held_out, start, cfg.max_genes, min_cells=cfg.min_cells_per_gene)
+        pack = load_corpus(data, adatas, exclude_held_out, None if start is None else start.vocabulary,
+                           cfg.max_genes, min_cells=cfg.min_cells_per_gene)
         if pack.max_genes != cfg.max_genes:
             log.info("max_genes %d comes from the packed corpus", pack.max_genes)
             cfg.max_genes = pack.max_genes
         log.info("vocabulary: %d genes from %d slices", pack.vocabulary.n_genes, len(pack.names))
         tr = Trainer(out, cfg, pack.vocabulary, pack.names)
         if cfg.init_from:
-            tr.start_from(cfg.init_from)
+            tr.start_from(cfg.init_from, start)
             log.info("starting from %s", cfg.init_from)
     names, tokenized = pack.names, pack.tokenized
     log.info("training on %s", tr.device)
