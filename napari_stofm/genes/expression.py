@@ -68,8 +68,10 @@ def infer_values_kind(adata=None, X=None, values: Optional[str] = None) -> Tuple
 
 
 def _detect_values_kind(X) -> Tuple[str, str]:
-    if hasattr(X, "to_memory"):  # a backed matrix
-        X = X.to_memory()
+    if _is_backed(X):  # read only the sampled rows from disk
+        n = int(X.shape[0])
+        rows = np.linspace(0, n - 1, min(n, _SAMPLE_ROWS)).astype(np.int64)
+        X = X[np.unique(rows)]
     if sp.issparse(X):
         M = as_csr(X)
         if M.shape[0] > _SAMPLE_ROWS:
@@ -148,17 +150,35 @@ def normalize_expression(X, values: str = "raw_counts", exclude: Optional[Sequen
     return M
 
 
+#: rows hashed at a time by :func:`expression_fingerprint` (a backed matrix is read block by block)
+_HASH_ROWS = 65_536
+
+
+def _is_backed(X) -> bool:
+    """A matrix still on disk: anndata's backed sparse dataset or an h5py dataset."""
+    return hasattr(X, "to_memory") or type(X).__module__.startswith("h5py")
+
+
 def expression_fingerprint(adata, layer: Optional[str] = None) -> str:
-    """A content hash of the expression matrix, gene names and cell names."""
+    """A content hash of the expression matrix, gene names and cell names.
+
+    Read in blocks of rows, so that a backed matrix hashes without being loaded and gives
+    the hash of the same matrix in memory (sparse: row lengths, column indices and values
+    in CSR order; dense: the values)."""
     X = adata.X if layer is None else adata.layers[layer]
     h = hashlib.sha1()
-    h.update(str(X.shape).encode())
+    h.update(str(tuple(int(d) for d in X.shape)).encode())
     h.update("\0".join(map(str, adata.var_names)).encode())
     h.update("\0".join(map(str, adata.obs_names)).encode())
-    if sp.issparse(X):
+    sparse = sp.issparse(X) or hasattr(X, "to_memory")
+    if sp.issparse(X) and not isinstance(X, sp.csr_matrix):
         X = X.tocsr()
-        for part in (X.indptr, X.indices, X.data):
-            h.update(np.ascontiguousarray(part).tobytes())
-    else:
-        h.update(np.ascontiguousarray(np.asarray(X)).tobytes())
+    for start in range(0, int(X.shape[0]), _HASH_ROWS):
+        block = X[start:start + _HASH_ROWS]
+        if sparse:
+            block = sp.csr_matrix(block)
+            for part in (np.diff(block.indptr).astype(np.int64), block.indices.astype(np.int64), block.data):
+                h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(np.ascontiguousarray(np.asarray(block)).tobytes())
     return h.hexdigest()[:16]

@@ -133,14 +133,17 @@ def empty_cells(tokenized: TokenizedCells) -> np.ndarray:
     return np.asarray(tokenized.empty, dtype=bool).copy()
 
 
-def require_nonempty(tokenized: TokenizedCells, gene_match: Optional[GeneMatch] = None) -> None:
-    """Raise :class:`StofmInputError` when every cell is empty (nothing to embed)."""
-    if tokenized.n_cells == 0:
+def require_nonempty(tokenized, gene_match: Optional[GeneMatch] = None) -> None:
+    """Raise :class:`StofmInputError` when every cell is empty (nothing to embed).
+
+    ``tokenized``: :class:`TokenizedCells`, or the boolean ``empty`` mask of every cell."""
+    empty = np.asarray(tokenized.empty if isinstance(tokenized, TokenizedCells) else tokenized, dtype=bool)
+    if empty.size == 0:
         raise StofmInputError("the slice has no cells: load a slice with at least one cell")
-    if bool(np.all(tokenized.empty)):
+    if bool(np.all(empty)):
         genes = f"the {gene_match.n_matched} matched genes" if gene_match is not None else "the matched genes"
         raise StofmInputError(
-            f"none of the {tokenized.n_cells} cells expresses any of {genes}: check that X holds "
+            f"none of the {empty.size} cells expresses any of {genes}: check that X holds "
             f"expression values (not all zeros) and that the panel overlaps the model's gene vocabulary")
 
 
@@ -230,6 +233,16 @@ def tokenize_adata(adata, vocabulary: "GeneVocabulary", gene_key: Optional[str] 
     from ``uns`` or from the matrix itself (:func:`~napari_stofm.genes.expression.infer_values_kind`);
     ``match.values`` / ``match.values_basis`` record what was used and why.
     """
+    X, match = prepare_tokenization(adata, vocabulary, gene_key=gene_key, species=species, layer=layer, values=values)
+    return tokenize(X, match, vocabulary, max_genes=max_genes), match
+
+
+def prepare_tokenization(adata, vocabulary: "GeneVocabulary", gene_key: Optional[str] = None,
+                         species: Optional[str] = None, layer: Optional[str] = None,
+                         values: Optional[str] = None) -> Tuple[object, GeneMatch]:
+    """The matrix to tokenize (``adata.X`` or ``adata.layers[layer]``, a backed one left on
+    disk) and its :class:`GeneMatch`: what :func:`tokenize` needs, for all cells at once or
+    for row blocks ``X[start:stop]`` one after another (the rows' tokens are the same)."""
     if values is not None:
         check_values_kind(values)
     match = resolve_genes(adata, vocabulary, gene_key=gene_key, species=species)
@@ -240,4 +253,4 @@ def tokenize_adata(adata, vocabulary: "GeneVocabulary", gene_key: Optional[str] 
         raise StofmInputError("adata.X is empty: load the expression matrix, or pass layer=")
     if values is not None or layer is not None:  # decided on the matrix that is tokenized
         match.values, match.values_basis = infer_values_kind(adata, X, values)
-    return tokenize(X, match, vocabulary, max_genes=max_genes), match
+    return X, match

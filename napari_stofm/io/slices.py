@@ -126,6 +126,7 @@ def read_slice(
     table: Optional[str] = None,
     spatial_key: str = keys.SPATIAL,
     validate: bool = True,
+    backed: bool = False,
 ):
     """Read one slice from an ``.h5ad`` file or a SpatialData ``.zarr`` directory.
 
@@ -140,6 +141,11 @@ def read_slice(
         the centroids of the shapes / points / labels element the table annotates.
     validate
         Run :func:`validate_slice` (errors then name the file).
+    backed
+        ``.h5ad`` only: leave the expression matrix on disk (``anndata.read_h5ad(path,
+        backed='r')``); validation and :func:`~napari_stofm.pipeline.embed.embed` read it in
+        blocks of rows, so a slice larger than memory can be embedded. Positions, ``obs`` and
+        the embeddings are held in memory.
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -163,7 +169,7 @@ def read_slice(
                 "store written by spatialdata / spatialdata-io."
             )
     elif p.suffix.lower() == ".h5ad":
-        adata = _read_h5ad(p)
+        adata = _read_h5ad(p, backed=backed)
     else:
         raise StofmInputError(
             f"{p} is not a slice: expected an .h5ad file or a SpatialData .zarr directory "
@@ -263,7 +269,7 @@ def _zarr_itemsize(dtype) -> int:
         return 16  # strings and other variable-length values: a reference each
 
 
-def _read_h5ad(path: Path):
+def _read_h5ad(path: Path, backed: bool = False):
     import anndata as ad
     import h5py
 
@@ -282,9 +288,10 @@ def _read_h5ad(path: Path):
     except Exception:  # noqa: BLE001 - advisory size check of a maybe-damaged file; the read below reports it
         log.debug("cannot size the datasets of %s", path, exc_info=True)
         declared = 0
-    _check_declared_size(path, declared)
+    if not backed:
+        _check_declared_size(path, declared)
     try:
-        adata = ad.read_h5ad(path)
+        adata = ad.read_h5ad(path, backed="r") if backed else ad.read_h5ad(path)
     except Exception as err:  # h5py / anndata raise many types for damaged files
         raise StofmInputError(
             f"could not read {path} as an .h5ad file ({_short(err)}). The file is probably "
@@ -610,22 +617,37 @@ def _check_expression(adata):
             "the slice has no expression matrix (adata.X is None): put counts in adata.X, "
             "e.g. adata.X = adata.layers['counts']."
         )
-    if hasattr(X, "to_memory"):  # a backed sparse dataset
-        X = X.to_memory()
-    if sp.issparse(X):
-        csr = sp.csr_matrix(X)
-        return _check_values(adata, csr.data, np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr)), csr)
-    dense = np.asarray(X)
-    return _check_values(adata, dense.ravel(), None, dense)
+    backed = hasattr(X, "to_memory") or type(X).__module__.startswith("h5py")
+    n = int(X.shape[0])
+    step = _CHECK_ROWS if backed else max(n, 1)  # a backed matrix is read block by block
+    kinds, empties = [], []
+    for start in range(0, n, step):
+        block = X if not backed and start == 0 else X[start:start + step]
+        if sp.issparse(block):
+            csr = sp.csr_matrix(block)
+            rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+            kind, empty = _check_values(adata, csr.data, rows, csr, start)
+        else:
+            dense = np.asarray(block)
+            kind, empty = _check_values(adata, dense.ravel(), None, dense, start)
+        kinds.append(kind)
+        empties.append(empty + start)
+    kind = "counts" if all(k == "counts" for k in kinds) else "non_negative"
+    return kind, (np.concatenate(empties) if empties else np.zeros(0, dtype=np.int64))
 
 
-def _rows(flat_bad: np.ndarray, row_of, n_vars: int) -> np.ndarray:
+#: rows of a backed expression matrix checked at a time
+_CHECK_ROWS = 65_536
+
+
+def _rows(flat_bad: np.ndarray, row_of, n_vars: int, offset: int = 0) -> np.ndarray:
     where = np.flatnonzero(flat_bad)
     rows = row_of[where] if row_of is not None else where // max(n_vars, 1)
-    return np.unique(rows)
+    return np.unique(rows) + offset
 
 
-def _check_values(adata, values: np.ndarray, row_of, X):
+def _check_values(adata, values: np.ndarray, row_of, X, offset: int = 0):
+    """Checks of one block of rows (``offset``: the block's first row)."""
     import scipy.sparse as sp
 
     if not np.issubdtype(values.dtype, np.number):
@@ -633,7 +655,7 @@ def _check_values(adata, values: np.ndarray, row_of, X):
                               "convert it, e.g. adata.X = adata.X.astype('float32').")
     finite = np.isfinite(values) if values.dtype.kind == "f" else np.ones(values.shape, bool)
     if not finite.all():
-        rows = _rows(~finite, row_of, adata.n_vars)
+        rows = _rows(~finite, row_of, adata.n_vars, offset)
         raise StofmInputError(
             f"adata.X has {int((~finite).sum())} non-finite (NaN or inf) values in {len(rows)} cells "
             f"({_show_ids(adata.obs_names[rows])}). Replace them with 0 (dense: adata.X = "
@@ -642,7 +664,7 @@ def _check_values(adata, values: np.ndarray, row_of, X):
         )
     negative = values < 0
     if negative.any():
-        rows = _rows(negative, row_of, adata.n_vars)
+        rows = _rows(negative, row_of, adata.n_vars, offset)
         raise StofmInputError(
             f"adata.X has {int(negative.sum())} negative values in {len(rows)} cells "
             f"({_show_ids(adata.obs_names[rows])}), so it looks scaled or centred (z-scores). "

@@ -177,16 +177,19 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], queries: Optional[int] = None) -> torch.Tensor:
+        """``queries``: only the first ``queries`` tokens attend (their outputs only are returned);
+        keys and values are still every token."""
         b, length, h = x.shape
 
         def heads(t):
-            return t.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+            return t.view(b, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
+        q = self.query(x if queries is None else x[:, :queries])
         out = F.scaled_dot_product_attention(
-            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), attn_mask=mask,
+            heads(q), heads(self.key(x)), heads(self.value(x)), attn_mask=mask,
             dropout_p=self.dropout_p if self.training else 0.0)
-        return out.transpose(1, 2).reshape(b, length, h)
+        return out.transpose(1, 2).reshape(b, q.shape[1], h)
 
 
 class BertSelfOutput(nn.Module):
@@ -206,8 +209,9 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x, mask):
-        return self.output(self.self(x, mask), x)
+    def forward(self, x, mask, queries: Optional[int] = None):
+        residual = x if queries is None else x[:, :queries]
+        return self.output(self.self(x, mask, queries), residual)
 
 
 class BertIntermediate(nn.Module):
@@ -238,8 +242,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x, mask):
-        a = self.attention(x, mask)
+    def forward(self, x, mask, queries: Optional[int] = None):
+        a = self.attention(x, mask, queries)
         return self.output(self.intermediate(a), a)
 
 
@@ -248,9 +252,12 @@ class BertLayerStack(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x, mask):
-        for layer in self.layer:
-            x = layer(x, mask)
+    def forward(self, x, mask, last_queries: Optional[int] = None):
+        """``last_queries``: the last layer computes only the first ``last_queries`` tokens'
+        outputs (every token is still a key and value): the same numbers for those tokens."""
+        last = len(self.layer) - 1
+        for i, layer in enumerate(self.layer):
+            x = layer(x, mask, last_queries if i == last else None)
         return x
 
 
@@ -289,13 +296,15 @@ class BertEncoder(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``(B, L)`` token ids and 1/0 padding mask -> ``(B, L, hidden)`` last hidden states."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                last_queries: Optional[int] = None) -> torch.Tensor:
+        """``(B, L)`` token ids and 1/0 padding mask -> ``(B, L, hidden)`` last hidden states
+        (``(B, last_queries, hidden)``: only the first tokens' states, at a lower cost)."""
         x = self.embeddings(input_ids)
         mask = None
         if attention_mask is not None:
             mask = attention_mask.to(torch.bool)[:, None, None, :]  # keys only, as BertModel
-        return self.encoder(x, mask)
+        return self.encoder(x, mask, last_queries)
 
 
 # --------------------------------------------------------------------------- cell encoder
@@ -319,7 +328,8 @@ class CellEncoder(nn.Module):
         return self.cell_proj.out_features
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        hidden = self.bert(input_ids, attention_mask)
+        # Only the CLS token's last state is used: the last layer computes that one only.
+        hidden = self.bert(input_ids, attention_mask, last_queries=1)
         return F.normalize(self.cell_proj(hidden[:, 0]), dim=-1)
 
     # ---------------------------------------------------------------- inference

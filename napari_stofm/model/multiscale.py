@@ -78,8 +78,14 @@ def split_subslices(normalized_xy: np.ndarray, split_num: int = 1000, mode: str 
         return [np.sort(c) for c in np.array_split(order, n // split_num + 1)]
     n_x = int(x_len / side) + 1
     n_y = int(y_len // side) + 1
-    col = np.floor((xy[:, 0] - min_x) / side)
-    row = np.floor((xy[:, 1] - min_y) / side)
+    col = np.floor((xy[:, 0] - min_x) / side).astype(np.int64)
+    row = np.floor((xy[:, 1] - min_y) / side).astype(np.int64)
+    # Cells bucketed by the square their floored coordinates fall in (one sort, instead of
+    # a scan of every cell per square); a square's candidates are its 3 x 3 block of buckets.
+    n_rows = int(row.max()) + 3
+    bucket = (col + 1) * n_rows + (row + 1)
+    by_bucket = np.argsort(bucket, kind="stable")
+    starts = np.searchsorted(bucket[by_bucket], np.arange((int(col.max()) + 3) * n_rows + 1))
     out: List[np.ndarray] = []
     for i in range(n_x):
         for j in range(n_y):
@@ -87,7 +93,9 @@ def split_subslices(normalized_xy: np.ndarray, split_num: int = 1000, mode: str 
             # that cells on a boundary land in the same square.
             x0, x1 = min_x + i * side, min_x + (i + 1) * side
             y0, y1 = min_y + j * side, min_y + (j + 1) * side
-            candidates = np.where((np.abs(col - i) <= 1) & (np.abs(row - j) <= 1))[0]
+            candidates = _block_candidates(by_bucket, starts, i, j, n_rows)
+            if candidates.size == 0:
+                continue
             cx, cy = xy[candidates, 0], xy[candidates, 1]
             idx = candidates[(cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)]
             if idx.size == 0:
@@ -108,6 +116,24 @@ def split_subslices(normalized_xy: np.ndarray, split_num: int = 1000, mode: str 
         # rather than lose it (the published code would drop it).
         out.append(np.flatnonzero(~covered))
     return out
+
+
+def _block_candidates(by_bucket: np.ndarray, starts: np.ndarray, i: int, j: int, n_rows: int) -> np.ndarray:
+    """Cells whose floored (column, row) is within one square of ``(i, j)``, in index order."""
+    pieces = []
+    for di in (-1, 0, 1):
+        c = i + di + 1
+        if c < 0:
+            continue
+        lo_b = c * n_rows + max(j - 1 + 1, 0)
+        hi_b = c * n_rows + min(j + 1 + 1, n_rows - 1)
+        if lo_b >= starts.size - 1:
+            continue
+        hi_b = min(hi_b, starts.size - 2)
+        pieces.append(by_bucket[starts[lo_b]:starts[hi_b + 1]])
+    if not pieces:
+        return np.empty(0, dtype=np.int64)
+    return np.sort(np.concatenate(pieces))
 
 
 def _spatial_split(xy: np.ndarray, idx: np.ndarray, parts: int) -> List[np.ndarray]:
@@ -136,11 +162,27 @@ def hypernodes_from_assignment(normalized_xy: np.ndarray, embeddings: np.ndarray
     """Virtual cells from a given grouping of cells (groups ordered by label)."""
     labels, inverse = np.unique(assignment, return_inverse=True)
     counts = np.bincount(inverse).astype(np.float64)[:, None]
-    xy = np.zeros((labels.size, 2))
-    emb = np.zeros((labels.size, embeddings.shape[1]))
-    np.add.at(xy, inverse, normalized_xy)
-    np.add.at(emb, inverse, embeddings)
+    xy = _group_sums(inverse, labels.size, normalized_xy)
+    emb = _group_sums(inverse, labels.size, embeddings)
     return Hypernodes(xy / counts, emb / counts, inverse, float("nan"))
+
+
+#: rows summed at once by :func:`_group_sums` (bounds the float64 copy of the rows)
+_SUM_CHUNK = 65536
+
+
+def _group_sums(groups: np.ndarray, n_groups: int, values: np.ndarray) -> np.ndarray:
+    """Per-group float64 sums of the rows of ``values`` (a sparse one-hot product, in
+    chunks of rows, so a float32 input is never copied whole to float64)."""
+    import scipy.sparse as sp
+
+    values = np.asarray(values)
+    out = np.zeros((n_groups, values.shape[1]))
+    for start in range(0, values.shape[0], _SUM_CHUNK):
+        g = groups[start:start + _SUM_CHUNK]
+        onehot = sp.csr_matrix((np.ones(g.size), (g, np.arange(g.size))), shape=(n_groups, g.size))
+        out += onehot @ np.asarray(values[start:start + _SUM_CHUNK], dtype=np.float64)
+    return out
 
 
 def build_hypernodes(

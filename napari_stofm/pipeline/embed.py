@@ -109,7 +109,7 @@ def compute_cell_embedding(
     """
     from napari_stofm.checks import integer
     from napari_stofm.genes.expression import infer_values_kind
-    from napari_stofm.genes.tokenizer import require_nonempty, tokenize_adata
+    from napari_stofm.genes.tokenizer import prepare_tokenization, require_nonempty
 
     batch_size = integer(batch_size, "cell_batch_size", minimum=1)
     kind, basis = infer_values_kind(adata, _matrix(adata, layer), values)
@@ -123,8 +123,7 @@ def compute_cell_embedding(
         return CellEmbedding(np.asarray(cached, dtype=np.float32), empty, {}, reused=True)
     check_cancelled(cancel)
     report(progress, 0, 1, "Tokenizing genes")
-    tokens, match = tokenize_adata(adata, model.vocabulary, gene_key=gene_key, layer=layer,
-                                   max_genes=model.settings.max_genes * model.settings.gene_windows, values=kind)
+    X, match = prepare_tokenization(adata, model.vocabulary, gene_key=gene_key, layer=layer, values=kind)
     match.values_basis = basis
     if basis.startswith("detected") and kind == "log_normalized":
         log.warning(
@@ -132,23 +131,17 @@ def compute_cell_embedding(
             "they are read as log1p values (expm1 before ranking genes). If X holds counts or another linear "
             "scale, pass values='raw_counts' (stofm: --values raw_counts) or set uns['source']['values']",
             basis[len("detected: "):])
-    require_nonempty(tokens, match)
     few_genes = match.few_genes_message()
     if few_genes:
         log.warning("%s", few_genes)
-    empty = np.asarray(tokens.empty, dtype=bool)
+    emb, empty = encode_streamed(X, match, model, kind, batch_size=batch_size, progress=progress, cancel=cancel)
+    require_nonempty(empty, match)
     if empty.any():
         examples = ", ".join(map(str, adata.obs_names[empty][:5]))
         log.warning(
             "%d of %d cells express no gene of the model's vocabulary (e.g. %s); they get a zero gene-scale "
             "embedding and obs['%s'] = True", int(empty.sum()), adata.n_obs, examples, keys.EMPTY,
         )
-    if model.settings.gene_windows > 1:
-        emb = model.cell_encoder.encode_windows(tokens, model.settings.max_genes, batch_size=batch_size,
-                                                device=model.device, progress=progress, cancel=cancel)
-    else:
-        emb = model.cell_encoder.encode(tokens, batch_size=batch_size, device=model.device, progress=progress,
-                                        cancel=cancel)
     meta = dict(
         gene_scale_key=key,
         genes_matched=int(match.n_matched),
@@ -162,6 +155,46 @@ def compute_cell_embedding(
     if few_genes:
         meta["gene_match_warning"] = few_genes
     return CellEmbedding(emb, empty, meta)
+
+
+#: cells tokenised and encoded at a time: the tokens of one block are all that is held
+STREAM_CELLS = 65_536
+
+
+def encode_streamed(X, match, model, values: str, *, batch_size: int = 64, block: Optional[int] = None,
+                    progress: Optional[ProgressCallback] = None,
+                    cancel: CancelToken = None) -> tuple[np.ndarray, np.ndarray]:
+    """Gene-scale embeddings ``(n, 256)`` and the ``empty`` mask of the rows of ``X``, read,
+    tokenised and encoded ``block`` rows at a time (a backed matrix is read block by block)
+    into one preallocated array: memory holds one block's tokens, whatever the slice's size.
+    The embeddings are those of tokenising the whole matrix at once."""
+    from napari_stofm.genes.tokenizer import tokenize
+
+    settings = model.settings
+    block = STREAM_CELLS if block is None else int(block)
+    n = int(X.shape[0])
+    out = np.zeros((n, model.cell_encoder.embedding_dim), dtype=np.float32)
+    empty = np.zeros(n, dtype=bool)
+    for start in range(0, n, block):
+        check_cancelled(cancel)
+        stop = min(start + block, n)
+        rows = X if (start == 0 and stop == n) else X[start:stop]
+        tokens = tokenize(rows, match, model.vocabulary, max_genes=settings.max_genes * settings.gene_windows,
+                          values=values)
+        empty[start:stop] = tokens.empty
+
+        def block_progress(done, total, message="", _start=start):
+            report(progress, _start + done, n, message)
+
+        if settings.gene_windows > 1:
+            out[start:stop] = model.cell_encoder.encode_windows(
+                tokens, settings.max_genes, batch_size=batch_size, device=model.device, progress=block_progress,
+                cancel=cancel)
+        else:
+            out[start:stop] = model.cell_encoder.encode(tokens, batch_size=batch_size, device=model.device,
+                                                        progress=block_progress, cancel=cancel)
+        del tokens
+    return out, empty
 
 
 def embed_cells(adata, model, **kwargs) -> np.ndarray:

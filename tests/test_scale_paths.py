@@ -1,0 +1,151 @@
+"""The paths that make large slices fast and small in memory give the numbers of the
+straightforward computations they replace (float32 tolerance), on generated slices."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_stofm.io.sample import make_sample_slice
+from napari_stofm.model.multiscale import (
+    _spatial_split,
+    hypernodes_from_assignment,
+    normalize_coordinates,
+    split_subslices,
+)
+
+
+@pytest.fixture(scope="module")
+def bundled_model():
+    from napari_stofm.model.stofm import load_model
+
+    return load_model()
+
+
+def _reference_split(xy, split_num, mode):
+    """The published square scan, written out: every cell tested against every square."""
+    n = xy.shape[0]
+    if n <= split_num:
+        return [np.arange(n)]
+    min_x, min_y = xy[:, 0].min(), xy[:, 1].min()
+    x_len, y_len = xy[:, 0].max() - min_x, xy[:, 1].max() - min_y
+    side = np.sqrt(x_len * y_len / (n // split_num + 1))
+    out = []
+    for i in range(int(x_len / side) + 1):
+        for j in range(int(y_len // side) + 1):
+            x0, x1 = min_x + i * side, min_x + (i + 1) * side
+            y0, y1 = min_y + j * side, min_y + (j + 1) * side
+            idx = np.flatnonzero((xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1))
+            if idx.size == 0:
+                continue
+            parts = idx.size // split_num
+            if parts >= 2:
+                out.extend(np.array_split(idx, parts) if mode == "published" else _spatial_split(xy, idx, parts))
+            else:
+                out.append(idx)
+    covered = np.zeros(n, dtype=bool)
+    for part in out:
+        covered[part] = True
+    if not covered.all():
+        out.append(np.flatnonzero(~covered))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["published", "spatial"])
+@pytest.mark.parametrize("layout", ["uniform", "clumped", "grid"])
+def test_bucketed_split_is_the_square_scan(mode, layout):
+    rng = np.random.default_rng(3)
+    n = 6000
+    if layout == "uniform":
+        xy = rng.uniform(0, [900, 300], (n, 2))
+    elif layout == "clumped":
+        xy = np.round(rng.normal(size=(n, 2)) * 40)
+    else:  # many cells exactly on square boundaries
+        xy = rng.integers(0, 25, (n, 2)).astype(float)
+    xy = normalize_coordinates(xy)
+    for split_num in (150, 1000):
+        got = split_subslices(xy, split_num, mode=mode)
+        want = _reference_split(xy, split_num, mode)
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_virtual_cell_means_match_the_elementwise_sums():
+    rng = np.random.default_rng(0)
+    xy = rng.normal(size=(5000, 2))
+    emb = rng.normal(size=(5000, 256)).astype(np.float32)
+    groups = rng.integers(0, 37, 5000)
+    hyper = hypernodes_from_assignment(xy, emb, groups)
+    labels, inverse = np.unique(groups, return_inverse=True)
+    sums = np.zeros((labels.size, 256))
+    np.add.at(sums, inverse, emb.astype(np.float64))
+    counts = np.bincount(inverse)[:, None]
+    np.testing.assert_allclose(hyper.embeddings, sums / counts, rtol=0, atol=1e-12)
+
+
+def test_cls_only_last_layer_is_the_full_encoder(bundled_model):
+    enc = bundled_model.cell_encoder.eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, enc.config.vocab_size, (24, 70), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[:9, 40:] = 0
+    ids[:9, 40:] = 0
+    with torch.inference_mode():
+        full = torch.nn.functional.normalize(enc.cell_proj(enc.bert(ids, mask)[:, 0]), dim=-1)
+        fast = enc(ids, mask)
+    np.testing.assert_allclose(fast.numpy(), full.numpy(), rtol=0, atol=1e-5)
+
+
+def test_streamed_gene_scale_equals_one_block(bundled_model, monkeypatch):
+    from napari_stofm.pipeline import embed as embed_module
+
+    adata = make_sample_slice(1500, seed=2)
+    whole = embed_module.compute_cell_embedding(adata, bundled_model, use_cache=False)
+    monkeypatch.setattr(embed_module, "STREAM_CELLS", 400)  # four blocks, the last one short
+    blocks = embed_module.compute_cell_embedding(adata, bundled_model, use_cache=False)
+    np.testing.assert_allclose(blocks.embeddings, whole.embeddings, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(blocks.empty, whole.empty)
+
+
+def test_backed_slice_embeds_like_the_one_in_memory(bundled_model, tmp_path, monkeypatch):
+    from napari_stofm.genes.expression import expression_fingerprint
+    from napari_stofm.io import slices as slices_module
+    from napari_stofm.io.slices import read_slice
+    from napari_stofm.pipeline import embed as embed_module
+
+    path = tmp_path / "slice.h5ad"
+    make_sample_slice(1200, seed=4).write_h5ad(path)
+    in_memory = read_slice(path)
+    monkeypatch.setattr(slices_module, "_CHECK_ROWS", 500)  # validated block by block
+    backed = read_slice(path, backed=True)
+    assert hasattr(backed.X, "to_memory"), "the expression matrix should stay on disk"
+    assert expression_fingerprint(backed) == expression_fingerprint(in_memory)
+    monkeypatch.setattr(embed_module, "STREAM_CELLS", 500)
+    a = embed_module.compute_embedding(in_memory, bundled_model)
+    b = embed_module.compute_embedding(backed, bundled_model)
+    np.testing.assert_allclose(b.cell.embeddings, a.cell.embeddings, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(b.representations, a.representations, rtol=0, atol=1e-5)
+    b.write(backed)
+    out = tmp_path / "embedded.h5ad"
+    backed.write_h5ad(out)
+    np.testing.assert_allclose(read_slice(out).obsm["X_stofm"], a.representations, rtol=0, atol=1e-5)
+
+
+def test_backed_slice_with_a_bad_value_names_the_cell(tmp_path, monkeypatch):
+    import scipy.sparse as sp
+
+    from napari_stofm.errors import StofmInputError
+    from napari_stofm.io import slices as slices_module
+    from napari_stofm.io.slices import read_slice
+
+    adata = make_sample_slice(900, seed=5)
+    X = sp.csr_matrix(adata.X, dtype=np.float32)
+    row = 777  # in the second block
+    X[row, int(X[row].indices[0])] = -1.0
+    adata.X = X
+    path = tmp_path / "bad.h5ad"
+    adata.write_h5ad(path)
+    monkeypatch.setattr(slices_module, "_CHECK_ROWS", 500)
+    with pytest.raises(StofmInputError, match=str(adata.obs_names[row])):
+        read_slice(path, backed=True)
