@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from napari_stofm.cli.app import _EXTENSIONS, bounded_float, command, nonnegative_int, positive_int
@@ -29,6 +30,18 @@ Training on another machine (a GPU node with PyTorch but without the scverse sta
 slices once, where they can be read, then train from the pack:
   stofm pretrain --data ../shared/data --pack corpus.npz
   stofm pretrain --data corpus.npz -o my_weights --device cuda --batch-cells 512 --loader-threads 4
+
+Pretraining on several processes or GPUs: start the same command with torchrun, one process per
+GPU (or per group of CPU cores), e.g.
+  torchrun --standalone --nproc_per_node=4 -m napari_stofm.cli pretrain --data corpus.npz -o my_weights \\
+      --device cuda --batch-cells 512
+(`torchrun ... $(which stofm) pretrain ...` works too). The processes train one model together
+(DistributedDataParallel: nccl on GPUs, process LOCAL_RANK on cuda:LOCAL_RANK; gloo on the CPU).
+--batch-cells and --batch-subslices stay the global batch: each process draws the same seeded
+batch and trains on its 1/N share of it, so both must be multiples of N, and N processes take
+the steps one process would take, on the same batches. Only process 0 writes the checkpoints,
+the trained weights and the loss log; --resume works the same way (OUT must be on a file system
+every process reads).
 """
 
 
@@ -109,6 +122,9 @@ def _add_parser(sub) -> None:
                    default=d.lr2, help=f"peak learning rate of stage 2 (default: {d.lr2})")
     g.add_argument("--warmup-steps", type=nonnegative_int("warm-up steps"), default=d.warmup_steps,
                    help=f"linear warm-up steps of each stage (default: {d.warmup_steps})")
+    g.add_argument("--dropout", type=bounded_float("dropout", minimum=0.0, maximum=0.99), default=d.dropout,
+                   help="hidden and activation dropout of both transformers while training; 0 makes a run "
+                        f"reproducible from its batches alone (default: {d.dropout})")
     g.add_argument("--cell-mask-value", type=float, default=d.cell_mask_value,
                    help="the input value of a masked cell token in stage 2 (the v2 recipe: -100; "
                         f"default: {d.cell_mask_value})")
@@ -124,13 +140,18 @@ _EXTENSIONS.append(_add_parser)
 @command("pretrain")
 def cmd_pretrain(args) -> int:
     from napari_stofm.training import PretrainConfig, pack_corpus, pretrain
+    from napari_stofm.training.distributed import launched_rank
 
+    main_process = launched_rank() == 0  # under torchrun, process 0 alone reports
+    if not main_process:
+        logging.getLogger().setLevel(logging.WARNING)
     d = PretrainConfig()
     if args.pack:
         path = pack_corpus(args.data, args.pack, max_genes=args.max_genes, exclude_held_out=args.exclude_held_out)
         from napari_stofm.training.packed import describe, load_packed_corpus
 
-        print(f"packed corpus written to {path}: {describe(load_packed_corpus(path))}", file=sys.stderr)
+        if main_process:
+            print(f"packed corpus written to {path}: {describe(load_packed_corpus(path))}", file=sys.stderr)
         return 0
     given = [k for k in ("train_split_num", "batch_subslices") if getattr(args, k) is not None]
     cfg = PretrainConfig(
@@ -145,9 +166,10 @@ def cmd_pretrain(args) -> int:
         profile_weight=args.profile_weight, name=args.name, device=args.device,
         loader_threads=args.loader_threads, niche_weight=args.niche_weight, self_weight=args.self_weight,
         init_from=args.init_from, cell_mask_value=args.cell_mask_value, lr2=args.lr2,
-        warmup_steps=args.warmup_steps,
+        warmup_steps=args.warmup_steps, dropout=args.dropout,
     )
     out = pretrain(args.data, args.output, cfg, resume=args.resume, exclude_held_out=args.exclude_held_out,
                    show_progress=not args.quiet, resume_overrides=given)
-    print(f"weights written to {out} (loss curve: {out / 'loss_curve.png'})", file=sys.stderr)
+    if main_process:
+        print(f"weights written to {out} (loss curve: {out / 'loss_curve.png'})", file=sys.stderr)
     return 0

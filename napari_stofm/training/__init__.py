@@ -3,8 +3,9 @@
 :mod:`.config` holds :class:`PretrainConfig`; :mod:`.corpus` finds and reads the slices
 (never the held-out ones) and :mod:`.packed` stores them as one ``.npz``; :mod:`.heads` and
 :mod:`.batches` are the training heads and the per-step batches; :mod:`.trainer` runs the
-recipe (:class:`Trainer`, :func:`pretrain`); :mod:`.report` is the progress bar and the
-loss curve. The names below are imported on first use, so importing this package is cheap.
+recipe (:class:`Trainer`, :func:`pretrain`), on one process or several under torchrun
+(:mod:`.distributed`); :mod:`.report` is the progress bar and the loss curve. The names below
+are imported on first use, so importing this package is cheap.
 """
 from __future__ import annotations
 

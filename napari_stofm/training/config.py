@@ -70,6 +70,10 @@ class PretrainConfig:
     # attention-probability dropout of both transformers while training: 0 lets SDPA use its
     # fused kernels (with dropout the CPU falls back to the math path, about 4x slower)
     attention_dropout: float = 0.0
+    # hidden and activation dropout of both transformers while training (0.1, BERT's and the
+    # published SE(2) value); 0 makes a run deterministic given its batches, which is how a
+    # multi-process run reproduces one process's losses
+    dropout: float = 0.1
     se2_layers: int = 4
     se2_dim: int = 128
     se2_ffn: int = 256

@@ -169,9 +169,21 @@ def load_corpus(data: Sequence[PathLike], adatas, exclude_held_out: bool, vocabu
 def pack_corpus(data: Sequence[PathLike], path: PathLike, max_genes: int = 255, min_cells: int = 10,
                 exclude_held_out: bool = True) -> Path:
     """Read slices, build their vocabulary and tokens, and write them to one ``.npz`` (see
-    :mod:`.packed`); :func:`~.trainer.pretrain` then trains from that file alone."""
-    pack = load_corpus(data, None, exclude_held_out, None, max_genes, min_cells=min_cells)
-    return pack.save(path)
+    :mod:`.packed`); :func:`~.trainer.pretrain` then trains from that file alone. Under
+    torchrun, process 0 alone writes it; the others wait for it."""
+    from napari_stofm.training import distributed
+
+    def write() -> Path:
+        return load_corpus(data, None, exclude_held_out, None, max_genes, min_cells=min_cells).save(path)
+
+    ctx = distributed.setup(None)
+    try:
+        written = ctx.run_on_main(write)
+    except BaseException:
+        ctx.close(ok=False)
+        raise
+    ctx.close()
+    return Path(path) if written is None else written
 
 
 # --------------------------------------------------------------------------- stage 2: slices
@@ -188,10 +200,13 @@ class SpatialSlice:
 
 
 def prepare_spatial_slices(names: Sequence[str], xys: Sequence[np.ndarray], tokenized, *, encoder, device,
-                           settings, out_dir: Path, stage1_steps: int, seed: int = 0) -> List[SpatialSlice]:
+                           settings, out_dir: Path, stage1_steps: int, seed: int = 0,
+                           cache_only: bool = False) -> List[SpatialSlice]:
     """Frozen cell embeddings (``encoder`` on ``device``) and Leiden virtual-cell assignments
     (``settings``: the model's pipeline settings) of every slice, once; kept in
-    ``out_dir/state/stage2_inputs.npz`` so that a resumed run does not recompute them."""
+    ``out_dir/state/stage2_inputs.npz`` so that a resumed run does not recompute them.
+    ``cache_only``: read them from that file only (the processes of a multi-process run other
+    than the one that wrote it)."""
     cache = Path(out_dir) / STATE_DIR / "stage2_inputs.npz"
     key = f"{stage1_steps}:{seed}:" + ",".join(names)
     if cache.is_file():
@@ -199,6 +214,9 @@ def prepare_spatial_slices(names: Sequence[str], xys: Sequence[np.ndarray], toke
             if str(z["key"]) == key:
                 return [SpatialSlice(str(z[f"name{i}"]), z[f"xy{i}"], z[f"emb{i}"], z[f"assign{i}"])
                         for i in range(int(z["n"]))]
+    if cache_only:
+        raise StofmInputError(f"{cache} does not hold the stage-2 inputs of this run: is {out_dir} on a file "
+                              "system every process of the run reads?")
     log.info("stage 2: embedding the cells of %d slices with the frozen encoder", len(names))
     encoder.eval()
     out = []

@@ -86,6 +86,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_stofm.errors import StofmInputError
+from napari_stofm.training import distributed
 from napari_stofm.training.batches import drop_genes, make_training_batch, mask_tokens, pad_sequences, prefetched
 from napari_stofm.training.config import RESUME_OVERRIDABLE, STATE_DIR, PretrainConfig
 from napari_stofm.training.corpus import HELD_OUT_SLICES, GeneCorpus, SpatialSlice, load_corpus, prepare_spatial_slices
@@ -145,10 +146,11 @@ class Trainer:
             encoder_config=dict(hidden_size=cfg.bert_hidden, num_hidden_layers=cfg.bert_layers,
                                 num_attention_heads=cfg.bert_heads, intermediate_size=cfg.bert_intermediate,
                                 max_position_embeddings=cfg.max_genes + 1,
-                                attention_probs_dropout_prob=cfg.attention_dropout),
+                                attention_probs_dropout_prob=cfg.attention_dropout, hidden_dropout_prob=cfg.dropout),
             se2_config=dict(num_hidden_layers=cfg.se2_layers, embedding_dim=cfg.se2_dim,
                             ffn_embedding_dim=cfg.se2_ffn, num_attention_heads=cfg.se2_heads,
-                            gaussian_hidden_dim=cfg.se2_gaussians, attention_dropout=cfg.attention_dropout),
+                            gaussian_hidden_dim=cfg.se2_gaussians, attention_dropout=cfg.attention_dropout,
+                            dropout=cfg.dropout, activation_dropout=cfg.dropout),
             settings=self.settings, seed=cfg.seed,
         )
         self.encoder = model.cell_encoder
@@ -182,6 +184,11 @@ class Trainer:
         genes = [i for i in range(vocabulary.size) if i not in special]
         self.gene_low, self.gene_high = min(genes), max(genes) + 1
         self.time_frac = 0.0  # share of the stage's time budget spent (drives the schedule with --minutes)
+        # several processes (torchrun): the process group, the DDP-wrapped objective of each stage,
+        # and the random states of every process read from a checkpoint
+        self.dist = distributed.SINGLE
+        self.objectives: Dict[int, nn.Module] = {}
+        self.rank_rng: Optional[list] = None
 
     # ------------------------------------------------------------ state I/O
 
@@ -190,7 +197,9 @@ class Trainer:
                 "profile_head": self.profile_head, "lm_head": self.lm_head, "pair_head": self.pair_head,
                 "niche_head": self.niche_head}
 
-    def save_state(self) -> None:
+    def save_state(self, rank_rng: Optional[list] = None) -> None:
+        """Write the resumable state to ``OUT/state/`` (``rank_rng``: the random states of every
+        process of a multi-process run, in rank order)."""
         from safetensors.torch import save_file
 
         d = self.out / STATE_DIR
@@ -202,8 +211,10 @@ class Trainer:
                     continue  # tied to the encoder
                 tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
         save_file(tensors, str(d / "weights.tmp"))
-        torch.save({"opt1": self.opt1.state_dict(), "opt2": self.opt2.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, d / "optim.tmp")
+        optim = {"opt1": self.opt1.state_dict(), "opt2": self.opt2.state_dict(), "torch_rng": torch.get_rng_state()}
+        if rank_rng is not None:
+            optim["rank_rng"] = rank_rng
+        torch.save(optim, d / "optim.tmp")
         meta = {"stage": self.stage, "step": self.step, "stage1_done_steps": self.stage1_done_steps,
                 "history": self.history, "seconds": self.seconds,
                 "config": asdict(self.cfg), "slices": self.slices}
@@ -212,6 +223,61 @@ class Trainer:
         for tmp, final in (("weights.tmp", "weights.safetensors"), ("optim.tmp", "optim.pt"),
                            ("state.tmp", "state.json")):
             (d / tmp).replace(d / final)
+
+    def checkpoint(self) -> None:
+        """:meth:`save_state`; with several processes, process 0 writes the state (with every
+        process's random state) while the others wait."""
+        if not self.dist.active:
+            self.save_state()
+            return
+        states = self.dist.gather_objects(distributed.rng_state(self.device))
+        if self.dist.is_main:
+            self.save_state(rank_rng=states)
+        self.dist.barrier()
+
+    def use_processes(self, ctx: "distributed.Distributed") -> None:
+        """Train as one of ``ctx.world`` processes: this one's share of every batch, gradients
+        averaged by DDP, the logged losses those of the global batch. Each process gets its own
+        dropout stream: the one saved for it by a checkpoint of a run with as many processes, else
+        one seeded from (seed, rank, stage, step)."""
+        self.dist = ctx
+        if not ctx.active:
+            return
+        states = self.rank_rng
+        if states is not None and len(states) == ctx.world:
+            distributed.set_rng_state(states[ctx.rank], self.device)
+        else:
+            if states is not None:
+                log.info("the checkpoint was written by %d processes, not %d: the dropout streams start anew",
+                         len(states), ctx.world)
+            torch.manual_seed(distributed.rank_seed(self.cfg.seed, ctx.rank, self.stage, self.step))
+
+    def objective(self, stage: int) -> nn.Module:
+        """The DDP-wrapped loss of ``stage`` (built on first use; every process calls it at the
+        same step). It holds exactly the modules whose parameters the configuration trains (DDP
+        then needs no search for unused ones): ``cell_proj`` only with the profile or contrastive
+        term (the masked-gene term never reads it), the profile and niche heads only when weighted."""
+        if stage not in self.objectives:
+            cfg, size, dev = self.cfg, self.vocabulary.size, self.device
+            if stage == 1:
+                mods = {"bert": self.encoder.bert, "mlm_head": self.mlm_head}
+                if cfg.profile_weight > 0 or cfg.contrastive_weight > 0:
+                    mods["cell_proj"] = self.encoder.cell_proj
+                if cfg.profile_weight > 0:
+                    mods["profile_head"] = self.profile_head
+
+                def fn(batch):
+                    return stage1_loss(self.encoder, self.mlm_head, self.profile_head, batch, cfg, size, dev)
+            else:
+                mods = {"se2": self.se2, "lm_head": self.lm_head, "pair_head": self.pair_head}
+                if cfg.niche_weight > 0:
+                    mods["niche_head"] = self.niche_head
+
+                def fn(batch):
+                    return stage2_loss(self.se2, self.stage2_heads(), batch, cfg)
+            # one stage's wrapper at a time: stage 1's is let go when stage 2 starts
+            self.objectives = {stage: self.dist.wrap(distributed.Objective(fn, mods, self.dist.world))}
+        return self.objectives[stage]
 
     @classmethod
     def resume(cls, out: Path, overrides: dict, progress=None) -> "Trainer":
@@ -238,6 +304,7 @@ class Trainer:
         tr.opt1.load_state_dict(opt["opt1"])
         tr.opt2.load_state_dict(opt["opt2"])
         torch.set_rng_state(opt["torch_rng"])
+        tr.rank_rng = opt.get("rank_rng")
         tr.stage, tr.step = int(meta["stage"]), int(meta["step"])
         tr.stage1_done_steps = int(meta.get("stage1_done_steps", 0))
         tr.history = meta["history"]
@@ -283,53 +350,28 @@ class Trainer:
         batch = {"ids": ids, "attn": attn, "masked": masked, "labels": labels}
         if cfg.contrastive_weight > 0:
             batch["ids2"], batch["attn2"] = pad_sequences(drop_genes(seqs, rng, cfg.gene_dropout), v.pad_id)
+        if self.dist.active:  # every process drew the same global batch; it keeps its share
+            return distributed.shard_stage1(batch, self.dist.rank, self.dist.world)
         return batch
 
     def stage1_update(self, batch: dict) -> dict:
         """One optimisation step of stage 1 on a batch from :meth:`stage1_batch`."""
         cfg = self.cfg
-        dev = self.device
-        ids, attn, masked, labels = (batch[k].to(dev, non_blocking=True) for k in ("ids", "attn", "masked", "labels"))
         self.encoder.train()
         self.mlm_head.train()
-        hidden = self.encoder.bert(masked, attn)
-        scored = labels != -100
-        # Softmax over the genes present in the batch (in-batch candidates): the panels
-        # differ per slice, and the full 17k-gene softmax costs more than the encoder.
-        cand = torch.unique(ids[:, 1:][attn[:, 1:].bool()])
-        remap = torch.full((self.vocabulary.size,), -1, dtype=torch.long, device=dev)
-        remap[cand] = torch.arange(cand.numel(), device=dev)
-        logits = self.mlm_head(hidden[scored], cand)
-        target = remap[labels[scored]]
-        mlm = F.cross_entropy(logits, target)
-        loss = mlm
-        con = torch.zeros((), device=dev)
-        prof = torch.zeros((), device=dev)
-        z1 = self.encoder.cell_proj(hidden[:, 0])
-        if cfg.profile_weight > 0:
-            target_p = profile_targets(ids, attn, remap, cand.numel())
-            logp = F.log_softmax(self.profile_head(z1, cand), dim=-1)
-            # cross-entropy minus the target's entropy = KL(target || prediction), 0 when perfect
-            prof = (target_p * (torch.log(target_p.clamp_min(1e-12)) - logp)).sum(1).mean()
-            loss = loss + cfg.profile_weight * prof
-        if cfg.contrastive_weight > 0:
-            z2 = self.encoder.cell_proj(self.encoder.bert(batch["ids2"].to(dev), batch["attn2"].to(dev))[:, 0])
-            con = info_nce(z1, z2, cfg.temperature)
-            loss = loss + cfg.contrastive_weight * con
+        if self.dist.active:
+            loss, terms = self.objective(1)(batch)
+        else:
+            loss, terms = stage1_loss(self.encoder, self.mlm_head, self.profile_head, batch, cfg, self.vocabulary.size,
+                                      self.device)
         for g in self.opt1.param_groups:
             g["lr"] = cfg.lr1 * _lr_factor(self.step, cfg.stage1_steps, cfg.warmup_steps, self.time_frac)
         self.opt1.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in self.opt1.param_groups for p in g["params"]], 1.0)
         self.opt1.step()
-        with torch.no_grad():
-            acc = (logits.argmax(-1) == target).float().mean()
-            # collapse watch: mean cosine between different cells of the batch
-            zn = F.normalize(z1.detach(), dim=-1)
-            nb = zn.shape[0]
-            cell_cos = ((zn @ zn.t()).sum() - nb) / max(1, nb * (nb - 1))
-            values = torch.stack([loss.detach(), mlm.detach(), acc, prof.detach(), con.detach(),
-                                  cell_cos]).cpu().tolist()
+        values = torch.stack([terms.get("loss", loss).detach()] + [terms[k].detach() for k in STAGE1_TERMS])
+        values = self.dist.all_sum(values).cpu().tolist()
         return dict(zip(("loss",) + STAGE1_TERMS, values, strict=True))
 
     # ------------------------------------------------------------ stage 2
@@ -341,6 +383,8 @@ class Trainer:
         sl = slices[rng.choice(len(slices), p=weights / weights.sum())]
         batch = make_training_batch(sl, rng, self.cfg)
         batch["slice"] = sl.name
+        if self.dist.active:  # every process drew the same global batch; it keeps its share
+            return distributed.shard_stage2(batch, self.dist.rank, self.dist.world)
         return batch
 
     def train_on_batch(self, batch: dict) -> dict:
@@ -348,6 +392,9 @@ class Trainer:
         cfg = self.cfg
         for g in self.opt2.param_groups:
             g["lr"] = cfg.lr2 * _lr_factor(self.step, cfg.stage2_steps, cfg.warmup_steps, self.time_frac)
+        if self.dist.active:
+            return stage2_step(self.se2, self.stage2_heads(), self.opt2, batch, cfg, self.device,
+                               objective=self.objective(2), reduce=self.dist.all_sum)
         return stage2_step(self.se2, self.stage2_heads(), self.opt2, batch, cfg, self.device)
 
     def stage2_heads(self) -> Dict[str, nn.Module]:
@@ -385,6 +432,54 @@ class Trainer:
         return self.out
 
 
+# --------------------------------------------------------------------------- stage-1 loss
+
+
+def stage1_loss(encoder: nn.Module, mlm_head: nn.Module, profile_head: Optional[nn.Module], batch: dict,
+                cfg: PretrainConfig, vocab_size: int, device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The stage-1 objective on one batch from :meth:`Trainer.stage1_batch`: masked-gene
+    cross-entropy + ``profile_weight`` x profile KL + ``contrastive_weight`` x InfoNCE. Returns
+    the total and each term of ``STAGE1_TERMS`` (accuracy and collapse watch without gradient).
+    A share of a multi-process batch (:func:`~.distributed.shard_stage1`) gives its share of them."""
+    dev = device
+    red = distributed.means_for(batch)
+    ids, attn, masked, labels = (batch[k].to(dev, non_blocking=True) for k in ("ids", "attn", "masked", "labels"))
+    hidden = encoder.bert(masked, attn)
+    scored = labels != -100
+    # Softmax over the genes present in the batch (in-batch candidates): the panels
+    # differ per slice, and the full 17k-gene softmax costs more than the encoder.
+    cand = batch["cand"].to(dev) if "cand" in batch else torch.unique(ids[:, 1:][attn[:, 1:].bool()])
+    remap = torch.full((vocab_size,), -1, dtype=torch.long, device=dev)
+    remap[cand] = torch.arange(cand.numel(), device=dev)
+    logits = mlm_head(hidden[scored], cand)
+    target = remap[labels[scored]]
+    mlm = red.cross_entropy(logits, target, "scored")
+    loss = mlm
+    con = torch.zeros((), device=dev)
+    prof = torch.zeros((), device=dev)
+    z1 = encoder.cell_proj(hidden[:, 0])
+    if cfg.profile_weight > 0:
+        target_p = profile_targets(ids, attn, remap, cand.numel())
+        logp = F.log_softmax(profile_head(z1, cand), dim=-1)
+        # cross-entropy minus the target's entropy = KL(target || prediction), 0 when perfect
+        prof = red.mean((target_p * (torch.log(target_p.clamp_min(1e-12)) - logp)).sum(1), "cells")
+        loss = loss + cfg.profile_weight * prof
+    if cfg.contrastive_weight > 0:
+        z2 = encoder.cell_proj(encoder.bert(batch["ids2"].to(dev), batch["attn2"].to(dev))[:, 0])
+        con = red.whole(lambda a, b: info_nce(a, b, cfg.temperature), z1, z2)
+        loss = loss + cfg.contrastive_weight * con
+    with torch.no_grad():
+        acc = red.mean((logits.argmax(-1) == target).float(), "scored")
+        # collapse watch: mean cosine between different cells of the batch
+        cell_cos = red.whole(_mean_cross_cosine, F.normalize(z1.detach(), dim=-1))
+    return loss, {"mlm": mlm, "mlm_acc": acc, "profile_kl": prof, "contrastive": con, "cell_cos": cell_cos}
+
+
+def _mean_cross_cosine(zn: torch.Tensor) -> torch.Tensor:
+    nb = zn.shape[0]
+    return ((zn @ zn.t()).sum() - nb) / max(1, nb * (nb - 1))
+
+
 # --------------------------------------------------------------------------- stage-2 step
 
 
@@ -392,48 +487,59 @@ def stage2_loss(se2: nn.Module, heads: Dict[str, nn.Module], batch: dict, cfg: P
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The stage-2 objective on one batch (already on the model's device): masked-cell
     cosine + ``pair_weight`` x pair-distance MSE + ``niche_weight`` x niche cosine +
-    ``self_weight`` x unmasked-cell reconstruction. Returns the total and each term."""
+    ``self_weight`` x unmasked-cell reconstruction. Returns the total and each term.
+
+    A share of a multi-process batch (:func:`~.distributed.shard_stage2`) gives its share of
+    the global means; every head then runs, on an empty selection if need be, so that all
+    processes run the same computation."""
     dev = batch["token_embeddings"].device
+    red = distributed.means_for(batch)
     out = se2(batch["token_embeddings"], batch["attn_bias"], batch["token_types"], return_pair_rep=True)
     last = out["last_hidden_state"]
     lm_head = heads["lm_head"]
     pred = F.normalize(lm_head(last[batch["selected"]]), dim=-1)
-    cos = 1.0 - (pred * F.normalize(batch["target"], dim=-1)).sum(-1).mean()
+    cos = red.one_minus_mean((pred * F.normalize(batch["target"], dim=-1)).sum(-1), "selected")
     b, i, j = batch["pairs"]
     zero = torch.zeros((), device=dev)
-    pair = F.mse_loss(heads["pair_head"](out["pair_rep"][b, i, j]).squeeze(-1), batch["pair_target"]) \
-        if b.numel() else zero
+    pair = red.mse(heads["pair_head"](out["pair_rep"][b, i, j]).squeeze(-1), batch["pair_target"], "pairs") \
+        if b.numel() or red.sharded else zero
     niche = self_rec = zero
-    if cfg.niche_weight > 0 and batch["niche_target"].numel():
+    if cfg.niche_weight > 0 and (batch["niche_target"].numel() or red.sharded):
         h = last[batch["cells"]]
-        pred_n = heads["niche_head"](h).view(h.shape[0], len(cfg.niche_neighbours), -1)
+        pred_n = heads["niche_head"](h).view(h.shape[0], len(cfg.niche_neighbours), batch["niche_target"].shape[-1])
         # the targets are centred on the slice's mean (a batch holds one slice); so are the
         # predictions: the head is asked how a cell's surroundings differ from the slice's
         # average, which it can read off the tokens, not the average itself, which it cannot
-        pred_n = pred_n - pred_n.mean(0, keepdim=True)
-        niche = 1.0 - F.cosine_similarity(pred_n, batch["niche_target"], dim=-1, eps=1e-6).mean()
-    if cfg.self_weight > 0 and batch["unmasked_target"].numel():
+        pred_n = red.centre(pred_n, "cells")
+        niche = red.one_minus_mean(F.cosine_similarity(pred_n, batch["niche_target"], dim=-1, eps=1e-6), "niche")
+    if cfg.self_weight > 0 and (batch["unmasked_target"].numel() or red.sharded):
         pred_s = F.normalize(lm_head(last[batch["unmasked"]]), dim=-1)
-        self_rec = 1.0 - (pred_s * F.normalize(batch["unmasked_target"], dim=-1)).sum(-1).mean()
+        self_rec = red.one_minus_mean((pred_s * F.normalize(batch["unmasked_target"], dim=-1)).sum(-1), "unmasked")
     loss = cos + cfg.pair_weight * pair + cfg.niche_weight * niche + cfg.self_weight * self_rec
     return loss, {"cosine": cos, "pair_mse": pair, "niche": niche, "self": self_rec}
 
 
 def stage2_step(se2: nn.Module, heads: Dict[str, nn.Module], opt: torch.optim.Optimizer, batch: dict,
-                cfg: PretrainConfig, device) -> dict:
+                cfg: PretrainConfig, device, objective: Optional[nn.Module] = None,
+                reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
     """One optimisation step of the stage-2 objective (learning rates as set in ``opt``);
-    returns the loss terms as floats (and the batch's slice name)."""
+    returns the loss terms as floats (and the batch's slice name). ``objective``: the loss as a
+    (DDP-wrapped) :class:`~.distributed.Objective` instead of :func:`stage2_loss`; ``reduce``:
+    what sums the logged terms over the processes."""
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else
                  tuple(t.to(device) for t in v) if isinstance(v, tuple) else v) for k, v in batch.items()}
     se2.train()
     for head in heads.values():
         head.train()
-    loss, terms = stage2_loss(se2, heads, batch, cfg)
+    loss, terms = stage2_loss(se2, heads, batch, cfg) if objective is None else objective(batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()
-    values = torch.stack([loss.detach()] + [terms[k].detach() for k in STAGE2_TERMS]).cpu().tolist()
+    values = torch.stack([terms.get("loss", loss).detach()] + [terms[k].detach() for k in STAGE2_TERMS])
+    if reduce is not None:
+        values = reduce(values)
+    values = values.cpu().tolist()
     row = dict(zip(("loss",) + STAGE2_TERMS, values, strict=True))
     if "slice" in batch:
         row["slice"] = batch["slice"]
@@ -489,12 +595,32 @@ def pretrain(
     counts, the time budget and the thread count given in ``config``, and the fields named
     in ``resume_overrides``, e.g. the stage-2 batch settings ``train_split_num`` and
     ``batch_subslices``).
+
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1), each process trains on its share of every
+    global batch and only process 0 writes (see :mod:`.distributed`); every process returns
+    ``out``.
     """
     cfg = config or PretrainConfig()
-    out = Path(out)
+    if not resume:  # before the processes wait for each other: a bad batch size fails at once
+        distributed.check_batches(cfg, distributed.launched_world())
+    ctx = distributed.setup(cfg.device)
+    try:
+        result = _pretrain(ctx, data, Path(out), cfg, resume=resume, exclude_held_out=exclude_held_out,
+                           show_progress=show_progress, adatas=adatas, resume_overrides=resume_overrides)
+    except BaseException:
+        ctx.close(ok=False)
+        raise
+    ctx.close()
+    return result
+
+
+def _pretrain(ctx: "distributed.Distributed", data, out: Path, cfg: PretrainConfig, *, resume, exclude_held_out,
+              show_progress, adatas, resume_overrides) -> Path:
     t_start = time.monotonic()
     torch.set_num_threads(max(1, int(cfg.threads)))
-    bar = ProgressLine() if show_progress else (lambda *a, **k: None)
+    bar = ProgressLine() if show_progress and ctx.is_main else (lambda *a, **k: None)
+    if ctx.active:
+        cfg.device = str(ctx.device)  # cuda:LOCAL_RANK or cpu
 
     pack = None
     if resume:
@@ -503,6 +629,7 @@ def pretrain(
         overrides.update({k: getattr(cfg, k) for k in resume_overrides if k in RESUME_OVERRIDABLE})
         tr = Trainer.resume(out, overrides)
         cfg = tr.cfg
+        distributed.check_batches(cfg, ctx.world)
         pack = load_corpus(data, adatas, exclude_held_out, tr.vocabulary, cfg.max_genes)
         if sorted(tr.slices) != sorted(pack.names):
             raise StofmInputError(
@@ -525,8 +652,10 @@ def pretrain(
         if cfg.init_from:
             tr.start_from(cfg.init_from, start)
             log.info("starting from %s", cfg.init_from)
+    tr.use_processes(ctx)
+    ctx.barrier()  # every process has read the state (or seen there is none) before process 0 writes any
     names, tokenized = pack.names, pack.tokenized
-    log.info("training on %s", tr.device)
+    log.info("training on %s%s", tr.device, f" (process {ctx.rank} of {ctx.world})" if ctx.active else "")
     budget = None if cfg.minutes is None else cfg.minutes * 60.0
     last_ckpt = time.monotonic()
 
@@ -535,23 +664,35 @@ def pretrain(
 
     def maybe_checkpoint(force: bool = False):
         nonlocal last_ckpt
-        if force or time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
-            tr.save_state()
+        due = force or time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60
+        if not force and ctx.active:
+            due = bool(ctx.agree(due)[0])  # process 0's clock decides for all
+        if due:
+            tr.checkpoint()
             last_ckpt = time.monotonic()
+
+    def clock(stage_budget: float, t0: float) -> Tuple[bool, float]:
+        """(budget spent, share of it spent): process 0's, with several processes."""
+        spent = elapsed() > stage_budget
+        frac = (time.monotonic() - t0) / max(1.0, stage_budget - (t0 - t_start))
+        spent, frac = ctx.agree(spent, frac)
+        return bool(spent), frac
 
     # ---------------- stage 1
     if tr.stage == 1:
         gcorpus = GeneCorpus(tokenized, names)
         log.info("stage 1: %d cells", len(gcorpus))
+        distributed.check_stage1_batch(min(cfg.batch_cells, len(gcorpus)), cfg, ctx.world, len(gcorpus))
         stage_budget = None if budget is None else budget * cfg.stage1_share
         t0 = time.monotonic()
         loader = prefetched(lambda k: tr.stage1_batch(gcorpus, k), tr.step, cfg.loader_threads)
         while tr.step < cfg.stage1_steps:
-            if stage_budget is not None and elapsed() > stage_budget:
-                log.info("stage 1 stops at step %d: its time budget is spent", tr.step)
-                break
             if stage_budget is not None:
-                tr.time_frac = (time.monotonic() - t0) / max(1.0, stage_budget - (t0 - t_start))
+                spent, frac = clock(stage_budget, t0)
+                if spent:
+                    log.info("stage 1 stops at step %d: its time budget is spent", tr.step)
+                    break
+                tr.time_frac = frac
             row = tr.stage1_update(next(loader))
             tr.step += 1
             row["step"] = tr.step
@@ -569,18 +710,25 @@ def pretrain(
         maybe_checkpoint(force=True)
 
     # ---------------- stage 2
-    spatial = prepare_spatial_slices(names, pack.xy, tokenized, encoder=tr.encoder, device=tr.device,
-                                     settings=tr.settings, out_dir=tr.out, stage1_steps=tr.stage1_done_steps,
-                                     seed=cfg.seed)
+    def stage2_inputs(cache_only: bool = False):
+        return prepare_spatial_slices(names, pack.xy, tokenized, encoder=tr.encoder, device=tr.device,
+                                      settings=tr.settings, out_dir=tr.out, stage1_steps=tr.stage1_done_steps,
+                                      seed=cfg.seed, cache_only=cache_only)
+
+    # with several processes, process 0 embeds the cells and writes the cache the others read
+    spatial = ctx.run_on_main(stage2_inputs)
+    if not ctx.is_main:
+        spatial = stage2_inputs(cache_only=True)
     t0 = time.monotonic()
     tr.time_frac = 0.0
     loader = prefetched(lambda k: tr.stage2_batch(spatial, k), tr.step, cfg.loader_threads)
     while tr.step < cfg.stage2_steps:
-        if budget is not None and elapsed() > budget:
-            log.info("stage 2 stops at step %d: the time budget is spent", tr.step)
-            break
         if budget is not None:
-            tr.time_frac = (time.monotonic() - t0) / max(1.0, budget - (t0 - t_start))
+            spent, frac = clock(budget, t0)
+            if spent:
+                log.info("stage 2 stops at step %d: the time budget is spent", tr.step)
+                break
+            tr.time_frac = frac
         row = tr.train_on_batch(next(loader))
         tr.step += 1
         row["step"] = tr.step
@@ -608,4 +756,7 @@ def pretrain(
         "vocabulary_genes": tr.vocabulary.n_genes,
         "recipe": "napari_stofm.training",
     }
-    return tr.export(info)
+    if ctx.active:
+        info["processes"] = ctx.world
+    result = ctx.run_on_main(lambda: tr.export(info))
+    return out if result is None else result
