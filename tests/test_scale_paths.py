@@ -149,3 +149,41 @@ def test_backed_slice_with_a_bad_value_names_the_cell(tmp_path, monkeypatch):
     monkeypatch.setattr(slices_module, "_CHECK_ROWS", 500)
     with pytest.raises(StofmInputError, match=str(adata.obs_names[row])):
         read_slice(path, backed=True)
+
+
+def test_batches_sized_to_the_gpu(bundled_model, monkeypatch):
+    from types import SimpleNamespace
+
+    from napari_stofm.model import stofm
+
+    assert stofm.batch_sizes(bundled_model) == stofm.CPU_BATCHES
+    fake = SimpleNamespace(device=torch.device("cuda", 0), se2=bundled_model.se2,
+                           cell_encoder=bundled_model.cell_encoder)
+    sizes = {}
+    for free_gib in (2, 40, 130):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free_gib: (f * 2**30, 140 * 2**30))
+        sizes[free_gib] = stofm.batch_sizes(fake)
+    assert sizes[2][0] >= 4 and sizes[2][1] >= 64
+    assert sizes[2] <= sizes[40] <= sizes[130]
+    assert sizes[130][0] > stofm.CPU_BATCHES[0] and sizes[130][1] > stofm.CPU_BATCHES[1]
+    assert sizes[130][0] <= 64 and sizes[130][1] <= 4096
+
+
+def test_large_slice_virtual_cells_are_the_pca_ones(bundled_model, monkeypatch):
+    from sklearn.decomposition import PCA
+
+    from napari_stofm.model import multiscale
+    from napari_stofm.pipeline.embed import compute_cell_embedding
+
+    adata = make_sample_slice(2500, seed=6)
+    emb = compute_cell_embedding(adata, bundled_model).embeddings
+    ours = multiscale._covariance_pca2(emb)
+    ref = PCA(n_components=2).fit_transform(emb.astype(np.float64))
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
+    xy = normalize_coordinates(adata.obsm["spatial"])
+    default = multiscale.build_hypernodes(xy, emb)
+    monkeypatch.setattr(multiscale, "LARGE_SLICE", 0)
+    monkeypatch.setattr(multiscale, "_EDGE_CHUNK", 1000)  # the graph handed to igraph in blocks
+    large = multiscale.build_hypernodes(xy, emb)
+    np.testing.assert_array_equal(large.assignment, default.assignment)
+    np.testing.assert_allclose(large.embeddings, default.embeddings, rtol=0, atol=1e-12)

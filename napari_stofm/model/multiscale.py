@@ -213,7 +213,7 @@ def build_hypernodes(
     n_neighbors = integer(n_neighbors, "n_neighbors", minimum=1)
     max_hypernodes = integer(max_hypernodes, "max_hypernodes", minimum=1)
     xy = np.asarray(normalized_xy, dtype=np.float64)
-    emb = np.asarray(embeddings, dtype=np.float64)
+    emb = np.asarray(embeddings)
     n = xy.shape[0]
     if emb.ndim != 2 or emb.shape[0] != n:
         raise StofmInputError(f"{emb.shape[0] if emb.ndim else 0} embeddings for {n} positions: pass one "
@@ -221,10 +221,12 @@ def build_hypernodes(
     if n < 3:
         return hypernodes_from_assignment(xy, emb, np.zeros(n, dtype=int))
     pos = xy / _max_row_norm(xy)
-    if emb.shape[1] >= 2 and np.ptp(emb, axis=0).max() > 0:
-        pca = PCA(n_components=2, random_state=seed).fit_transform(emb)
-    else:
+    if emb.shape[1] < 2 or not np.ptp(emb, axis=0).max() > 0:
         pca = np.zeros((n, 2))
+    elif n > LARGE_SLICE:
+        pca = _covariance_pca2(emb)
+    else:
+        pca = PCA(n_components=2, random_state=seed).fit_transform(np.asarray(emb, dtype=np.float64))
     pca = pca / _max_row_norm(pca)
     features = alpha * pos + (1 - alpha) * pca
     graph = umap_connectivities(features, min(n_neighbors, n - 1))
@@ -237,6 +239,33 @@ def build_hypernodes(
     hyper = hypernodes_from_assignment(xy, emb, labels)
     hyper.resolution = res
     return hyper
+
+
+#: above this many cells the virtual cells' PCA is computed from the covariance matrix,
+#: accumulated over blocks of rows (no float64 copy of the embeddings)
+LARGE_SLICE = 200_000
+
+
+def _covariance_pca2(emb: np.ndarray) -> np.ndarray:
+    """The first two principal components of ``emb`` (float64 arithmetic, blocks of rows),
+    signed as scikit-learn signs them (each component's largest loading positive): the
+    projection ``PCA(2).fit_transform`` gives, to float rounding."""
+    n, d = emb.shape
+    total = np.zeros(d)
+    for start in range(0, n, _SUM_CHUNK):
+        total += np.asarray(emb[start:start + _SUM_CHUNK], dtype=np.float64).sum(axis=0)
+    mean = total / n
+    cov = np.zeros((d, d))
+    for start in range(0, n, _SUM_CHUNK):
+        block = np.asarray(emb[start:start + _SUM_CHUNK], dtype=np.float64) - mean
+        cov += block.T @ block
+    _values, vectors = np.linalg.eigh(cov)
+    top = vectors[:, ::-1][:, :2]
+    top = top * np.sign(top[np.argmax(np.abs(top), axis=0), [0, 1]])
+    out = np.empty((n, 2))
+    for start in range(0, n, _SUM_CHUNK):
+        out[start:start + _SUM_CHUNK] = (np.asarray(emb[start:start + _SUM_CHUNK], dtype=np.float64) - mean) @ top
+    return out
 
 
 def umap_connectivities(features: np.ndarray, n_neighbors: int):
@@ -269,6 +298,9 @@ def umap_connectivities(features: np.ndarray, n_neighbors: int):
     return (a + at - a.multiply(at)).tocsr()
 
 
+_EDGE_CHUNK = 1_000_000
+
+
 def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int = 2) -> np.ndarray:
     """igraph's Leiden (modularity, weighted, undirected) on a symmetric CSR graph, seeded."""
     import random
@@ -277,7 +309,11 @@ def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int = 2)
     import scipy.sparse as sp
 
     upper = sp.triu(graph, k=1).tocoo()
-    g = ig.Graph(n=graph.shape[0], edges=np.column_stack([upper.row, upper.col]).tolist(), directed=False)
+    g = ig.Graph(n=graph.shape[0], directed=False)
+    # edges handed over in blocks: a Python list of every edge at once costs ~100 bytes an edge
+    for start in range(0, upper.nnz, _EDGE_CHUNK):
+        stop = start + _EDGE_CHUNK
+        g.add_edges(np.column_stack([upper.row[start:stop], upper.col[start:stop]]).tolist())
     g.es["weight"] = upper.data.tolist()
     ig.set_random_number_generator(random.Random(seed))
     try:

@@ -236,6 +236,33 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
     return dev
 
 
+#: batch sizes on a CPU: sub-slices per SE(2) pass, cells per cell-encoder pass
+CPU_BATCHES = (4, 64)
+
+
+def batch_sizes(model: "SToFM", tokens_per_subslice: int = 1201) -> tuple[int, int]:
+    """``(sub-slices, cells)`` per forward pass for the model's device.
+
+    CPU: :data:`CPU_BATCHES` (larger batches are no faster on a few cores). CUDA: sized to
+    the free GPU memory, a quarter of it for the SE(2) stage's ``(B, heads, L, L)`` float32
+    tensors (about six live at once) and the cell encoder's ``(B, heads, 256, 256)``
+    attention plus activations; between 4 and 64 sub-slices, 64 and 4,096 cells.
+    """
+    device = model.device
+    if device.type != "cuda":
+        return CPU_BATCHES
+    free, _total = torch.cuda.mem_get_info(device)
+    budget = free / 4
+    heads = model.se2.config.num_attention_heads
+    per_subslice = 6 * heads * tokens_per_subslice**2 * 4
+    cfg = model.cell_encoder.config
+    length = cfg["max_position_embeddings"]
+    per_cell = 4 * (3 * cfg["num_attention_heads"] * length**2 + 8 * length * cfg["intermediate_size"])
+    subslices = int(min(64, max(4, budget // per_subslice)))
+    cells = int(min(4096, max(64, budget // per_cell)))
+    return subslices, cells
+
+
 def load_model(path: Optional[str | Path] = None, device: Optional[str] = None) -> SToFM:
     """Load a SToFM checkpoint directory; ``None`` loads the weights bundled with the package."""
     if path is None:

@@ -219,8 +219,8 @@ def compute_embedding(
     layer: Optional[str] = None,
     split_num: Optional[int] = None,
     split_mode: Optional[str] = None,
-    batch_size: int = 4,
-    cell_batch_size: int = 64,
+    batch_size: Optional[int] = None,
+    cell_batch_size: Optional[int] = None,
     seed: int = 0,
     use_cache: bool = True,
     progress: Optional[ProgressCallback] = None,
@@ -236,7 +236,7 @@ def compute_embedding(
     from napari_stofm.genes.expression import check_values_kind
     from napari_stofm.io.slices import validate_slice
     from napari_stofm.model.forward import forward_slice
-    from napari_stofm.model.stofm import SPLIT_MODES, load_model, resolve_device
+    from napari_stofm.model.stofm import SPLIT_MODES, batch_sizes, load_model, resolve_device
 
     t0 = time.perf_counter()
     # every number given is checked before anything runs (a bad one would size a loop)
@@ -245,8 +245,10 @@ def compute_embedding(
                             fix="the number of cells per sub-slice, e.g. 1000 (the published value)")
     if split_mode is not None and split_mode not in SPLIT_MODES:
         raise StofmInputError(f"split_mode={split_mode!r} is not one of {', '.join(SPLIT_MODES)}")
-    batch_size = integer(batch_size, "batch_size", minimum=1, fix="sub-slices per SE(2) forward pass")
-    cell_batch_size = integer(cell_batch_size, "cell_batch_size", minimum=1, fix="cells per cell-encoder batch")
+    if batch_size is not None:
+        batch_size = integer(batch_size, "batch_size", minimum=1, fix="sub-slices per SE(2) forward pass")
+    if cell_batch_size is not None:
+        cell_batch_size = integer(cell_batch_size, "cell_batch_size", minimum=1, fix="cells per cell-encoder batch")
     seed = integer(seed, "seed", minimum=0, maximum=2**32 - 1)
     adapt = number(adapt, "adapt", minimum=0.0, fix="seconds of per-slice adaptation, e.g. 60 (0: off)")
     if values is not None:
@@ -255,6 +257,9 @@ def compute_embedding(
     model = model if model is not None else load_model()
     model = model.on(resolve_device(device))
     settings = model.settings
+    auto_subslices, auto_cells = batch_sizes(model, settings.split_num + settings.max_hypernodes + 1)
+    batch_size = auto_subslices if batch_size is None else batch_size
+    cell_batch_size = auto_cells if cell_batch_size is None else cell_batch_size
     split_num = settings.split_num if split_num is None else split_num
     split_mode = split_mode or settings.split_mode
 
@@ -314,8 +319,10 @@ def embed(adata, model=None, **kwargs):
     split_num, split_mode
         Cells per sub-slice (a positive integer) and how crowded squares are split
         (``'published'`` or ``'spatial'``; default: the model's).
-    batch_size
-        Sub-slices per SE(2) forward pass.
+    batch_size, cell_batch_size
+        Sub-slices per SE(2) forward pass and cells per cell-encoder pass (default: 4 and
+        64 on a CPU, sized to the free memory on a GPU; see
+        :func:`~napari_stofm.model.stofm.batch_sizes`).
     values
         What ``X`` (or ``layers[layer]``) holds: ``'raw_counts'``, ``'volume_normalized'`` or
         ``'log_normalized'``. Default: ``uns['source']['values']``, else ``'log_normalized'``
