@@ -33,7 +33,8 @@ apart from the project's ``.venv``)::
 
 Without Novae the napari-stofm rows and floors are printed alone. Other options:
 ``--threads`` (default 2, as on a laptop), ``--skip-floors``, ``--source DATASET/FILE``,
-``--regions``.
+``--regions``, ``--backed`` (napari-stofm leaves the expression matrix on disk: the memory
+figure for a slice larger than memory, e.g. ``--cells 1000000 --backed --no-novae``).
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ def _se2_floor(model, adata, meta: dict, batch_size: int) -> dict:
     return {"seconds": seconds, "batches": (len(sizes) + batch_size - 1) // batch_size}
 
 
-def child_stofm(path: str, regions: int, floors: bool) -> dict:
+def child_stofm(path: str, regions: int, floors: bool, backed: bool = False) -> dict:
     import torch
 
     from napari_stofm.heads.regions import RegionClusterer
@@ -144,7 +145,7 @@ def child_stofm(path: str, regions: int, floors: bool) -> dict:
     from napari_stofm.pipeline.embed import compute_embedding
 
     t0 = time.perf_counter()
-    adata = read_slice(path)
+    adata = read_slice(path, backed=backed)
     model = load_model()
     t_read = time.perf_counter()
     clock = StageClock()
@@ -214,6 +215,8 @@ def run_child(system: str, path: str, args) -> dict:
            "--regions", str(args.regions), "--threads", str(args.threads)]
     if args.skip_floors:
         cmd.append("--skip-floors")
+    if args.backed:
+        cmd.append("--backed")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
@@ -245,6 +248,8 @@ def main():
     ap.add_argument("--source", default=DEFAULT_SOURCE, help="DATASET/FILE.h5ad under ../shared/data")
     ap.add_argument("--skip-floors", action="store_true")
     ap.add_argument("--no-novae", action="store_true")
+    ap.add_argument("--backed", action="store_true",
+                    help="napari-stofm reads the expression matrix backed (left on disk, read in blocks)")
     ap.add_argument("--child", choices=["stofm", "novae"], help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -253,7 +258,7 @@ def main():
 
     torch.set_num_threads(args.threads)
     if args.child:
-        result = (child_stofm(args.input, args.regions, not args.skip_floors) if args.child == "stofm"
+        result = (child_stofm(args.input, args.regions, not args.skip_floors, args.backed) if args.child == "stofm"
                   else child_novae(args.input, args.regions))
         print(json.dumps(result))
         return

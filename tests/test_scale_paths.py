@@ -187,3 +187,19 @@ def test_large_slice_virtual_cells_are_the_pca_ones(bundled_model, monkeypatch):
     large = multiscale.build_hypernodes(xy, emb)
     np.testing.assert_array_equal(large.assignment, default.assignment)
     np.testing.assert_allclose(large.embeddings, default.embeddings, rtol=0, atol=1e-12)
+
+
+def test_bfloat16_cell_encoder_is_close_and_cached_apart(bundled_model):
+    from napari_stofm.errors import StofmInputError
+    from napari_stofm.pipeline.embed import compute_cell_embedding, embed_cells
+
+    adata = make_sample_slice(600, seed=7)
+    full = embed_cells(adata, bundled_model)
+    reduced = compute_cell_embedding(adata, bundled_model, precision="bfloat16")
+    assert not reduced.reused, "a float32 cache must not answer for bfloat16"
+    assert reduced.meta["precision"] == "bfloat16"
+    cos = (full * reduced.embeddings).sum(axis=1)
+    assert cos.min() > 0.999
+    assert bundled_model.cell_encoder.bert.embeddings.word_embeddings.weight.dtype == torch.float32
+    with pytest.raises(StofmInputError, match="precision"):
+        compute_cell_embedding(adata, bundled_model, precision="float16")

@@ -148,6 +148,19 @@ class SToFM:
     def device(self) -> torch.device:
         return next(self.se2.parameters()).device
 
+    def cell_encoder_in(self, precision: str = "float32") -> CellEncoder:
+        """The cell encoder computing in ``precision`` (see :data:`PRECISIONS`): itself for
+        float32, else a converted copy made once per model."""
+        check_precision(precision)
+        if precision == "float32":
+            return self.cell_encoder
+        reduced = self.__dict__.setdefault("_reduced_encoders", {})
+        if precision not in reduced:
+            import copy
+
+            reduced[precision] = copy.deepcopy(self.cell_encoder).to(getattr(torch, precision)).eval()
+        return reduced[precision]
+
     def to(self, device) -> "SToFM":
         """Move this model (in place) to ``device``."""
         self.se2.to(device)
@@ -234,6 +247,20 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device 'cuda' was asked for but no CUDA GPU is available here: use device='cpu'")
     return dev
+
+
+#: arithmetic of the cell encoder: ``bfloat16`` runs its matrix products at about twice the
+#: float32 rate on CPUs with AVX-512 BF16 / AMX and on recent GPUs (its effect on the
+#: embeddings is measured by ``benchmarks/bench_precision.py``); float32 is the default.
+PRECISIONS = ("float32", "bfloat16")
+
+
+def check_precision(precision) -> str:
+    if precision not in PRECISIONS:
+        from napari_stofm.errors import StofmInputError
+
+        raise StofmInputError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    return precision
 
 
 #: batch sizes on a CPU: sub-slices per SE(2) pass, cells per cell-encoder pass

@@ -35,10 +35,10 @@ STOFM_KEY = keys.EMBEDDING
 UNS_KEY = keys.UNS
 
 
-def _gene_scale_key(model, adata, gene_key, layer, values: str) -> str:
+def _gene_scale_key(model, adata, gene_key, layer, values: str, precision: str = "float32") -> str:
     return (f"{model.fingerprint}:{expression_fingerprint(adata, layer)}:{gene_key}:{model.settings.max_genes}"
             f"{'' if model.settings.gene_windows == 1 else f'x{model.settings.gene_windows}'}"
-            f":{values}")
+            f":{values}{'' if precision == 'float32' else ':' + precision}")
 
 
 def _matrix(adata, layer):
@@ -98,6 +98,7 @@ def compute_cell_embedding(
     cancel: CancelToken = None,
     use_cache: bool = True,
     values: Optional[str] = None,
+    precision: str = "float32",
 ) -> CellEmbedding:
     """Gene-scale embeddings (n, 256), from the cache in ``adata`` when still valid; ``adata``
     is not changed.
@@ -106,14 +107,17 @@ def compute_cell_embedding(
     ``'log_normalized'``); default: ``uns['source']['values']``, ``uns['log1p']``, else read
     off the matrix (log-normalised when its values are non-integers no larger than 20; a
     warning says so). What was used goes to ``uns['stofm']['values_assumed']``.
+    ``precision``: the cell encoder's arithmetic (``'float32'`` or ``'bfloat16'``).
     """
     from napari_stofm.checks import integer
     from napari_stofm.genes.expression import infer_values_kind
     from napari_stofm.genes.tokenizer import prepare_tokenization, require_nonempty
+    from napari_stofm.model.stofm import check_precision
 
     batch_size = integer(batch_size, "cell_batch_size", minimum=1)
+    check_precision(precision)
     kind, basis = infer_values_kind(adata, _matrix(adata, layer), values)
-    key = _gene_scale_key(model, adata, gene_key, layer, kind)
+    key = _gene_scale_key(model, adata, gene_key, layer, kind, precision)
     meta = adata.uns.get(UNS_KEY, {}) or {}
     cached = adata.obsm.get(CELL_KEY) if use_cache else None
     if cached is not None and meta.get("gene_scale_key") == key and cached.shape[0] == adata.n_obs:
@@ -134,7 +138,8 @@ def compute_cell_embedding(
     few_genes = match.few_genes_message()
     if few_genes:
         log.warning("%s", few_genes)
-    emb, empty = encode_streamed(X, match, model, kind, batch_size=batch_size, progress=progress, cancel=cancel)
+    emb, empty = encode_streamed(X, match, model, kind, batch_size=batch_size, progress=progress, cancel=cancel,
+                                 precision=precision)
     require_nonempty(empty, match)
     if empty.any():
         examples = ", ".join(map(str, adata.obs_names[empty][:5]))
@@ -151,6 +156,7 @@ def compute_cell_embedding(
         values_assumed=str(kind),
         values_basis=str(basis),
         few_genes_matched=bool(match.few_genes),
+        precision=str(precision),
     )
     if few_genes:
         meta["gene_match_warning"] = few_genes
@@ -162,8 +168,8 @@ STREAM_CELLS = 65_536
 
 
 def encode_streamed(X, match, model, values: str, *, batch_size: int = 64, block: Optional[int] = None,
-                    progress: Optional[ProgressCallback] = None,
-                    cancel: CancelToken = None) -> tuple[np.ndarray, np.ndarray]:
+                    progress: Optional[ProgressCallback] = None, cancel: CancelToken = None,
+                    precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Gene-scale embeddings ``(n, 256)`` and the ``empty`` mask of the rows of ``X``, read,
     tokenised and encoded ``block`` rows at a time (a backed matrix is read block by block)
     into one preallocated array: memory holds one block's tokens, whatever the slice's size.
@@ -171,6 +177,7 @@ def encode_streamed(X, match, model, values: str, *, batch_size: int = 64, block
     from napari_stofm.genes.tokenizer import tokenize
 
     settings = model.settings
+    encoder = model.cell_encoder_in(precision)
     block = STREAM_CELLS if block is None else int(block)
     n = int(X.shape[0])
     out = np.zeros((n, model.cell_encoder.embedding_dim), dtype=np.float32)
@@ -187,12 +194,12 @@ def encode_streamed(X, match, model, values: str, *, batch_size: int = 64, block
             report(progress, _start + done, n, message)
 
         if settings.gene_windows > 1:
-            out[start:stop] = model.cell_encoder.encode_windows(
+            out[start:stop] = encoder.encode_windows(
                 tokens, settings.max_genes, batch_size=batch_size, device=model.device, progress=block_progress,
                 cancel=cancel)
         else:
-            out[start:stop] = model.cell_encoder.encode(tokens, batch_size=batch_size, device=model.device,
-                                                        progress=block_progress, cancel=cancel)
+            out[start:stop] = encoder.encode(tokens, batch_size=batch_size, device=model.device,
+                                             progress=block_progress, cancel=cancel)
         del tokens
     return out, empty
 
@@ -227,6 +234,7 @@ def compute_embedding(
     cancel: CancelToken = None,
     values: Optional[str] = None,
     adapt: float = 0.0,
+    precision: str = "float32",
 ) -> Embedding:
     """Run SToFM on a slice and return the result; ``adata`` and ``model`` are not changed.
 
@@ -265,7 +273,7 @@ def compute_embedding(
 
     cell = compute_cell_embedding(
         adata, model, gene_key=gene_key, layer=layer, batch_size=cell_batch_size,
-        progress=progress, cancel=cancel, use_cache=use_cache, values=values,
+        progress=progress, cancel=cancel, use_cache=use_cache, values=values, precision=precision,
     )
     gene_scale_key = cell.meta.get("gene_scale_key") or (adata.uns.get(UNS_KEY) or {}).get("gene_scale_key")
     positions = np.ascontiguousarray(np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2])
@@ -329,6 +337,9 @@ def embed(adata, model=None, **kwargs):
         when scanpy's ``uns['log1p']`` is there, else read off the values (non-integers no
         larger than 20 are taken as log1p data, with a warning). Recorded in
         ``uns['stofm']['values_assumed']`` (and how it was decided in ``values_basis``).
+    precision
+        The cell encoder's arithmetic: ``'float32'`` (default) or ``'bfloat16'`` (faster
+        where the CPU or GPU has bfloat16 matrix units; the SE(2) stage stays float32).
     adapt
         Seconds of label-free per-slice adaptation (0, the default: off): the SE(2) stage's
         self-supervised objective continues on this slice, on a copy of the model, before
