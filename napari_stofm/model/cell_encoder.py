@@ -330,7 +330,7 @@ class CellEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         # Only the CLS token's last state is used: the last layer computes that one only.
         hidden = self.bert(input_ids, attention_mask, last_queries=1)
-        return F.normalize(self.cell_proj(hidden[:, 0]), dim=-1)
+        return F.normalize(self.cell_proj(hidden[:, 0]).float(), dim=-1)  # unit norm in float32 at any precision
 
     # ---------------------------------------------------------------- inference
 
