@@ -7,6 +7,7 @@ The library is usable without a display::
     model = st.load_model()            # the bundled weights, offline
     st.embed(adata, model)             # obsm['X_stofm'], obsm['X_stofm_cell']
     st.predict(adata, model, n_regions=7)
+    st.embed_many(["a.h5ad", "b.h5ad"], model, out_dir="embedded")   # many slices (client= a dask cluster)
 
 Heavy modules (torch, scanpy) are imported on first use, so importing the package (as
 napari does when it reads the plugin manifest) stays cheap.
@@ -37,6 +38,8 @@ _LAZY = {
     "export_h5ad": "napari_stofm.io.export",
     "export_csv": "napari_stofm.io.export",
     "export_spatialdata": "napari_stofm.io.export",
+    "embed_many": "napari_stofm.cohort",
+    "predict_many": "napari_stofm.cohort",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

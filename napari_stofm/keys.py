@@ -25,6 +25,7 @@ UNS = "stofm"  #: run metadata, provenance, prediction settings
 SOURCE = "stofm_source"  #: where read_slice read the slice from
 PROVENANCE = "provenance"  #: uns['stofm']['provenance'][key]: how each labelling was made
 PREDICTION = "prediction"  #: uns['stofm']['prediction']: the settings of the last predict()
+COHORT = "cohort"  #: uns['stofm']['cohort']: the key of a cohort run's output (napari_stofm.cohort)
 MARKERS = "stofm_markers"  #: uns['stofm_markers'][key]: the marker genes of each labelling's classes
 
 #: display names of the predicted labellings (napari layer names)

@@ -1,6 +1,7 @@
 """The ``stofm`` command: every step of the plugin, from a terminal.
 
     stofm embed   slice.h5ad -o embedded.h5ad          run SToFM (cell representations)
+    stofm embed   a.h5ad b.h5ad ... -o OUTDIR [--scheduler local:4]   many slices (OUTDIR/<slice>.h5ad)
     stofm predict slice.h5ad -o predicted.h5ad --regions 7 [--reference ref.h5ad --label-key cell_type]
     stofm export  curated.h5ad --csv labels.csv --zarr labels.zarr
     stofm pretrain --data DIR ... -o weights/           train weights (see `stofm pretrain --help`)
@@ -104,6 +105,65 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
                         "this slice for SECONDS before embedding it (default: 0, off)")
 
 
+def _add_cohort_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scheduler", metavar="ADDRESS", default=None,
+        help="with several slices, where they run: 'local:N' starts N worker processes on this computer "
+        "('local': one per CPU core), 'tcp://HOST:PORT' (or a dask scheduler file) uses a running dask cluster. "
+        "Default: one slice after another in this process. Needs pip install 'napari-stofm[cluster]'",
+    )
+
+
+def _is_cohort(args) -> bool:
+    """Several slices, or an existing folder as -o: one output per slice in that folder."""
+    return len(args.input) > 1 or Path(args.output).is_dir()
+
+
+def _cohort_printer(args):
+    """Progress lines of a cohort run: one per finished slice (failures even with --quiet)."""
+    def show(done: int, total: int, message: str) -> None:
+        if not getattr(args, "quiet", False) or "FAILED" in message:
+            print(f"[{done}/{total}] {message}", file=sys.stderr, flush=True)
+    return show
+
+
+def _run_cohort(args, run, after=None, **kwargs) -> int:
+    """``run(slices, model, ...)`` (embed_many / predict_many) over every slice of ``args.input``,
+    then ``after(report)``; 1 when any slice failed (the others are written), 130 when interrupted."""
+    from napari_stofm.model.stofm import load_model
+
+    if not args.debug:  # dask's own chatter (workers starting, connections closing) is not for the user
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_dask)
+    model = load_model(args.checkpoint)  # on the CPU: each slice's task puts it on --device where it runs
+    where = f"on {args.scheduler}" if args.scheduler else "one after another in this process"
+    print(f"{len(args.input)} slices -> {args.output.rstrip('/')}/ ({where}); model {model}", file=sys.stderr)
+    try:
+        report = run(args.input, model, out_dir=args.output, client=args.scheduler, overwrite=args.overwrite,
+                     progress=_cohort_printer(args), **kwargs)
+    except KeyboardInterrupt:
+        print(f"stofm {args.command}: interrupted; the slices finished so far are in {args.output} and are kept: "
+              "run the same command again to do the rest", file=sys.stderr)
+        return 130
+    print(report.describe(), file=sys.stderr)
+    if after is not None:
+        after(report)
+    return 0 if report.ok else 1
+
+
+def _quiet_dask(record: logging.LogRecord) -> bool:
+    """A log filter: dask's (and its web server's) records below WARNING are dropped."""
+    return record.levelno >= logging.WARNING or not record.name.startswith(("distributed", "tornado", "bokeh"))
+
+
+def _single_only(args, option: str, given) -> None:
+    from napari_stofm.errors import StofmInputError
+
+    if given:
+        raise StofmInputError(f"{option} is for several slices written into a folder: give several slices, or an "
+                              "existing folder as -o")
+
+
 def _read(path: str):
     from napari_stofm.io.slices import read_slice
 
@@ -122,14 +182,18 @@ def _load_model(args):
     return load_model(args.checkpoint, device=None if args.device == "auto" else args.device)
 
 
+def _embed_settings(args) -> dict:
+    """The keywords of :func:`~napari_stofm.pipeline.embed.embed` the embedding options give
+    (the same for one slice and for every slice of a cohort)."""
+    return dict(device=None if args.device == "auto" else args.device, spatial_key=args.spatial_key,
+                gene_key=args.gene_key, split_num=args.split_num, seed=args.seed, values=args.values,
+                adapt=args.adapt)
+
+
 def _embed(adata, model, args, progress):
     from napari_stofm.pipeline.embed import embed
 
-    embed(
-        adata, model, device=None if args.device == "auto" else args.device, spatial_key=args.spatial_key,
-        gene_key=args.gene_key, split_num=args.split_num, seed=args.seed, progress=progress, values=args.values,
-        adapt=args.adapt,
-    )
+    embed(adata, model, progress=progress, **_embed_settings(args))
 
 
 def _check_output(path: str, overwrite: bool) -> None:
@@ -148,10 +212,16 @@ def cmd_embed(args) -> int:
     from napari_stofm.pipeline.predict import EMBEDDING_PARTS, STAGE_EMBED
     from napari_stofm.progress import StagedProgress, TextProgress
 
+    if _is_cohort(args):
+        from napari_stofm.cohort import embed_many
+
+        return _run_cohort(args, embed_many, **_embed_settings(args))
+    _single_only(args, "--scheduler", args.scheduler)
+    path = args.input[0]
     _check_output(args.output, args.overwrite)
-    adata = _read(args.input)
+    adata = _read(path)
     model = _load_model(args)
-    print(f"{args.input}: {adata.n_obs} cells x {adata.n_vars} genes; model {model}", file=sys.stderr)
+    print(f"{path}: {adata.n_obs} cells x {adata.n_vars} genes; model {model}", file=sys.stderr)
     overall = None if args.quiet else StagedProgress(TextProgress(), [(STAGE_EMBED, 1.0, EMBEDDING_PARTS)])
     _embed(adata, model, args, None if overall is None else overall.stage(STAGE_EMBED))
     if overall is not None:
@@ -197,13 +267,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="compute SToFM cell representations (obsm['X_stofm'])",
                        description="Compute SToFM cell representations for every cell of a slice: gene-scale "
                        "embeddings in obsm['X_stofm_cell'] and final (spatial-context) ones in obsm['X_stofm']. "
-                       "Example: stofm embed slice.h5ad -o slice_stofm.h5ad")
-    p.add_argument("input", help="the slice: .h5ad file or SpatialData .zarr folder")
-    p.add_argument("-o", "--output", required=True, help="where to write the .h5ad with the embeddings")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+                       "Several slices go into a folder, one OUTDIR/<slice name>.h5ad each; a slice that fails is "
+                       "reported and the others are still done, and running the same command again only does "
+                       "what is not finished. "
+                       "Examples: stofm embed slice.h5ad -o slice_stofm.h5ad; "
+                       "stofm embed slices/*.h5ad -o embedded/ --scheduler local:4")
+    p.add_argument("input", nargs="+", metavar="SLICE",
+                   help="the slice(s): .h5ad files or SpatialData .zarr folders")
+    p.add_argument("-o", "--output", required=True,
+                   help="where to write the .h5ad with the embeddings; with several slices, a folder (created if "
+                        "missing) that gets one <slice name>.h5ad per slice")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUTPUT if it exists (several slices: replace outputs made with other weights or "
+                        "settings; finished ones are always kept)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (several slices: failed slices only)")
     _add_model_args(p)
     _add_embed_args(p)
+    _add_cohort_args(p)
 
     p = sub.add_parser("info", help="describe a checkpoint (default: the bundled weights)")
     _add_model_args(p)

@@ -9,10 +9,15 @@ import numpy as np
 from napari_stofm import keys
 from napari_stofm.cli import app as cli
 from napari_stofm.cli.app import (
+    _add_cohort_args,
     _add_embed_args,
     _add_model_args,
     _check_output,
+    _embed_settings,
+    _is_cohort,
     _load_model,
+    _run_cohort,
+    _single_only,
     bounded_float,
     command,
     positive_int,
@@ -28,23 +33,41 @@ def _add_parsers(sub) -> None:
         "learned from a labelled reference slice (--reference REF.h5ad --label-key cell_type) or from the "
         "slice's own partial labels (--label-key KEY without --reference). Writes obs['stofm_region'], "
         "obs['stofm_cell_type'] with _confidence columns and colours in uns. "
-        "Example: stofm predict slice.h5ad -o predicted.h5ad --regions 7",
+        "Several slices go into a folder, one OUTDIR/<slice name>.h5ad each, with a table of the cells per "
+        "region and cell type of every slice (OUTDIR/cohort_summary.csv); --joint-regions K gives every slice "
+        "the same K regions, so that 'Region 3' is the same tissue on every slide. "
+        "Examples: stofm predict slice.h5ad -o predicted.h5ad --regions 7; "
+        "stofm predict slides/*.h5ad -o predicted/ --joint-regions 7 --reference atlas.h5ad --label-key cell_type",
     )
-    p.add_argument("input", help="the slice: .h5ad file or SpatialData .zarr folder")
-    p.add_argument("-o", "--output", required=True, help="the .h5ad to write")
+    p.add_argument("input", nargs="+", metavar="SLICE",
+                   help="the slice(s): .h5ad files or SpatialData .zarr folders")
+    p.add_argument("-o", "--output", required=True,
+                   help="the .h5ad to write; with several slices, a folder (created if missing) that gets one "
+                        "<slice name>.h5ad per slice")
     p.add_argument("--regions", type=positive_int("number of tissue regions"), default=None, metavar="K",
                    help="number of tissue regions (default 7)")
     p.add_argument("--resolution", type=bounded_float("Leiden resolution", minimum=0.0, exclusive_minimum=True),
                    default=None, help="instead of K: Leiden resolution, > 0 (larger = more regions)")
+    p.add_argument("--joint-regions", type=positive_int("number of joint tissue regions"), default=None, metavar="K",
+                   help="several slices: find K tissue regions on all slices together (instead of --regions, "
+                        "which finds them on each slice alone), so every slice is labelled with the same regions")
+    p.add_argument("--joint-sample", type=positive_int("cells for the joint regions"), default=None,
+                   metavar="CELLS",
+                   help="with --joint-regions: how many cells, drawn evenly from the slices, the joint regions are "
+                        "fitted on (default 50000); every cell of every slice is then labelled")
     p.add_argument("--reference", default=None, metavar="REF",
-                   help="a labelled slice (.h5ad/.zarr) to learn labels from")
-    p.add_argument("--label-key", default=None, help="obs column with the labels to learn (in REF, or in INPUT)")
+                   help="a labelled slice (.h5ad/.zarr) to learn labels from (with several slices: embedded once, "
+                        "and its labels transferred to every slice)")
+    p.add_argument("--label-key", default=None, help="obs column with the labels to learn (in REF, or in each SLICE)")
     p.add_argument("--target", choices=["cell_type", "region"], default="cell_type",
                    help="what the learned labels are: written to obs['stofm_cell_type'] or obs['stofm_region']")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUTPUT if it exists (several slices: replace outputs made with other weights or "
+                        "settings; finished ones are always kept)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (several slices: failed slices only)")
     _add_model_args(p)
     _add_embed_args(p)
+    _add_cohort_args(p)
 
     p = sub.add_parser(
         "export", help="export (curated) labels to .h5ad, CSV and SpatialData",
@@ -83,19 +106,26 @@ def _progress(args):
     return None if getattr(args, "quiet", False) else TextProgress()
 
 
+def _predict_settings(args) -> dict:
+    """The keywords of :func:`~napari_stofm.pipeline.predict.predict` the options give (the same
+    for one slice and for every slice of a cohort)."""
+    return dict(n_regions=args.regions, resolution=args.resolution, reference=args.reference,
+                label_key=args.label_key, target_key=f"stofm_{args.target}", **_embed_settings(args))
+
+
 @command("predict")
 def cmd_predict(args) -> int:
     from napari_stofm.pipeline.predict import predict
 
+    if _is_cohort(args):
+        return _predict_cohort(args)
+    _single_only(args, "--scheduler", args.scheduler)
+    _single_only(args, "--joint-regions", args.joint_regions)
+    args.input = args.input[0]
     _check_output(args.output, args.overwrite)
     adata = cli._read(args.input)
     model = _load_model(args)
-    result = predict(
-        adata, model, n_regions=args.regions, resolution=args.resolution, reference=args.reference,
-        label_key=args.label_key, target_key=f"stofm_{args.target}", spatial_key=args.spatial_key,
-        device=None if args.device == "auto" else args.device, seed=args.seed, gene_key=args.gene_key,
-        split_num=args.split_num, progress=_progress(args), values=args.values, adapt=args.adapt,
-    )
+    result = predict(adata, model, progress=_progress(args), **_predict_settings(args))
     for key, ann in result.annotations.items():
         table = ann.summary()
         counts = ", ".join(f"{name}: {n}" for name, n in zip(table["name"], table["n_cells"], strict=True))
@@ -104,6 +134,21 @@ def cmd_predict(args) -> int:
     cli._write_h5ad(adata, args.output, args.overwrite)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def _predict_cohort(args) -> int:
+    from napari_stofm.cohort import predict_many
+    from napari_stofm.cohort.runner import region_table
+
+    def show_summary(report) -> None:
+        table = region_table(report.summary)
+        if table is not None:
+            print(f"cells per tissue region:\n{table.to_string()}", file=sys.stderr)
+        if report.summary_path is not None:
+            print(f"wrote {report.summary_path} (cells per class per slice)", file=sys.stderr)
+
+    return _run_cohort(args, predict_many, after=show_summary, joint_regions=args.joint_regions,
+                       joint_sample=args.joint_sample, **_predict_settings(args))
 
 
 def _annotations(adata, keys):
