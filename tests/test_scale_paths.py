@@ -204,3 +204,19 @@ def test_bfloat16_cell_encoder_is_close_and_cached_apart(bundled_model):
     assert bundled_model.cell_encoder.bert.embeddings.word_embeddings.weight.dtype == torch.float32
     with pytest.raises(StofmInputError, match="precision"):
         compute_cell_embedding(adata, bundled_model, precision="float16")
+
+
+def test_cli_embed_backed_writes_what_in_memory_writes(tmp_path):
+    import anndata as ad
+
+    from napari_stofm.cli import main
+
+    path = tmp_path / "slice.h5ad"
+    make_sample_slice(800, seed=8).write_h5ad(path)
+    assert main(["embed", str(path), "-o", str(tmp_path / "mem.h5ad"), "-q"]) == 0
+    assert main(["embed", str(path), "-o", str(tmp_path / "backed.h5ad"), "--backed", "-q"]) == 0
+    mem, backed = ad.read_h5ad(tmp_path / "mem.h5ad"), ad.read_h5ad(tmp_path / "backed.h5ad")
+    np.testing.assert_allclose(backed.obsm["X_stofm"], mem.obsm["X_stofm"], rtol=0, atol=1e-5)
+    assert (backed.X != mem.X).nnz == 0
+    assert list(backed.obs_names) == list(mem.obs_names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backed.h5ad", "mem.h5ad", "slice.h5ad"]

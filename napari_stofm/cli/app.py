@@ -100,6 +100,9 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--values", choices=["raw_counts", "volume_normalized", "log_normalized"], default=None,
                    help="what X holds (default: uns['source']['values'], else log_normalized when uns['log1p'] is "
                    "there, else read off the values: non-integers no larger than 20 are taken as log1p data)")
+    p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                   help="the cell encoder's arithmetic (default: float32; bfloat16 is faster on CPUs with AVX-512 "
+                        "BF16 / AMX and on recent GPUs, and moves the embeddings slightly)")
     p.add_argument("--adapt", type=bounded_float("adaptation seconds", minimum=0.0), default=0.0, metavar="SECONDS",
                    help="label-free per-slice adaptation: continue the SE(2) stage's self-supervised training on "
                         "this slice for SECONDS before embedding it (default: 0, off)")
@@ -164,10 +167,10 @@ def _single_only(args, option: str, given) -> None:
                               "existing folder as -o")
 
 
-def _read(path: str):
+def _read(path: str, backed: bool = False):
     from napari_stofm.io.slices import read_slice
 
-    return read_slice(path)
+    return read_slice(path, backed=backed)
 
 
 def _write_h5ad(adata, out: str, overwrite: bool) -> None:
@@ -187,7 +190,7 @@ def _embed_settings(args) -> dict:
     (the same for one slice and for every slice of a cohort)."""
     return dict(device=None if args.device == "auto" else args.device, spatial_key=args.spatial_key,
                 gene_key=args.gene_key, split_num=args.split_num, seed=args.seed, values=args.values,
-                adapt=args.adapt)
+                adapt=args.adapt, precision=args.precision)
 
 
 def _embed(adata, model, args, progress):
@@ -219,7 +222,7 @@ def cmd_embed(args) -> int:
     _single_only(args, "--scheduler", args.scheduler)
     path = args.input[0]
     _check_output(args.output, args.overwrite)
-    adata = _read(path)
+    adata = _read(path, backed=args.backed)
     model = _load_model(args)
     print(f"{path}: {adata.n_obs} cells x {adata.n_vars} genes; model {model}", file=sys.stderr)
     overall = None if args.quiet else StagedProgress(TextProgress(), [(STAGE_EMBED, 1.0, EMBEDDING_PARTS)])
@@ -281,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace OUTPUT if it exists (several slices: replace outputs made with other weights or "
                         "settings; finished ones are always kept)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (several slices: failed slices only)")
+    p.add_argument("--backed", action="store_true",
+                   help="one .h5ad slice: leave its expression matrix on disk and read it in blocks (for a slice "
+                        "larger than memory; positions and embeddings are still held in memory)")
     _add_model_args(p)
     _add_embed_args(p)
     _add_cohort_args(p)

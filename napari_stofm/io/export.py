@@ -113,7 +113,10 @@ def annotated_copy(adata, annotations=None, *, export_format: str = "", markers:
     ``uns['stofm_markers'][key]`` (see :func:`add_markers`; ``progress`` / ``cancel`` are
     theirs)."""
     annotations = as_annotation_dict(annotations)
-    out = adata.copy()
+    return _annotate(adata.copy(), annotations, export_format, markers, progress, cancel)
+
+
+def _annotate(out, annotations: Dict[str, Annotation], export_format: str, markers: bool, progress, cancel):
     for ann in annotations.values():
         ann.to_obs(out)
     if markers:
@@ -551,6 +554,8 @@ def export_h5ad(adata, annotations=None, path=None, *, overwrite: bool = False, 
     annotations = as_annotation_dict(annotations)
     _check_sizes(adata, annotations)
     target = _target(path, overwrite)
+    if getattr(adata, "isbacked", False):
+        return _export_backed_h5ad(adata, annotations, target, cancel)
     plan = _ExportPlan(progress, adata, annotations, markers, target)
     out = annotated_copy(adata, annotations, export_format="h5ad", markers=markers,
                          progress=plan.callback(STAGE_MARKERS), cancel=cancel)
@@ -558,6 +563,21 @@ def export_h5ad(adata, annotations=None, path=None, *, overwrite: bool = False, 
     written = _atomic_file(target, lambda tmp: _write_h5ad(out, tmp), cancel=cancel)
     plan.finish(written)
     return written
+
+
+def _export_backed_h5ad(adata, annotations: Dict[str, Annotation], target: Path, cancel: CancelToken) -> Path:
+    """A backed slice (expression matrix on disk): anndata copies the file, the matrix block
+    by block, into the temporary file, which is then annotated and moved into place. Marker
+    genes need the matrix in memory and are left out (``stofm markers`` computes them)."""
+    def write(tmp: Path) -> None:
+        out = adata.copy(filename=tmp)
+        try:
+            _annotate(out, annotations, "h5ad", False, None, cancel)
+            out.write()
+        finally:
+            out.file.close()
+
+    return _atomic_file(target, write, cancel=cancel)
 
 
 def _write_h5ad(adata, tmp: Path) -> None:
