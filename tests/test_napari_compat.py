@@ -337,6 +337,36 @@ def test_refresh_labels_region_private_path_and_fallbacks(labels, debug_log):
 # ----------------------------------------------------------------------------- method patches
 
 
+def _count_slicing(layer, monkeypatch) -> list:
+    calls = []
+    real = layer.set_view_slice
+    monkeypatch.setattr(layer, "set_view_slice", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    return calls
+
+
+def test_one_refresh_private_path(layer, monkeypatch):
+    from napari.utils.colormaps import DirectLabelColormap
+
+    calls = _count_slicing(layer, monkeypatch)
+    with compat.one_refresh(layer):
+        layer.data = np.ones((40, 40), np.uint8)
+        layer.colormap = DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: BLUE})
+        layer.colormap = _cmap()
+    assert len(calls) == 1  # the one refresh at the end
+    np.testing.assert_array_equal(np.asarray(compat.displayed_slice_image(layer).raw), 1)
+
+
+def test_one_refresh_fallback(layer, monkeypatch, debug_log):
+    _mro_delattr(monkeypatch, type(layer), "_block_refresh")
+    calls = _count_slicing(layer, monkeypatch)
+    with compat.one_refresh(layer):
+        layer.data = np.ones((40, 40), np.uint8)
+        layer.colormap = _cmap()
+    assert len(calls) >= 2  # refreshed per change, and once more at the end
+    np.testing.assert_array_equal(np.asarray(compat.displayed_slice_image(layer).raw), 1)
+    assert _said(debug_log, "Layer._block_refresh")
+
+
 def test_patch_method_private_path(layer):
     cls = type(layer)
     assert compat.patch_method(layer, "get_status", lambda position=None, **kw: {"coordinates": "patched"})

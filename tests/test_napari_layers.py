@@ -68,3 +68,73 @@ def test_a_second_slice_is_placed_beside_the_first(make_napari_viewer, tmp_path)
     labels = [l for l in second if l.visible and l.metadata.get("stofm_role") == "labels"][0]
     assert binding_of(labels).cell_at(world_yx(s2, 17)[0]) == 17
 
+
+
+def test_labels_layers_are_single_scale_editable_and_small(make_napari_viewer, qtbot):
+    """napari 0.9 paints on level 0 of no multiscale Labels (a multiscale layer is not
+    editable), so the layers stay single-scale, in the smallest dtype that holds the classes."""
+    from napari_stofm._napari.binding import binding_of
+
+    viewer = make_napari_viewer()
+    layers = viewer.open_sample("napari-stofm", "sample_slice")
+    session = layers[0].metadata["stofm_session"]
+    labels = [l for l in layers if l.metadata.get("stofm_role") == "labels"]
+    assert labels
+    for layer in labels:
+        assert not layer.multiscale and layer.editable
+        assert layer.data.dtype == np.uint8
+        ann = session.annotations[layer.metadata["stofm_key"]]
+        np.testing.assert_array_equal(layer.data, session.territories.class_image(ann.codes))
+    qtbot.waitUntil(lambda: all(binding_of(l) is not None for l in labels), timeout=5_000)
+
+
+def test_classes_added_past_what_the_dtype_holds_widen_the_layer(make_napari_viewer, qtbot):
+    from napari_stofm._napari.binding import binding_of
+
+    viewer = make_napari_viewer()
+    layers = viewer.open_sample("napari-stofm", "sample_slice")
+    session = layers[0].metadata["stofm_session"]
+    layer = next(l for l in layers if l.metadata.get("stofm_key") == "region")
+    qtbot.waitUntil(lambda: binding_of(layer) is not None, timeout=5_000)
+    ann = session.annotations["region"]
+    for i in range(256 - ann.n_classes):
+        ann.add_class(f"extra {i}", "#808080")
+    code = session.add_class("region", "the 257th")  # napari is told now
+    assert ann.n_classes == 257 and layer.data.dtype == np.uint16
+    np.testing.assert_array_equal(layer.data, session.territories.class_image(ann.codes))
+    cell = 10
+    rows, cols = np.nonzero(session.territories.instance_map == cell + 1)
+    layer.data_setitem((rows, cols), code + 1)
+    qtbot.waitUntil(lambda: ann.codes[cell] == code, timeout=5_000)
+    assert ann.curated[cell]
+
+
+def test_a_prepared_display_is_used_only_while_it_shows_the_annotation(tmp_path):
+    from napari_stofm._napari.layers import (
+        discard_prepared,
+        labels_layer_data,
+        offer_prepared,
+        prepare_labels,
+        prepared_for,
+    )
+    from napari_stofm.io.sample import make_sample_slice
+    from napari_stofm.review.session import SliceSession
+
+    session = SliceSession(make_sample_slice(400, seed=3), name="s", autosave_dir=tmp_path)
+    session.load_existing_labels()
+    ann = session.annotations["region"]
+    display = prepare_labels(session.territories, ann)
+    assert display.data.dtype == np.uint8
+    np.testing.assert_array_equal(display.data, session.territories.class_image(ann.codes))
+    offer_prepared(session, {"region": display})
+    assert prepared_for(session, "region") is display
+    assert labels_layer_data(session, "region")[0] is display.data  # not rendered again
+    ann.curated[0] = True  # the features table it holds counts curated cells: no longer what it shows
+    assert prepared_for(session, "region") is None
+    assert labels_layer_data(session, "region")[0] is not display.data
+    offer_prepared(session, {"region": prepare_labels(session.territories, ann)})
+    ann.rename(0, "renamed")
+    assert prepared_for(session, "region") is None
+    offer_prepared(session, {"region": prepare_labels(session.territories, ann)})
+    discard_prepared(session)
+    assert prepared_for(session, "region") is None

@@ -221,3 +221,102 @@ def test_small_gaps_inside_the_tissue_are_filled_and_large_holes_kept():
     assert distance[terr.instance_map[r, c] - 1] == pytest.approx(distance.min())
     assert distance.min() > terr.max_radius  # beyond the cap: only the filling gives it a cell
     assert terr.areas.sum() == (terr.instance_map > 0).sum()
+
+
+def test_label_dtype_holds_every_class_value():
+    from napari_stofm.review.raster import label_dtype
+
+    assert label_dtype(0) == np.uint8 and label_dtype(255) == np.uint8
+    assert label_dtype(256) == np.uint16 and label_dtype(65_535) == np.uint16
+    assert label_dtype(65_536) == np.int32
+
+
+def test_class_image_in_a_small_dtype_and_into_an_array():
+    xy = _grid(n_side=8, jitter=2.0)
+    terr = rasterize_territories(xy)
+    codes = (np.arange(len(xy)) % 5).astype(np.int32)
+    codes[3] = -1
+    wide = terr.class_image(codes)
+    small = terr.class_image(codes, dtype=np.uint8)
+    assert small.dtype == np.uint8 and np.array_equal(small, wide)
+    out = np.full(terr.shape, 99, dtype=np.uint8)
+    assert terr.class_image(codes, out=out) is out and np.array_equal(out, wide)
+    window = np.zeros((5, 7), dtype=np.uint16)
+    terr.class_image(codes, bbox=(3, 8, 2, 9), out=window)
+    assert np.array_equal(window, wide[3:8, 2:9])
+    with pytest.raises(StofmInputError, match="does not fit"):
+        terr.class_image(np.full(len(xy), 300, dtype=np.int32), dtype=np.uint8)
+
+
+def test_cell_boxes_hold_every_territory_pixel_even_filled_holes():
+    # a ring of cells around a hole a few cells wide: the hole is filled, its pixels go to
+    # cells farther away than the territory radius, and their boxes must still hold them
+    xy = _grid(n_side=16, step=10.0)
+    keep = np.linalg.norm(xy - xy.mean(axis=0), axis=1) > 22.0
+    terr = rasterize_territories(xy[keep])
+    inst = terr.instance_map
+    assert not (inst[tuple(terr.world_to_pixel(xy.mean(axis=0)[::-1]))] == 0)  # the hole was filled
+    for cell in range(terr.n_cells):
+        rows, cols = np.nonzero(inst == cell + 1)
+        box = terr.cell_bbox([cell])
+        assert box[0].start <= rows.min() and rows.max() < box[0].stop
+        assert box[1].start <= cols.min() and cols.max() < box[1].stop
+    # a cell without a pixel (a duplicate position whose one pixel went to its twin) has no box
+    twins = rasterize_territories(np.array([[0.0, 0.0], [0.0, 0.0], [10.0, 10.0]]), pixel_size=1.0, max_radius=0.4)
+    assert twins.hidden_cells.size == 1
+    assert twins.cell_bbox(twins.hidden_cells) is None
+    assert twins.cell_bbox([2]) is not None
+
+
+def test_strokes_map_to_the_right_cells_on_a_coarse_raster():
+    # a raster capped to a few pixels per cell (what a very large slice gets): painting over
+    # most of a cell's territory still gives that cell (and only it) the new class
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 2000, (4000, 2))
+    terr = rasterize_territories(xy, max_pixels=60_000)
+    assert terr.instance_map.size <= 60_000
+    assert np.median(terr.areas) < 20  # a few pixels per cell
+    codes = np.zeros(len(xy), dtype=np.int32)
+    image = terr.class_image(codes, dtype=np.uint8)
+    for cell in rng.choice(len(xy), 20, replace=False):
+        mask = terr.instance_map == cell + 1
+        if mask.sum() < 3:
+            continue
+        edited = image.copy()
+        edited[mask] = 3
+        box = terr.cell_bbox([cell])
+        cells, new_codes = terr.cells_changed(codes, edited, box)
+        assert cells.tolist() == [cell] and new_codes.tolist() == [2]
+        # the cell under a painted pixel is the one nearest to that pixel's centre
+        r, c = np.argwhere(mask)[0]
+        yx = terr.pixel_to_world([r, c])
+        assert np.linalg.norm(xy - yx[::-1], axis=1).argmin() == cell
+
+
+def test_spacing_of_a_large_slice_from_a_sample(monkeypatch):
+    from napari_stofm.review import raster
+
+    rng = np.random.default_rng(4)
+    xy = rng.uniform(0, 1000, (20_000, 2))
+    exact = spacing_of(xy)
+    monkeypatch.setattr(raster, "SPACING_SAMPLE", 2_000)
+    assert spacing_of(xy) == pytest.approx(exact, rel=0.03)
+
+
+def test_a_small_window_renders_and_maps_like_the_whole_image():
+    # windows much smaller than the slice take the per-cell path: same pixels, same mapping
+    xy = _grid(n_side=50, jitter=3.0, seed=2)
+    terr = rasterize_territories(xy)
+    codes = (np.arange(len(xy)) * 7 % 6).astype(np.int32)
+    codes[::11] = -1
+    whole = terr.class_image(codes, dtype=np.uint8)
+    box = (40, 52, 61, 70)
+    assert np.array_equal(terr.class_image(codes, bbox=box, dtype=np.uint8), whole[40:52, 61:70])
+    out = np.zeros((12, 9), np.uint8)
+    terr.class_image(codes, bbox=box, out=out)
+    assert np.array_equal(out, whole[40:52, 61:70])
+    edited = whole.copy()
+    edited[40:52, 61:70] = 6
+    by_codes = terr.cells_changed(codes, edited, box)
+    by_image = terr.cells_changed(whole, edited, box)
+    assert by_codes[0].size and np.array_equal(by_codes[0], by_image[0]) and np.array_equal(by_codes[1], by_image[1])

@@ -268,6 +268,62 @@ def test_cancel_leaves_the_slice_unchanged(make_napari_viewer, qtbot, tiny_check
     assert not widget.cancel_button.isEnabled() and widget.run_button.isEnabled()
 
 
+def test_the_layers_of_a_run_are_made_by_the_worker(make_napari_viewer, qtbot, sample_embedding, run_result):
+    """What the worker prepared (label images in the smallest dtype, colours, tables) is what
+    the layers hold: the UI thread renders nothing, and nothing of it is kept afterwards."""
+    from napari_stofm._napari.binding import binding_of
+    from napari_stofm._napari.layers import prepare_labels, prepared_for
+
+    viewer = make_napari_viewer()
+    cells, session = _open_sample(viewer)
+    _inject(session, sample_embedding)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-stofm", "Run SToFM")
+    result = _copy_result(run_result)
+    displays = {k: prepare_labels(session.territories, a) for k, a in result.annotations.items()}
+    widget._on_result(session, result, displays)
+    qtbot.waitUntil(lambda: not widget.showing, timeout=5_000)
+    assert widget.last_error is None, widget.last_error
+    for key, display in displays.items():
+        layer = _labels(viewer, key)
+        assert layer.data is display.data and layer.data.dtype == np.uint8
+        ann = session.annotations[key]
+        np.testing.assert_array_equal(layer.data, session.territories.class_image(ann.codes))
+        assert binding_of(layer) is not None and prepared_for(session, key) is None
+    # a second run of the same slice brings the existing layers in step with its own displays
+    again = _copy_result(run_result)
+    displays2 = {k: prepare_labels(session.territories, a) for k, a in again.annotations.items()}
+    widget._on_result(session, again, displays2)
+    qtbot.waitUntil(lambda: not widget.showing, timeout=5_000)
+    for key, display in displays2.items():
+        assert _labels(viewer, key).data is display.data
+    # and painting still maps to cells
+    layer = _labels(viewer, "stofm_region")
+    ann = session.annotations["stofm_region"]
+    cell = int(np.flatnonzero(ann.codes == 0)[3])
+    rows, cols = np.nonzero(session.territories.instance_map == cell + 1)
+    layer.data_setitem((rows, cols), 2)
+    qtbot.waitUntil(lambda: ann.codes[cell] == 1, timeout=5_000)
+
+
+def test_compute_for_display_prepares_every_annotation(tiny_checkpoint, sample_embedding, tmp_path):
+    from napari_stofm.io.sample import make_sample_slice
+    from napari_stofm.progress import OVERALL_TOTAL
+    from napari_stofm.review.session import SliceSession
+    from napari_stofm.widgets.run_widget import compute_for_display
+
+    session = SliceSession(make_sample_slice(), name="sample", autosave_dir=tmp_path)
+    _inject(session, sample_embedding)
+    reports = []
+    result, displays = compute_for_display(session, weights=str(tiny_checkpoint), n_regions=4, device="cpu",
+                                           progress=lambda d, t, m="": reports.append((d, t, m)))
+    assert set(displays) == set(result.annotations) and "stofm_region" not in session.annotations
+    for key, display in displays.items():
+        assert display.annotation is result.annotations[key]
+        np.testing.assert_array_equal(display.data, session.territories.class_image(result.annotations[key].codes))
+    dones = [d for d, _, _ in reports]
+    assert dones == sorted(dones) and reports[-1][0] == OVERALL_TOTAL
+
+
 # ----------------------------------------------------------------------------- edits
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from napari_stofm._napari import compat
 from napari_stofm._napari.compat import unwrap_proxy as unwrap
-from napari_stofm._napari.layers import labels_colormap, labels_features, refresh_labels_layer
+from napari_stofm._napari.layers import IN_STEP, labels_colormap, labels_features, refresh_labels_layer
 from napari_stofm.errors import StofmError
 from napari_stofm.keys import display_name
 from napari_stofm.review.session import EditResult, SliceSession
@@ -138,7 +138,10 @@ class LabelsBinding:
         layer.events.labels_update.connect(self._on_labels_update)
         session.subscribe(self._on_session_change)
         self._wrap_layer_methods()
-        self.resync()
+        meta = layer.metadata
+        in_step = isinstance(meta, dict) and bool(meta.pop(IN_STEP, False))
+        if not in_step:  # pixels painted before the layer was bound are mapped now
+            self.resync()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -208,6 +211,16 @@ class LabelsBinding:
         compat.patch_method(layer, "get_status", get_status)
         compat.patch_tooltip(layer, tooltip)
 
+    def _render(self, bbox=None) -> np.ndarray:
+        """The annotation's class image (of window ``bbox``) in the layer's dtype, which is
+        first widened when classes were added past what it holds."""
+        ann = self.annotation
+        dtype = np.asarray(self.layer.data).dtype
+        if np.issubdtype(dtype, np.integer) and np.iinfo(dtype).max < ann.n_classes:
+            refresh_labels_layer(self.layer, self.session, self.key, classes_only=True)
+            dtype = np.asarray(self.layer.data).dtype
+        return self.session.territories.class_image(ann.codes, bbox=bbox, dtype=dtype)
+
     # ------------------------------------------------------------------ hover
     def cell_at(self, position, *, world: bool = True) -> int:
         """Cell index under a position (world or data coordinates), -1 if none."""
@@ -276,7 +289,7 @@ class LabelsBinding:
                 _show_error(str(err))
             touched = edit.touched if edit is not None else np.empty(0, np.int64)
             region = _union(bbox, session.territories.cell_bbox(touched)) if touched.size else bbox
-            want = session.territories.class_image(self.annotation.codes, bbox=region)
+            want = self._render(region)
             current = np.asarray(data[region])
             diff = want != current
             rows, cols = np.nonzero(diff)
@@ -342,7 +355,7 @@ class LabelsBinding:
             old = new = np.empty(0, dtype=np.asarray(layer.data).dtype)
             region = self.session.territories.cell_bbox(edit.cells) if edit.changed else None
             if region is not None and isinstance(layer.data, np.ndarray):
-                want = self.session.territories.class_image(self.annotation.codes, bbox=region)
+                want = self._render(region)
                 current = layer.data[region]
                 diff = want != current
                 rows, cols = np.nonzero(diff)
@@ -366,11 +379,11 @@ class LabelsBinding:
 
         Returns the number of cells whose class changed.
         """
-        data = np.asarray(self.layer.data)
         terr = self.session.territories
-        if data.shape != terr.shape:
+        if tuple(np.shape(self.layer.data)) != tuple(terr.shape):
             return 0
-        want = terr.class_image(self.annotation.codes)
+        want = self._render()
+        data = np.asarray(self.layer.data)
         diff = want != data
         if not diff.any():
             return 0
@@ -379,7 +392,7 @@ class LabelsBinding:
         self._busy = True
         try:
             edit = self.session.apply_edit(self.key, data, bbox)
-            data[...] = terr.class_image(self.annotation.codes)
+            self.session.territories.class_image(self.annotation.codes, out=data)
         except StofmError as err:
             _show_error(str(err))
             data[...] = want
@@ -414,8 +427,8 @@ class LabelsBinding:
         """Repaint the cells a session step changed and make that napari's next undo step
         (the earlier steps and brush strokes stay undoable behind it)."""
         layer = self.layer
+        want = self._render()
         data = layer.data
-        want = self.session.territories.class_image(self.annotation.codes)
         if not isinstance(data, np.ndarray) or data.shape != want.shape:
             refresh_labels_layer(layer, self.session, self.key)
             return
@@ -425,14 +438,19 @@ class LabelsBinding:
         data[rows, cols] = new
         if not compat.push_history_item(layer, [_ChangeAtom((rows, cols), old, new, change)]):
             compat.clear_history(layer)
-        if change.classes_changed:
-            self._update_classes()
-        else:
-            self._update_features()
-        layer.refresh()
+        with compat.one_refresh(layer):
+            if change.classes_changed:
+                self._update_classes()
+            else:
+                self._update_features()
 
     def _update_classes(self) -> None:
         ann = self.annotation
+        dtype = np.asarray(self.layer.data).dtype
+        if np.issubdtype(dtype, np.integer) and np.iinfo(dtype).max < ann.n_classes:
+            # classes were added past what the layer's dtype holds: a wider one
+            refresh_labels_layer(self.layer, self.session, self.key, classes_only=True)
+            return
         self.layer.colormap = labels_colormap(ann)
         self.layer.features = labels_features(ann)
 

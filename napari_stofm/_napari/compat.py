@@ -28,6 +28,12 @@ Private napari names used here (and nowhere else in the package):
   :func:`history_atom_written`, :class:`PixelHistoryAtom`
 * ``Window._qt_window`` (the Qt main window) -- :func:`qt_window`
 * ``Window._qt_viewer.canvas.native`` (the Qt widget the canvas draws in) -- :func:`canvas_widget`
+* ``Layer._block_refresh()`` (several changes, one refresh) -- :func:`one_refresh`
+
+Not used, because napari 0.9.1 does not support it: painting on a multiscale Labels layer
+(``Labels._reset_editable`` makes every multiscale Labels layer read-only). The plugin's
+Labels layers are single-scale, at a resolution capped by
+:data:`napari_stofm.review.raster.DEFAULT_MAX_PIXELS`.
 
 Not wrapped, because they are public: ``Labels.events.paint`` / ``labels_update``,
 ``layer.refresh()``, ``world_to_data``, ``napari.qt.threading.create_worker`` and its
@@ -35,6 +41,7 @@ documented ``_start_thread`` / ``_ignore_errors`` keyword arguments.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable, Optional, Tuple
 
@@ -311,6 +318,36 @@ def refresh_labels_region(layer, rows, cols, values=None) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def one_refresh(layer):
+    """Change several things of a layer (data, colormap, features) with one refresh at the
+    end instead of one per change: each refresh of a large Labels layer re-slices it and
+    uploads its whole texture.
+
+    Written against napari 0.9.1 (``Layer._block_refresh()``, a context manager under
+    which ``refresh()`` does nothing). Fallback: the changes refresh as they come (same
+    result, a refresh per change), then the one at the end.
+    """
+    layer = unwrap_proxy(layer)
+    block = getattr(layer, "_block_refresh", None)
+    context = None
+    if callable(block):
+        try:
+            context = block()
+            context.__enter__()
+        except Exception as err:  # noqa: BLE001 - private-API shim: refreshes are then not batched
+            _missing(f"Layer._block_refresh ({err})", "refreshing per change", exc_info=True)
+            context = None
+    else:
+        _missing("Layer._block_refresh", "refreshing per change")
+    try:
+        yield layer
+    finally:
+        if context is not None:
+            context.__exit__(None, None, None)
+        layer.refresh()
+
+
 # ----------------------------------------------------------------------------- method patches
 
 
@@ -442,6 +479,7 @@ __all__ = [
     "WRITTEN_AGAINST", "unwrap_proxy", "last_undo_item", "last_redo_item", "append_to_history_item",
     "push_history_item", "clear_history",
     "PixelHistoryAtom", "history_atom_bbox", "history_atom_written", "displayed_slice_image",
-    "label_texture_values", "refresh_labels_region", "patch_method", "unpatch_method", "patch_tooltip",
+    "label_texture_values", "refresh_labels_region", "one_refresh", "patch_method", "unpatch_method",
+    "patch_tooltip",
     "unpatch_tooltip", "qt_window", "canvas_widget",
 ]

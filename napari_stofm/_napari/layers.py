@@ -5,6 +5,13 @@ Every layer made here carries ``metadata['adata']`` (the AnnData) and
 Labels layers also ``metadata['stofm_key']`` (the annotation they show). Label value
 ``code + 1`` is class ``code``; 0 is background / unassigned.
 
+Labels layers are single-scale (napari 0.9 paints on no multiscale Labels layer), over a
+territory raster whose size is capped (:data:`~napari_stofm.review.raster.DEFAULT_MAX_PIXELS`),
+and hold the smallest dtype that fits their classes (uint8 up to 255 classes), which napari
+sends to the GPU as it is. What a layer shows can be made off the UI thread
+(:func:`prepare_labels`) and handed to these functions (:func:`offer_prepared`), which then
+render nothing themselves.
+
 Layer names tell a prediction from the labels that came with the slice
 (:func:`layer_name`: ``tissue regions (SToFM)`` / ``cell_type (in file)``). A slice opened
 into a viewer that already shows one is drawn to the right of it (:func:`place_beside`): its
@@ -14,7 +21,8 @@ AnnData and in every export stay as they are).
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -31,6 +39,10 @@ GAP_FRACTION = 0.06
 
 _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _OFFSETS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # session -> (dy, dx) in world units
+_PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # session -> {key: LabelsDisplay}
+#: metadata flag of a Labels layer whose pixels were just rendered from its annotation (the
+#: binding then has nothing to re-map when it attaches)
+IN_STEP = "stofm_in_step"
 
 
 def layer_name(key: str) -> str:
@@ -158,14 +170,21 @@ def _is_labels(layer) -> bool:
 # ----------------------------------------------------------------------------- styling
 
 
-def labels_colormap(annotation):
-    """A ``DirectLabelColormap``: value ``code + 1`` -> class colour; 0 and unknown transparent."""
-    from napari.utils.colormaps import DirectLabelColormap
-
+def label_colors(annotation) -> dict:
+    """``{label value: RGBA}`` of an annotation: ``code + 1`` -> class colour; 0 and unknown
+    (``None``) transparent. Plain numpy: can be made in a worker thread."""
     colors = {None: np.zeros(4, np.float32), 0: np.zeros(4, np.float32)}
     for code, hex_color in enumerate(annotation.colors):
         colors[code + 1] = _rgba(hex_color)
-    return DirectLabelColormap(color_dict=colors)
+    return colors
+
+
+def labels_colormap(annotation=None, *, colors: Optional[dict] = None):
+    """A ``DirectLabelColormap``: value ``code + 1`` -> class colour; 0 and unknown transparent
+    (``colors``: :func:`label_colors` made beforehand)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict=label_colors(annotation) if colors is None else colors)
 
 
 def _rgba(hex_color: str) -> np.ndarray:
@@ -187,10 +206,19 @@ def labels_features(annotation) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _cell_ids(obs_names) -> pd.Categorical:
+    """The cell ids as a Categorical in cell order (unique ids: no sort of a million strings)."""
+    names = np.asarray(obs_names).astype(str)
+    try:
+        return pd.Categorical.from_codes(np.arange(names.size), categories=pd.Index(names))
+    except ValueError:  # repeated ids
+        return pd.Categorical(names)
+
+
 def _point_features(adata) -> pd.DataFrame:
     """obs as a Points features table: numbers, booleans and categories (strings as categories)."""
     obs = adata.obs
-    cols = {"cell_id": pd.Categorical(np.asarray(adata.obs_names).astype(str))}
+    cols = {"cell_id": _cell_ids(adata.obs_names)}
     for name in obs.columns:
         col = obs[name]
         if (isinstance(col.dtype, pd.CategoricalDtype) or pd.api.types.is_numeric_dtype(col)
@@ -225,22 +253,96 @@ def cells_layer_data(session: SliceSession):
     return (xy[:, ::-1].copy(), kwargs, "points")
 
 
-def labels_layer_data(session: SliceSession, key: str, *, visible: bool = True):
-    """Layer data tuple of one annotation as a Labels image over the cell territories."""
-    terr = session.territories
-    ann = session.annotations[key]
+@dataclass
+class LabelsDisplay:
+    """What a Labels layer of one annotation shows: its pixels (the smallest dtype that holds
+    the classes, :func:`~napari_stofm.review.raster.label_dtype`), colours and features table.
+
+    Made by :func:`prepare_labels` from plain numpy / pandas, so a worker thread can make it
+    at the end of a long call; the UI thread then only hands it to napari."""
+
+    annotation: object  # the Annotation it was rendered from
+    data: np.ndarray
+    colors: dict
+    features: pd.DataFrame
+    scale: Tuple[float, float]
+    translate: Tuple[float, float]  # of the territories (the slice's display offset not added)
+    _codes: np.ndarray = field(default=None, repr=False)  # the codes rendered
+    _curated: np.ndarray = field(default=None, repr=False)  # the curated flags counted
+    _classes: tuple = field(default=None, repr=False)  # the class names and colours shown
+
+    def shows(self, annotation) -> bool:
+        """Whether this is still what ``annotation`` looks like (same object, classes, codes,
+        curated flags)."""
+        return (annotation is self.annotation and _classes_of(annotation) == self._classes
+                and np.array_equal(annotation.codes, self._codes)
+                and np.array_equal(annotation.curated, self._curated))
+
+
+def _classes_of(annotation) -> tuple:
+    return tuple(annotation.categories), tuple(annotation.colors)
+
+
+def prepare_labels(territories, annotation) -> LabelsDisplay:
+    """The :class:`LabelsDisplay` of ``annotation`` over ``territories`` (no napari, no Qt)."""
+    from napari_stofm.review.raster import label_dtype
+
+    data = territories.class_image(annotation.codes, dtype=label_dtype(annotation.n_classes))
+    return LabelsDisplay(annotation, data, label_colors(annotation), labels_features(annotation),
+                         tuple(territories.scale), tuple(territories.translate),
+                         _codes=annotation.codes.copy(), _curated=annotation.curated.copy(),
+                         _classes=_classes_of(annotation))
+
+
+def offer_prepared(session, displays: Dict[str, LabelsDisplay]) -> None:
+    """Displays made off the UI thread for the annotations ``session`` is about to get: the
+    layer functions below use them instead of rendering (until :func:`discard_prepared`, or
+    until the annotation no longer looks like them)."""
+    _PREPARED.setdefault(session, {}).update(displays)
+
+
+def discard_prepared(session) -> None:
+    _PREPARED.pop(session, None)
+
+
+def prepared_for(session, key: str) -> Optional[LabelsDisplay]:
+    """The display offered for ``session``'s annotation ``key`` when it still shows it."""
+    displays = _PREPARED.get(session)
+    display = displays.get(key) if displays else None
+    if display is None:
+        return None
+    ann = session.annotations.get(key)
+    if ann is None or not display.shows(ann):
+        displays.pop(key, None)
+        return None
+    return display
+
+
+def _display_of(session: SliceSession, key: str) -> LabelsDisplay:
+    display = prepared_for(session, key)
+    if display is None or tuple(display.data.shape) != tuple(session.territories.shape):
+        display = prepare_labels(session.territories, session.annotations[key])
+    return display
+
+
+def labels_layer_data(session: SliceSession, key: str, *, visible: bool = True, in_step: bool = False):
+    """Layer data tuple of one annotation as a Labels image over the cell territories.
+
+    ``in_step``: the layer is bound as soon as napari adds it (nothing can paint on it
+    before), so the binding need not compare its pixels with the annotation."""
+    display = _display_of(session, key)
     kwargs = {
         "name": layer_name(key),
-        "scale": terr.scale,
-        "translate": tuple(np.asarray(terr.translate) + display_offset(session)),
-        "colormap": labels_colormap(ann),
-        "features": labels_features(ann),
+        "scale": display.scale,
+        "translate": tuple(np.asarray(display.translate) + display_offset(session)),
+        "colormap": labels_colormap(colors=display.colors),
+        "features": display.features,
         "opacity": 0.75,
         "visible": visible,
         "metadata": {"adata": session.adata, "stofm_session": session, "stofm_role": ROLE_LABELS,
-                     "stofm_key": key},
+                     "stofm_key": key, **({IN_STEP: True} if in_step else {})},
     }
-    return (terr.class_image(ann.codes), kwargs, "labels")
+    return (display.data, kwargs, "labels")
 
 
 def slice_layer_data(session: SliceSession):
@@ -260,29 +362,63 @@ def slice_layer_data(session: SliceSession):
 def add_or_update_labels(viewer, session: SliceSession, key: str):
     """Show annotation ``key`` of ``session``: refresh its layer, or add one."""
     layer = labels_layer_for(viewer, session, key)
-    data, kwargs, _ = labels_layer_data(session, key)
     if layer is None:
+        from napari_stofm._napari.binding import bind
+
+        data, kwargs, _ = labels_layer_data(session, key, in_step=True)
         layer = unwrap(viewer.add_labels(data, **kwargs))
         _SESSIONS[layer] = session
+        bind(layer, session, key)  # at once (a viewer already bound did so while adding it)
     else:
-        refresh_labels_layer(layer, session, key, data=data)
+        display = prepared_for(session, key)
+        if display is None or display.data is not layer.data:  # not brought in step already
+            refresh_labels_layer(layer, session, key)
     return layer
 
 
 def refresh_labels_layer(layer, session: SliceSession, key: str, *, data=None, classes_only: bool = False):
-    """Bring a Labels layer in line with its annotation (data, colours, features)."""
+    """Bring a Labels layer in line with its annotation (data, colours, features).
+
+    The pixels come from a display offered by :func:`offer_prepared` when there is one (no
+    rendering here), else from ``data``, else they are rendered. A layer whose dtype cannot
+    hold the classes (classes were added) gets a wider one."""
+    from napari_stofm.review.raster import label_dtype
+
     ann = session.annotations[key]
-    if not classes_only:
-        terr = session.territories
-        if data is None:
-            data = terr.class_image(ann.codes)
-        if layer.data.shape == data.shape:
-            layer.data[...] = data
-        else:
-            layer.data = data
-        layer.scale = terr.scale
-        layer.translate = tuple(np.asarray(terr.translate) + display_offset(session))
-        compat.clear_history(layer)
-    layer.colormap = labels_colormap(ann)
-    layer.features = labels_features(ann)
-    layer.refresh()
+    display = prepared_for(session, key)
+    colors = display.colors if display is not None else label_colors(ann)
+    with compat.one_refresh(layer):
+        if not classes_only:
+            terr = session.territories
+            if display is not None and tuple(display.data.shape) == tuple(terr.shape):
+                data = display.data  # taken as it is: the layer then holds the display's array
+            elif data is None:
+                data = terr.class_image(ann.codes, dtype=_layer_dtype(layer, ann))
+            if data is not layer.data:
+                same = layer.data.shape == data.shape and layer.data.dtype == data.dtype
+                if data is not _display_data(display) and same:
+                    layer.data[...] = data
+                else:
+                    layer.data = data
+            layer.scale = terr.scale
+            layer.translate = tuple(np.asarray(terr.translate) + display_offset(session))
+            compat.clear_history(layer)
+        elif np.asarray(layer.data).dtype != _layer_dtype(layer, ann):  # classes added past what the dtype holds
+            layer.data = np.asarray(layer.data).astype(label_dtype(ann.n_classes))
+            compat.clear_history(layer)
+        layer.colormap = labels_colormap(colors=colors)
+        layer.features = display.features if display is not None else labels_features(ann)
+
+
+def _display_data(display: Optional[LabelsDisplay]):
+    return display.data if display is not None else None
+
+
+def _layer_dtype(layer, annotation) -> np.dtype:
+    """The layer's dtype when it holds the annotation's classes, else the smallest that does."""
+    from napari_stofm.review.raster import label_dtype
+
+    dtype = np.asarray(layer.data).dtype
+    if np.issubdtype(dtype, np.integer) and np.iinfo(dtype).max >= annotation.n_classes:
+        return dtype
+    return label_dtype(annotation.n_classes)

@@ -127,6 +127,11 @@ def _legend_widget_class():
     return _Panel, _Follower
 
 
+def _drawn(legends) -> list:
+    """What the panel draws of ``legends`` (titles, names, colours, "+ N more"; not the counts)."""
+    return [(lg.title, [(e.name, e.color) for e in lg.entries], lg.n_more) for lg in legends]
+
+
 def _escape(text: str) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -141,6 +146,7 @@ class CanvasLegend:
         self.panel = panel_class(canvas)
         self.enabled = True
         self.shown: List[str] = []  # what the legend shows (titles and class names), for scripts and tests
+        self._drawn: Optional[list] = None  # what the panel draws (see _drawn)
         self._sessions = weakref.WeakSet()
         self._layers = weakref.WeakSet()
         self._follower = follower_class(self)
@@ -198,7 +204,10 @@ class CanvasLegend:
                     self._sessions.add(session)
                 ann = session.annotations[layer.metadata["stofm_key"]]
                 legends.append(legend_of(ann, layer.name))
-            self.shown = self.panel.show_legends(legends)
+            drawn = _drawn(legends)
+            if drawn != self._drawn:  # rebuilding the Qt panel is what costs: only when what it shows changed
+                self.shown = self.panel.show_legends(legends)
+                self._drawn = drawn
             self.panel.setVisible(bool(legends))
             self.place()
         except RuntimeError as err:  # the Qt panel was deleted with its viewer

@@ -15,7 +15,7 @@ a *territory* of pixels:
 into a class image (:meth:`Territories.class_image`) and edited class images back into
 per-cell classes (:meth:`Territories.cells_changed`, "a cell takes the class that covers
 most of its territory"), touching only the pixels around the edit so that one brush
-stroke maps back in milliseconds even at 100k cells.
+stroke maps back in milliseconds even at a million cells.
 
 Pure numpy/scipy: no napari import, usable headless.
 
@@ -33,10 +33,14 @@ import numpy as np
 from napari_stofm import keys
 from napari_stofm.errors import StofmInputError
 
-__all__ = ["Territories", "rasterize_territories", "spacing_of", "territories_for_slice"]
+__all__ = ["Territories", "label_dtype", "rasterize_territories", "spacing_of", "territories_for_slice"]
 
-#: Default cap on the size of the territory raster (pixels).
-DEFAULT_MAX_PIXELS = 40_000_000
+#: Default cap on the size of the territory raster (pixels). It binds from about 400k cells
+#: on (a million cells get about 20 pixels each): the raster, the label layers napari edits
+#: (single-scale: napari paints on no multiscale Labels) and their GPU textures stay bounded
+#: (100 MB of instance map, 25 MB per uint8 label layer), and rasterising a million cells
+#: takes seconds, not minutes.
+DEFAULT_MAX_PIXELS = 25_000_000
 #: Pixels per median cell spacing when the pixel size is chosen automatically.
 PIXELS_PER_SPACING = 4.0
 #: Territory radius as a multiple of the median cell spacing.
@@ -48,21 +52,44 @@ HOLE_MAX_CELLS = 25
 BBox = Tuple[slice, slice]
 
 
-def spacing_of(xy: np.ndarray) -> float:
-    """Median distance from a cell to its nearest neighbour (ignoring exact duplicates)."""
+#: above this many cells, :func:`spacing_of` takes the median over an evenly spaced sample
+#: of this many cells (their neighbours are still looked up among all cells)
+SPACING_SAMPLE = 200_000
+
+
+def spacing_of(xy: np.ndarray, tree=None) -> float:
+    """Median distance from a cell to its nearest neighbour (ignoring exact duplicates).
+
+    ``tree``: a ``scipy.spatial.cKDTree`` of ``xy`` when the caller has one. Past
+    :data:`SPACING_SAMPLE` cells the median is taken over an evenly spaced sample of that
+    many cells (deterministic; within a fraction of a percent of the full median)."""
     from scipy.spatial import cKDTree
 
     xy = np.asarray(xy, dtype=np.float64)
     if len(xy) < 2:
         return 1.0
     k = min(len(xy), 4)
-    dist, _ = cKDTree(xy).query(xy, k=k, workers=-1)
+    query = xy if len(xy) <= SPACING_SAMPLE else xy[np.linspace(0, len(xy) - 1, SPACING_SAMPLE).astype(np.int64)]
+    dist, _ = (tree if tree is not None else cKDTree(xy)).query(query, k=k, workers=-1)
     dist = dist[:, 1:]
     positive = np.where(dist > 0, dist, np.inf).min(axis=1)
     positive = positive[np.isfinite(positive)]
     if positive.size == 0:
         return 1.0
     return float(np.median(positive))
+
+
+def label_dtype(n_classes: int) -> np.dtype:
+    """The smallest unsigned dtype whose values hold ``0 .. n_classes`` (the label values of
+    a class image): uint8 up to 255 classes, uint16 up to 65,535, else int32. napari sends
+    uint8 / uint16 labels to the GPU as they are (no per-pixel conversion, half or a quarter
+    of the memory of int32)."""
+    n = int(n_classes)
+    if n <= np.iinfo(np.uint8).max:
+        return np.dtype(np.uint8)
+    if n <= np.iinfo(np.uint16).max:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
 
 
 def _as_bbox(region, shape) -> BBox:
@@ -131,7 +158,10 @@ class Territories:
         return np.flatnonzero(self.areas == 0)
 
     def cell_bbox(self, cells) -> Optional[BBox]:
-        """Union bounding box (row and column slices) of the territories of ``cells``."""
+        """A box (row and column slices) holding every pixel of the territories of ``cells``
+        (None when they have none): the union of their bounding boxes for cell masks; for
+        Voronoi territories, of the boxes of the pixels within their reach (a little larger
+        than the territories, and known without scanning the raster)."""
         cells = np.atleast_1d(np.asarray(cells, dtype=np.int64))
         if cells.size == 0:
             return None
@@ -170,25 +200,51 @@ class Territories:
         return {"image": self.instance_map, "scale": (dy, dx), "offset": (x0 - dx / 2, y0 - dy / 2)}
 
     # ------------------------------------------------------------------ rendering
-    def _lut(self, codes) -> np.ndarray:
+    def _checked_codes(self, codes, dtype) -> np.ndarray:
         codes = np.asarray(codes)
         if codes.shape != (self.n_cells,):
             raise StofmInputError(
                 f"expected one class code per cell ({self.n_cells}), got an array of shape {codes.shape}"
             )
-        lut = np.zeros(self.n_cells + 1, dtype=np.int32)
+        dtype = np.dtype(dtype)
+        top = int(codes.max(initial=-1)) + 1
+        if np.issubdtype(dtype, np.integer) and top > np.iinfo(dtype).max:
+            raise StofmInputError(f"label value {top} does not fit a {dtype} class image")
+        return codes
+
+    def _lut(self, codes, dtype=np.int32) -> np.ndarray:
+        codes = self._checked_codes(codes, dtype)
+        lut = np.zeros(self.n_cells + 1, dtype=dtype)
         lut[1:] = np.where(codes >= 0, codes.astype(np.int64) + 1, 0)
         return lut
 
-    def class_image(self, codes, bbox=None) -> np.ndarray:
+    def _values(self, codes, ids: np.ndarray, dtype=np.int32) -> np.ndarray:
+        """Label values (``code + 1``; 0 for background and unassigned) of instance ids ``ids``:
+        through a per-cell lookup table for a large window, cell by cell for a small one (a
+        brush stroke's window at a million cells)."""
+        if ids.size * 4 >= self.n_cells:
+            return self._lut(codes, dtype)[ids]
+        codes = self._checked_codes(codes, dtype)
+        out = np.zeros(ids.shape, dtype=dtype)
+        fg = ids > 0
+        picked = codes[ids[fg] - 1]
+        out[fg] = np.where(picked >= 0, picked.astype(np.int64) + 1, 0)
+        return out
+
+    def class_image(self, codes, bbox=None, *, dtype=np.int32, out: Optional[np.ndarray] = None) -> np.ndarray:
         """Label image with value ``code + 1`` over each cell's territory (0 background / unassigned).
 
         With ``bbox`` (slices or ``(r0, r1, c0, c1)``) only that window is rendered.
+        ``dtype``: of the image (int32 by default; :func:`label_dtype` gives the smallest
+        that fits). ``out``: an array of the window's shape to render into (its dtype wins).
         """
-        lut = self._lut(codes)
-        if bbox is None:
-            return lut[self.instance_map]
-        return lut[self.instance_map[_as_bbox(bbox, self.shape)]]
+        inst = self.instance_map if bbox is None else self.instance_map[_as_bbox(bbox, self.shape)]
+        if out is None:
+            return self._values(codes, inst, dtype)
+        if inst.size * 4 < self.n_cells:
+            out[...] = self._values(codes, inst, out.dtype)
+            return out
+        return np.take(self._lut(codes, out.dtype), inst, out=out, mode="clip")
 
     # ------------------------------------------------------------------ queries
     def cells_in_region(self, region) -> np.ndarray:
@@ -257,11 +313,11 @@ class Territories:
                 f"the edited image has shape {new_image.shape}, the territories {self.shape}"
             )
         old = np.asarray(old)
-        lut = self._lut(old) if old.ndim == 1 else None
+        by_cell = old.ndim == 1  # per-cell codes rather than an image
         win = _as_bbox(bbox, self.shape) if bbox is not None else (slice(0, self.shape[0]), slice(0, self.shape[1]))
         inst_w = self.instance_map[win]
         new_w = new_image[win]
-        old_w = lut[inst_w] if lut is not None else old[win]
+        old_w = self._values(old, inst_w) if by_cell else old[win]
         diff = old_w != new_w
         touched_ids = np.unique(inst_w[diff])
         touched_ids = touched_ids[touched_ids > 0]
@@ -281,8 +337,8 @@ class Territories:
         if vals.size and vals.min() < 0:
             raise StofmInputError("label images must not hold negative values")
         n_vals = int(max(vals.max(initial=0), 0)) + 1
-        if lut is not None:
-            old_vals = lut[touched_ids].astype(np.int64)
+        if by_cell:
+            old_vals = self._values(old, touched_ids).astype(np.int64)
         else:
             # The old class of a cell: the value covering most of its territory before.
             old_f = np.asarray(old[full], dtype=np.int64)
@@ -364,7 +420,8 @@ def _voronoi(xy, pixel_size, max_radius, max_pixels) -> Territories:
     from scipy.spatial import cKDTree
 
     n = len(xy)
-    spacing = spacing_of(xy)
+    tree = cKDTree(xy)
+    spacing = spacing_of(xy, tree)
     if max_radius is None:
         max_radius = RADIUS_PER_SPACING * spacing
     max_radius = float(max_radius)
@@ -391,7 +448,6 @@ def _voronoi(xy, pixel_size, max_radius, max_pixels) -> Territories:
         )
     x0, y0 = float(lo[0]), float(lo[1])
 
-    tree = cKDTree(xy)
     inst = np.zeros((height, width), dtype=np.int32)
     # Only query pixel blocks within max_radius of some cell.
     block = 64
@@ -420,7 +476,12 @@ def _voronoi(xy, pixel_size, max_radius, max_pixels) -> Territories:
         dist, idx = tree.query(pts, k=1, distance_upper_bound=max_radius, workers=-1)
         lab = np.where(np.isfinite(dist), idx + 1, 0).astype(np.int32)
         inst[r0:r1, cs] = lab.reshape(rr.shape)
-    _fill_small_holes(inst, tree, (x0, y0), pixel_size, HOLE_MAX_CELLS * (spacing / pixel_size) ** 2)
+    # Every pixel of a territory lies within max_radius of its cell, but for the holes filled
+    # below (and a cell's own centre pixel): boxes from the positions, widened for those.
+    bboxes = _reach_bboxes(xy, (x0, y0), pixel_size, max_radius, (height, width))
+    filled = _fill_small_holes(inst, tree, (x0, y0), pixel_size, HOLE_MAX_CELLS * (spacing / pixel_size) ** 2)
+    if filled is not None:
+        _widen_bboxes(bboxes, *filled)
 
     # A cell that owns no pixel (a near-duplicate position) gets its centre pixel when
     # the current owner keeps at least one other pixel, so it stays editable.
@@ -435,33 +496,56 @@ def _voronoi(xy, pixel_size, max_radius, max_pixels) -> Territories:
                     areas[owner] -= 1
                     inst[r, c] = cell + 1
                     areas[cell + 1] = 1
+    bboxes[areas[1:] == 0] = -1
     return Territories(
         inst, (pixel_size, pixel_size), (y0, x0), n, source="voronoi", max_radius=max_radius,
-        _areas=areas.astype(np.int64),
+        _areas=areas.astype(np.int64), _bboxes=bboxes,
     )
 
 
-def _fill_small_holes(inst: np.ndarray, tree, origin, pixel_size: float, max_pixels: float) -> int:
+def _reach_bboxes(xy, origin, pixel_size: float, radius: float, shape) -> np.ndarray:
+    """(n, 4) ``r0, r1, c0, c1``: the pixels within ``radius`` of each cell (and its own
+    centre pixel), clipped to ``shape``."""
+    rc = (xy[:, ::-1] - (origin[1], origin[0])) / pixel_size
+    reach = radius / pixel_size
+    lo = np.floor(rc - reach).astype(np.int64) - 1
+    hi = np.floor(rc + reach).astype(np.int64) + 2
+    h, w = shape
+    return np.column_stack([np.clip(lo[:, 0], 0, h), np.clip(hi[:, 0], 0, h),
+                            np.clip(lo[:, 1], 0, w), np.clip(hi[:, 1], 0, w)])
+
+
+def _widen_bboxes(bboxes: np.ndarray, rows: np.ndarray, cols: np.ndarray, cells: np.ndarray) -> None:
+    """Grow the boxes of ``cells`` (in place) to take in pixels ``(rows, cols)``."""
+    np.minimum.at(bboxes[:, 0], cells, rows)
+    np.maximum.at(bboxes[:, 1], cells, rows + 1)
+    np.minimum.at(bboxes[:, 2], cells, cols)
+    np.maximum.at(bboxes[:, 3], cells, cols + 1)
+
+
+def _fill_small_holes(inst: np.ndarray, tree, origin, pixel_size: float, max_pixels: float):
     """Give the pixels of every background component that touches no edge of the raster
-    and has at most ``max_pixels`` pixels to their nearest cell (in place); returns how
-    many pixels were filled."""
+    and has at most ``max_pixels`` pixels to their nearest cell (in place); returns the
+    filled pixels and the cells they went to, ``(rows, cols, cells)``, or None."""
     from scipy import ndimage as ndi
 
     labels, n = ndi.label(inst == 0)
     if n <= 1:
-        return 0
+        return None
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     fill = sizes <= max_pixels
     fill[0] = False
     edges = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     fill[np.unique(edges)] = False
     if not fill.any():
-        return 0
+        return None
     rows, cols = np.nonzero(fill[labels])
+    del labels
     points = np.column_stack([origin[0] + cols * pixel_size, origin[1] + rows * pixel_size])
     _, idx = tree.query(points, k=1, workers=-1)
-    inst[rows, cols] = (np.asarray(idx) + 1).astype(np.int32)
-    return int(rows.size)
+    cells = np.asarray(idx, dtype=np.int64)
+    inst[rows, cols] = (cells + 1).astype(np.int32)
+    return rows, cols, cells
 
 
 def _from_masks(xy, masks, mask_ids, mask_scale, mask_translate, max_pixels) -> Territories:

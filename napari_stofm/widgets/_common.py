@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Optional
 
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from napari_stofm._napari.layers import session_of, slice_layers
@@ -38,6 +39,10 @@ class TaskProgress(QWidget):
     """
 
     STATES = ("done", "cancelled", "failed")
+    #: the bar, message and napari's activity dock are redrawn at most this often (each
+    #: redraw repaints the window, and napari's own progress bar runs the event loop); the
+    #: latest report is shown when the interval is over
+    MIN_INTERVAL_S = 0.1
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -56,6 +61,11 @@ class TaskProgress(QWidget):
         self.history: list = []  # (done, total) of every report shown, for scripts and tests
         self._call = 0
         self._pbar = None
+        self._latest = None  # the last report not shown yet: (done, total, message)
+        self._shown_at = float("-inf")
+        self._flush = QTimer(self)
+        self._flush.setSingleShot(True)
+        self._flush.timeout.connect(self._show_latest)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.bar)
@@ -67,6 +77,7 @@ class TaskProgress(QWidget):
         call = self._call
         self.cancel_event = threading.Event()
         self.running, self.cancelling, self.state, self.history = True, False, None, []
+        self._latest, self._shown_at = None, float("-inf")
         relay = ProgressRelay(self)
         relay.progressed.connect(lambda done, total, message: self._on_progress(call, done, total, message))
         self._relay = relay
@@ -92,6 +103,18 @@ class TaskProgress(QWidget):
         total = max(int(total), 1)
         done = min(max(int(done), 0), total)
         self.history.append((done, total))
+        self._latest = (done, total, message)
+        wait = self._shown_at + self.MIN_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self._show_latest()
+        elif not self._flush.isActive():
+            self._flush.start(int(wait * 1000) + 1)
+
+    def _show_latest(self) -> None:
+        if self._latest is None or not self.running:
+            return
+        (done, total, message), self._latest = self._latest, None
+        self._shown_at = time.monotonic()
         if total == 1 and done == 0:  # a step that cannot be measured: busy, not a bar stuck at 0 %
             self.bar.setRange(0, 0)
         else:
@@ -106,6 +129,8 @@ class TaskProgress(QWidget):
         if state not in self.STATES:
             raise ValueError(f"state must be one of {self.STATES}, got {state!r}")
         self.running, self.cancelling, self.state = False, False, state
+        self._flush.stop()
+        self._latest = None
         self.cancel_event = None
         self.cancel_button.setEnabled(False)
         self.bar.setRange(0, OVERALL_TOTAL)

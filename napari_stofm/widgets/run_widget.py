@@ -3,7 +3,9 @@
 The run (:meth:`napari_stofm.review.session.SliceSession.compute`) goes to a worker thread;
 its one overall progress (every stage on one bar, with the stage's name and the time left)
 shows in the dock and in napari's activity dock, and Cancel sets the ``cancel`` Event
-(:class:`~napari_stofm.widgets._common.TaskProgress`). The result is shown one layer per
+(:class:`~napari_stofm.widgets._common.TaskProgress`). The worker also makes what the
+layers will show (label images, colours, feature tables:
+:func:`~napari_stofm._napari.layers.prepare_labels`); the result is then shown one layer per
 turn of the event loop (the visible layer first) and the embedding cache is written from a
 worker, so the viewer stays responsive at the end of a run. Changing the number of regions
 after a run re-cuts the cached region tree
@@ -32,11 +34,20 @@ from qtpy.QtWidgets import (
 )
 
 from napari_stofm._napari.binding import bind_viewer
-from napari_stofm._napari.layers import ROLE_LABELS, add_or_update_labels, labels_layer_for, session_of
+from napari_stofm._napari.layers import (
+    ROLE_LABELS,
+    add_or_update_labels,
+    discard_prepared,
+    labels_layer_for,
+    offer_prepared,
+    prepare_labels,
+    session_of,
+)
 from napari_stofm.errors import Cancelled, StofmInputError
 from napari_stofm.heads.regions import DEFAULT_RESOLUTION
 from napari_stofm.keys import REGION as REGION_KEY
 from napari_stofm.pipeline.predict import DEFAULT_N_REGIONS
+from napari_stofm.progress import StagedProgress, check_cancelled
 from napari_stofm.widgets._common import (
     SliceCombo,
     TaskProgress,
@@ -57,6 +68,35 @@ RECLUSTER_DELAY_MS = 400
 
 #: the Run widget's adaptation time when the box is ticked
 DEFAULT_ADAPT_SECONDS = 60
+#: the last stage of a run in the widget: the label images, colours and tables of its layers
+STAGE_LAYERS = "Layers"
+
+
+def compute_for_display(session, *, progress=None, cancel=None, **params):
+    """:meth:`SliceSession.compute`, then what napari will show of the result (a
+    :class:`~napari_stofm._napari.layers.LabelsDisplay` per annotation), all in the calling
+    (worker) thread; returns ``(result, displays)``. Nothing of the session changes."""
+    overall = StagedProgress(progress) if progress is not None else None
+    result = session.compute(**params, progress=overall, cancel=cancel)
+    check_cancelled(cancel)
+    terr = result.territories if result.territories is not None else session.territories
+    if overall is not None:
+        overall.add(STAGE_LAYERS, 1.0, final=True)
+    displays = {}
+    for i, (key, annotation) in enumerate(result.annotations.items()):
+        if overall is not None:
+            overall.update(STAGE_LAYERS, i, len(result.annotations))
+        displays[key] = prepare_labels(terr, annotation)
+        check_cancelled(cancel)
+    if overall is not None:
+        overall.finish("done")
+    return result, displays
+
+
+def regions_for_display(session, n_regions):
+    """:meth:`SliceSession.compute_regions` and its display, in the calling (worker) thread."""
+    annotation = session.compute_regions(n_regions)
+    return annotation, prepare_labels(session.territories, annotation)
 
 
 def _path_row(line: QLineEdit, button: QPushButton) -> QWidget:
@@ -287,8 +327,8 @@ class RunWidget(QWidget):
             return None
         progress, cancel = self.task.start(f"SToFM on {session.name}")
         self.worker = start_worker(
-            session.compute, **params, progress=progress, cancel=cancel,
-            on_return=lambda result, s=session: self._on_result(s, result),
+            compute_for_display, session, **params, progress=progress, cancel=cancel,
+            on_return=lambda outcome, s=session: self._on_result(s, *outcome),
             on_error=self._on_error, on_finish=self._on_finished,
         )
         self._update_enabled()
@@ -302,14 +342,16 @@ class RunWidget(QWidget):
         """Stop the run at its next cancellation point (nothing of the slice changes)."""
         self.task.cancel()
 
-    def _on_result(self, session, result):
+    def _on_result(self, session, result, displays=None):
         """Install the result and show it: the visible layer now, the others one per turn of
-        the event loop (adding a Labels layer takes napari a noticeable moment)."""
+        the event loop (adding a Labels layer takes napari a noticeable moment). Their
+        pixels, colours and tables were made by the worker (``displays``)."""
         self.last_result = result
         try:
             if self.task.cancelling:  # Cancel pressed while the last step finished: keep nothing
                 raise Cancelled("cancelled by the user; nothing was changed")
             first_time = not any(labels_layer_for(self.viewer, session, k) for k in result.annotations)
+            offer_prepared(session, displays or {})
             session.apply(result, save_cache=False)
             keys = list(result.annotations)
             if keys:
@@ -317,6 +359,8 @@ class RunWidget(QWidget):
                 self._pending_layers = [(session, k) for k in keys[1:]]
                 if self._pending_layers:
                     QTimer.singleShot(0, self._show_pending)
+                else:
+                    discard_prepared(session)
             if not result.embedding_reused:
                 self._save_cache(session)
             note = " (embedding reused)" if result.embedding_reused else ""
@@ -324,13 +368,14 @@ class RunWidget(QWidget):
                 f"{len(a.categories)} {('regions' if k == REGION_KEY else 'classes')}"
                 for k, a in result.annotations.items()))
         except Exception as err:  # noqa: BLE001 - UI callback: never leave the UI half-updated without a word; reported
+            discard_prepared(session)
             self.last_error = report_failure(err, "Showing the SToFM result", self.task)
 
     def _show_layer(self, session, key, *, first: bool, reset_view: bool = False):
         """Show labelling ``key``: the first of a result visible, on top and active (and the
         only visible SToFM labels of its slice); a later one hidden, below the visible one."""
         existed = labels_layer_for(self.viewer, session, key) is not None
-        layer = add_or_update_labels(self.viewer, session, key)
+        layer = add_or_update_labels(self.viewer, session, key)  # added shown: napari slices no hidden layer
         bind_viewer(self.viewer)
         layers = self.viewer.layers
         if first:
@@ -364,6 +409,7 @@ class RunWidget(QWidget):
         if self._pending_layers:
             QTimer.singleShot(0, self._show_pending)
         else:
+            discard_prepared(session)
             self._update_enabled()
 
     def _save_cache(self, session):
@@ -411,16 +457,21 @@ class RunWidget(QWidget):
         n = self.regions_spin.value() or None
         self.status.setText(f"re-clustering into {n or 'auto'} regions…")
         self._recluster_worker = start_worker(
-            session.compute_regions, n,
-            on_return=lambda ann, s=session: self._on_regions(s, ann),
+            regions_for_display, session, n,
+            on_return=lambda outcome, s=session: self._on_regions(s, *outcome),
             on_error=lambda err: setattr(self, "last_error", report_failure(err, "Re-clustering")),
             on_finish=lambda: setattr(self, "_recluster_worker", None),
         )
         return self._recluster_worker
 
-    def _on_regions(self, session, annotation):
-        session.install(REGION_KEY, annotation)
-        add_or_update_labels(self.viewer, session, REGION_KEY)
+    def _on_regions(self, session, annotation, display=None):
+        if display is not None:
+            offer_prepared(session, {REGION_KEY: display})
+        try:
+            session.install(REGION_KEY, annotation)
+            add_or_update_labels(self.viewer, session, REGION_KEY)
+        finally:
+            discard_prepared(session)
         bind_viewer(self.viewer)
         self.status.setText(f"{len(annotation.categories)} regions (re-clustered, model not re-run)")
 
