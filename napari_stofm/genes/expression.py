@@ -68,7 +68,7 @@ def infer_values_kind(adata=None, X=None, values: Optional[str] = None) -> Tuple
 
 
 def _detect_values_kind(X) -> Tuple[str, str]:
-    if _is_backed(X):  # read only the sampled rows from disk
+    if is_backed(X):  # read only the sampled rows from disk
         n = int(X.shape[0])
         rows = np.linspace(0, n - 1, min(n, _SAMPLE_ROWS)).astype(np.int64)
         X = X[np.unique(rows)]
@@ -154,7 +154,7 @@ def normalize_expression(X, values: str = "raw_counts", exclude: Optional[Sequen
 _HASH_ROWS = 65_536
 
 
-def _is_backed(X) -> bool:
+def is_backed(X) -> bool:
     """A matrix still on disk: anndata's backed sparse dataset or an h5py dataset."""
     return hasattr(X, "to_memory") or type(X).__module__.startswith("h5py")
 

@@ -611,13 +611,15 @@ def _check_expression(adata):
     """('counts' | 'non_negative', indices of all-zero cells); raise on negative / non-finite values."""
     import scipy.sparse as sp
 
+    from napari_stofm.genes.expression import is_backed
+
     X = adata.X
     if X is None:
         raise StofmInputError(
             "the slice has no expression matrix (adata.X is None): put counts in adata.X, "
             "e.g. adata.X = adata.layers['counts']."
         )
-    backed = hasattr(X, "to_memory") or type(X).__module__.startswith("h5py")
+    backed = is_backed(X)
     n = int(X.shape[0])
     step = _CHECK_ROWS if backed else max(n, 1)  # a backed matrix is read block by block
     kinds, empties = [], []
