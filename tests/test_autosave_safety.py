@@ -352,3 +352,57 @@ def test_obs_fingerprint_is_the_per_cell_digest():
             digest.update(b"\0" + str(name).encode("utf-8"))
         assert obs_fingerprint(names) == digest.hexdigest()
         assert obs_fingerprint(pd.Index(names)) == digest.hexdigest()
+
+
+# ------------------------------------------------------------- autosaves written by a worker
+
+
+def test_autosave_from_a_worker_never_puts_back_older_labels(slice_path):
+    """A GUI copies the labels on its UI thread and writes them from a worker: a snapshot
+    older than one already written is skipped, and closing the session makes a snapshot
+    still in flight stale (it would otherwise lock the autosave again)."""
+    import threading
+
+    session = SliceSession.open(slice_path)
+    _curate(session, [0, 1], code=1)
+    old = session.autosave_snapshot()
+    session.assign(KEY, [2, 3], 2)
+    new = session.autosave_snapshot()
+    done = []
+    worker = threading.Thread(target=lambda: done.append(session.autosave(new)))
+    worker.start()
+    worker.join()
+    assert done == [session.autosave_path]
+    assert session.autosave(old) is None  # late: the newer labels stay on disk
+    on_disk = CurationStore(slice_path).load(session.adata.obs_names)[KEY]
+    assert on_disk.codes[2] == 2 and on_disk.codes[3] == 2 and on_disk.curated[[0, 1, 2, 3]].all()
+    # the session's own later edits are still written, and reopen cleanly (no file set aside)
+    session.assign(KEY, [4], 0)
+    session.autosave()
+    in_flight = session.autosave_snapshot()
+    session.close()
+    assert read_lock(session.store.lock_path) is None
+    assert session.autosave(in_flight) is None and read_lock(session.store.lock_path) is None
+    again = SliceSession.open(slice_path)
+    assert again.kept_aside == [] and again.annotations[KEY].curated[4]
+    assert again.annotations[KEY].equals(session.annotations[KEY])
+    again.close()
+
+
+def test_autosave_fingerprint_computed_once_per_set_of_cell_ids(slice_path, monkeypatch):
+    import napari_stofm.io.autosave as autosave_module
+
+    calls = []
+    real = autosave_module.obs_fingerprint
+    monkeypatch.setattr(autosave_module, "obs_fingerprint", lambda names: calls.append(1) or real(names))
+    session = SliceSession.open(slice_path)
+    opened = len(calls)
+    _curate(session, [0], code=1)
+    _curate(session, [1], code=2)
+    assert len(calls) == opened + 1  # two autosaves, one fingerprint
+    session.adata.obs_names = [f"other{i}" for i in range(session.adata.n_obs)]
+    session.autosave()
+    assert len(calls) == opened + 2  # new cell ids: fingerprinted again
+    meta = json.loads(bytes(np.load(session.autosave_path)["meta"]).decode())
+    assert meta["obs_fingerprint"] == real(session.adata.obs_names)
+    session.close()

@@ -134,6 +134,8 @@ class LabelsBinding:
         self.last_edit: Optional[EditResult] = None
         self.last_error: Optional[str] = None
         self._autosave_timer = None
+        self._saving = False  # an autosave is being written by a worker thread
+        self._save_again = False  # and another was asked for meanwhile
         layer.events.paint.connect(self._on_paint)
         layer.events.labels_update.connect(self._on_labels_update)
         session.subscribe(self._on_session_change)
@@ -472,25 +474,59 @@ class LabelsBinding:
         self._autosave_timer.start(AUTOSAVE_DELAY_MS)
 
     def _autosave(self) -> None:
+        """The debounced autosave: the labels are copied now, on the UI thread, and written
+        (compressed, fingerprinted, moved into place) by a worker thread, one write at a time."""
+        if self._saving:
+            self._save_again = True  # written when the current write ends
+            return
+        try:
+            from napari.qt.threading import create_worker
+        except ImportError:  # no Qt: save now
+            self._autosave_in_place()
+            return
+        self._saving = True
+        self._save_again = False
+        try:
+            worker = create_worker(self.session.autosave, self.session.autosave_snapshot(),
+                                   _start_thread=False, _ignore_errors=True)
+            worker.errored.connect(self._autosave_failed)
+            worker.finished.connect(self._autosave_finished)
+            worker.start()
+        except Exception as err:  # noqa: BLE001 - timer callback: never lose the UI over a failed autosave; reported
+            self._saving = False
+            self._autosave_failed(err)
+
+    def _autosave_finished(self) -> None:
+        self._saving = False
+        if self._save_again:
+            self._autosave()
+
+    def _autosave_failed(self, err) -> None:
+        log.debug("autosave of %s failed", self.key, exc_info=err)
+        _show_error(f"autosave of {display_name(self.key)} failed: {err}")
+
+    def _autosave_in_place(self) -> None:
         try:
             self.session.autosave()
-        except Exception as err:  # noqa: BLE001 - timer callback: never lose the UI over a failed autosave; reported
-            log.debug("autosave of %s failed", self.key, exc_info=True)
-            _show_error(f"autosave of {display_name(self.key)} failed: {err}")
+        except Exception as err:  # noqa: BLE001 - UI action: never lose the UI over a failed autosave; reported
+            self._autosave_failed(err)
 
     def autosave_now(self) -> None:
+        """Write the autosave now, on this thread (after a write in progress ends)."""
         if self._autosave_timer is not None:
             self._autosave_timer.stop()
-        self._autosave()
+        self._save_again = False
+        self._autosave_in_place()
 
     def finish_autosave(self) -> None:
-        """Write an autosave still waiting for its timer now (nothing when none is waiting)."""
+        """Write an autosave still waiting for its timer, or still being written by a worker,
+        now (nothing when none is waiting)."""
         timer = self._autosave_timer
         try:
             pending = timer is not None and timer.isActive()
         except RuntimeError:  # the timer's Qt object is already gone
-            return
-        if pending:
+            pending = False
+        if pending or self._saving or self._save_again:
             self.autosave_now()
 
 

@@ -499,14 +499,18 @@ class CurationStore:
         os.rename(src, dst)
         return dst
 
-    def save(self, annotations, obs_names) -> Path:
-        """Write all annotations atomically; returns the file written."""
+    def save(self, annotations, obs_names, *, fingerprint: Optional[str] = None) -> Path:
+        """Write all annotations atomically; returns the file written.
+
+        ``fingerprint``: :func:`obs_fingerprint` of ``obs_names`` when the caller already has it
+        (a session computes it once per slice)."""
         annotations = as_annotation_dict(annotations)
         if len(annotations) > MAX_ANNOTATIONS:
             raise StofmInputError(f"an autosave holds at most {MAX_ANNOTATIONS} annotations; "
                                   f"this slice has {len(annotations)}.")
         meta = {"version": self.VERSION, "saved_at": now_iso(), "slice": self.slice_path.name,
-                "n_cells": len(obs_names), "obs_fingerprint": obs_fingerprint(obs_names),
+                "n_cells": len(obs_names),
+                "obs_fingerprint": fingerprint if fingerprint is not None else obs_fingerprint(obs_names),
                 "annotations": {}}
         arrays = {}
         for i, (key, ann) in enumerate(annotations.items()):

@@ -149,6 +149,15 @@ class ChangeRecord:
         return self.before.categories != self.after.categories or self.before.colors != self.after.colors
 
 
+@dataclass
+class AutosaveSnapshot:
+    """Copies of a session's annotations at one moment (:meth:`SliceSession.autosave_snapshot`),
+    numbered in the order they were taken."""
+
+    number: int
+    annotations: Dict[str, Annotation]
+
+
 class SliceSession:
     """One slice under review: the AnnData, its territories, its annotations, autosave."""
 
@@ -189,6 +198,12 @@ class SliceSession:
         self._autosave_store: Optional[CurationStore] = None  # where autosaves go (store or a sibling)
         #: (path, signature) of the autosave file this session last read or wrote
         self._known_autosave = None
+        # autosaves may be written from a worker thread (a GUI's): one writes at a time, and
+        # a snapshot older than one already written is not written over it
+        self._autosave_mutex = threading.Lock()
+        self._snapshots_taken = 0
+        self._snapshot_written = 0
+        self._fingerprint = None  # (obs_names, obs_fingerprint(obs_names)) of the last autosave
         #: undoable non-paint steps (refine, merge, re-cluster), oldest first; see :meth:`undo_change`
         self.changes: List[ChangeRecord] = []
         #: the step being announced to listeners (set only during that notification), so a
@@ -331,8 +346,13 @@ class SliceSession:
 
     def close(self) -> None:
         """Release the autosave lock (also done when the session is garbage-collected or
-        Python exits); the session can still be used, and locks again on its next autosave."""
-        self._release_lock()
+        Python exits), after an autosave being written finishes; the session can still be
+        used, and locks again on its next autosave."""
+        with self._autosave_mutex:
+            self._release_lock()
+            # a snapshot taken before closing and not yet written is not written after it (it
+            # would lock the autosave again); whoever closes writes the latest state first
+            self._snapshot_written = self._snapshots_taken + 1
 
     def __enter__(self) -> "SliceSession":
         return self
@@ -430,11 +450,13 @@ class SliceSession:
             overall.finish("done")
         return result
 
-    def apply(self, result: RunResult, *, save_cache: bool = True) -> None:
+    def apply(self, result: RunResult, *, save_cache: bool = True, autosave: bool = True) -> None:
         """Install a run's result (replacing earlier predictions) and autosave.
 
         ``save_cache``: also write the embedding cache (:meth:`save_embedding_cache`) now; a
-        GUI passes False and writes it from a worker thread (the file is large)."""
+        GUI passes False and writes it from a worker thread (the file is large).
+        ``autosave``: write the autosave now; a GUI passes False and writes
+        :meth:`autosave_snapshot` from a worker thread."""
         if result.territories is not None:
             self.territories = result.territories
         if result.clusterer is not None:
@@ -448,7 +470,8 @@ class SliceSession:
         for key, ann in result.annotations.items():
             self.annotations[key] = ann
             self._notify(key, "replaced")
-        self.autosave()
+        if autosave:
+            self.autosave()
 
     def run(self, **kwargs) -> RunResult:
         """:meth:`compute` then :meth:`apply` (the headless path)."""
@@ -802,7 +825,27 @@ class SliceSession:
         return self.annotations[key]
 
     # ------------------------------------------------------------------ saving
-    def autosave(self) -> Optional[Path]:
+    def autosave_snapshot(self) -> "AutosaveSnapshot":
+        """The annotations as they are now, copied, for :meth:`autosave` to write later (from
+        a worker thread while the user goes on editing). Cheap: a copy of each labelling's
+        arrays."""
+        with self._autosave_mutex:
+            self._snapshots_taken += 1
+            number = self._snapshots_taken
+        return AutosaveSnapshot(number, {k: a.copy() for k, a in self.annotations.items()})
+
+    def _obs_fingerprint(self) -> str:
+        """The autosave fingerprint of the cell ids, computed once per set of ids (a pandas
+        Index never changes in place; a new one is a new object)."""
+        from napari_stofm.io.autosave import obs_fingerprint
+
+        names = self.adata.obs_names
+        cached = self._fingerprint
+        if cached is None or cached[0] is not names:
+            cached = self._fingerprint = (names, obs_fingerprint(names))
+        return cached[1]
+
+    def autosave(self, snapshot: Optional["AutosaveSnapshot"] = None) -> Optional[Path]:
         """Write every annotation to the autosave file; returns it (None without annotations).
 
         The file is the slice's ``<slice>.stofm-curation.npz`` unless another live session
@@ -810,10 +853,26 @@ class SliceSession:
         that this session neither restored nor wrote (another writer's, or one left
         unrestored with ``restore=False``) is first renamed to
         ``<name>.previous-YYYYmmdd-HHMMSS.npz`` (kept, listed in ``self.kept_aside``).
+
+        ``snapshot`` (from :meth:`autosave_snapshot`): write those annotations instead of the
+        current ones. This call may run in a worker thread: autosaves are written one at a
+        time, and a snapshot older than one already written is skipped (returns None), so a
+        late worker never puts back labels the user has since changed.
         """
+        if snapshot is None:
+            snapshot = self.autosave_snapshot()
+        with self._autosave_mutex:
+            if snapshot.number < self._snapshot_written:
+                return None  # a newer state is already on disk
+            written = self._write_autosave(snapshot.annotations)
+            if written is not None:
+                self._snapshot_written = snapshot.number
+            return written
+
+    def _write_autosave(self, annotations: Dict[str, Annotation]) -> Optional[Path]:
         import warnings
 
-        if self.store is None or not self.annotations:
+        if self.store is None or not annotations:
             return None
         target = self._claim_autosave()
         if target is None:
@@ -825,8 +884,8 @@ class SliceSession:
             if aside is not None:
                 self.kept_aside.append(aside)
                 warnings.warn(f"the autosave {path} held labels this session had not loaded; it was kept as {aside} "
-                              "before this session's autosave was written.", UserWarning, stacklevel=2)
-        written = target.save(self.annotations, self.adata.obs_names)
+                              "before this session's autosave was written.", UserWarning, stacklevel=3)
+        written = target.save(annotations, self.adata.obs_names, fingerprint=self._obs_fingerprint())
         self._known_autosave = (str(written), file_signature(written))
         return written
 

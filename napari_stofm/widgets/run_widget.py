@@ -117,6 +117,7 @@ class RunWidget(QWidget):
         self.worker = None
         self._recluster_worker = None
         self._cache_worker = None
+        self._autosave_worker = None
         self._pending_layers: list = []  # (session, key) still to be shown after a run
         self.last_error: Optional[str] = None
         self.last_result = None
@@ -352,7 +353,8 @@ class RunWidget(QWidget):
                 raise Cancelled("cancelled by the user; nothing was changed")
             first_time = not any(labels_layer_for(self.viewer, session, k) for k in result.annotations)
             offer_prepared(session, displays or {})
-            session.apply(result, save_cache=False)
+            session.apply(result, save_cache=False, autosave=False)
+            self._autosave(session)
             keys = list(result.annotations)
             if keys:
                 self._show_layer(session, keys[0], first=True, reset_view=first_time)
@@ -421,6 +423,17 @@ class RunWidget(QWidget):
         self._cache_worker = start_worker(session.save_embedding_cache, on_return=lambda path: None,
                                           on_error=failed,
                                           on_finish=lambda: setattr(self, "_cache_worker", None))
+
+    def _autosave(self, session):
+        """Write the new labels' autosave from a worker (copied now; compressing and writing
+        a large slice's labels would hold up the event loop)."""
+        def failed(err):
+            log.debug("the autosave after the run failed", exc_info=err)
+            show_error(f"autosave of {session.name} failed: {err}")
+
+        self._autosave_worker = start_worker(session.autosave, session.autosave_snapshot(), on_return=lambda path: None,
+                                             on_error=failed,
+                                             on_finish=lambda: setattr(self, "_autosave_worker", None))
 
     def _on_error(self, err):
         self.last_error = report_failure(err, "SToFM", self.task)
