@@ -183,10 +183,36 @@ def test_large_slice_virtual_cells_are_the_pca_ones(bundled_model, monkeypatch):
     xy = normalize_coordinates(adata.obsm["spatial"])
     default = multiscale.build_hypernodes(xy, emb)
     monkeypatch.setattr(multiscale, "LARGE_SLICE", 0)
-    monkeypatch.setattr(multiscale, "_EDGE_CHUNK", 1000)  # the graph handed to igraph in blocks
+    from napari_stofm import leiden as leiden_module
+
+    monkeypatch.setattr(leiden_module, "_EDGE_CHUNK", 1000)  # the graph handed to igraph in blocks
     large = multiscale.build_hypernodes(xy, emb)
     np.testing.assert_array_equal(large.assignment, default.assignment)
     np.testing.assert_allclose(large.embeddings, default.embeddings, rtol=0, atol=1e-12)
+
+
+def test_leiden_of_a_large_graph_runs_in_a_child_process_with_the_same_partition(monkeypatch):
+    """igraph holds the GIL while it clusters: a large graph is clustered by a child process
+    (a GUI keeps drawing), with the partition this process would find."""
+    import scipy.sparse as sp
+
+    from napari_stofm import leiden as leiden_module
+    from napari_stofm.model.multiscale import umap_connectivities
+
+    xy = np.random.default_rng(3).uniform(size=(3000, 2))
+    graph = umap_connectivities(xy, 10)
+    upper = sp.triu(graph, k=1).tocoo()
+    args = (3000, upper.row.astype(np.int64), upper.col.astype(np.int64), upper.data.astype(np.float64), 1.0, 4, 2)
+    in_line = leiden_module.leiden_edges(*args)
+    assert in_line.max() > 5
+    np.testing.assert_array_equal(leiden_module._in_child(args), in_line)
+    calls = []
+    monkeypatch.setattr(leiden_module, "_in_child", lambda a: calls.append(a) or leiden_module.leiden_edges(*a))
+    np.testing.assert_array_equal(leiden_module.leiden(graph, 1.0, 4), in_line)
+    assert calls == []  # a small graph: in this process
+    monkeypatch.setattr(leiden_module, "PROCESS_NODES", 1000)
+    np.testing.assert_array_equal(leiden_module.leiden(graph, 1.0, 4), in_line)
+    assert len(calls) == 1
 
 
 def test_bfloat16_cell_encoder_is_close_and_cached_apart(bundled_model):

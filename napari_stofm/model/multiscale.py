@@ -21,6 +21,7 @@ from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 
 from napari_stofm.errors import StofmInputError
+from napari_stofm.leiden import leiden
 
 NORM_TYPE, CLS_TYPE, HYPER_TYPE, PAD_TYPE = 0, 1, 2, 3
 
@@ -296,33 +297,6 @@ def umap_connectivities(features: np.ndarray, n_neighbors: int):
     a = sp.csr_matrix((weights.ravel(), (np.repeat(np.arange(n), k - 1), idx.ravel())), shape=(n, n))
     at = a.T.tocsr()
     return (a + at - a.multiply(at)).tocsr()
-
-
-_EDGE_CHUNK = 1_000_000
-
-
-def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int = 2) -> np.ndarray:
-    """igraph's Leiden (modularity, weighted, undirected) on a symmetric CSR graph, seeded."""
-    import random
-
-    import igraph as ig
-    import scipy.sparse as sp
-
-    upper = sp.triu(graph, k=1).tocoo()
-    g = ig.Graph(n=graph.shape[0], directed=False)
-    # edges handed over in blocks: a Python list of every edge at once costs ~100 bytes an edge
-    for start in range(0, upper.nnz, _EDGE_CHUNK):
-        stop = start + _EDGE_CHUNK
-        g.add_edges(np.column_stack([upper.row[start:stop], upper.col[start:stop]]).tolist())
-    g.es["weight"] = upper.data.tolist()
-    ig.set_random_number_generator(random.Random(seed))
-    try:
-        part = g.community_leiden(
-            objective_function="modularity", weights="weight", resolution=resolution, n_iterations=n_iterations
-        )
-    finally:
-        ig.set_random_number_generator(random)
-    return np.asarray(part.membership, dtype=np.int64)
 
 
 def _max_row_norm(a: np.ndarray) -> float:
