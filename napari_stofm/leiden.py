@@ -4,9 +4,9 @@ igraph's C code holds Python's GIL for the whole optimisation (about 5 s on 300k
 a laptop core), so a GUI that runs SToFM in a worker thread would stop drawing for that
 long. On a graph of at least :data:`PROCESS_NODES` nodes the same call therefore runs in a
 child Python process; this module imports neither torch nor napari, so the child starts
-quickly. The child runs exactly the code
-this process would (same edges, weights, resolution and seed), so the partition is the
-same; where no child can be started the call runs here.
+quickly. The child runs exactly the code this process would (same edges, weights,
+resolution and seed), so the partition is the same; where no child can be started the
+call runs here.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int = 2)
     if PROCESS_NODES is not None and graph.shape[0] >= PROCESS_NODES:
         try:
             return _in_child(args)
-        except (OSError, RuntimeError, ValueError) as err:  # no child process here: the same call in line
+        except (OSError, RuntimeError, ValueError, EOFError) as err:  # no child process here: the same call in line
             log.debug("Leiden in a child process failed (%s); running it in this process", err)
     return leiden_edges(*args)
 

@@ -395,14 +395,18 @@ def test_autosave_fingerprint_computed_once_per_set_of_cell_ids(slice_path, monk
     calls = []
     real = autosave_module.obs_fingerprint
     monkeypatch.setattr(autosave_module, "obs_fingerprint", lambda names: calls.append(1) or real(names))
-    session = SliceSession.open(slice_path)
-    opened = len(calls)
+    CurationStore(slice_path).save({KEY: Annotation.from_prediction(KEY, ["a", "b", "c"], np.arange(300) % 3,
+                                                                   np.full(300, 0.5))},
+                                   make_sample_slice(n_cells=300, seed=7).obs_names)
+    calls.clear()
+    session = SliceSession.open(slice_path)  # restores that autosave (its fingerprint checked)
+    assert session.restored_from is not None
     _curate(session, [0], code=1)
     _curate(session, [1], code=2)
-    assert len(calls) == opened + 1  # two autosaves, one fingerprint
+    assert len(calls) == 1  # opened and two autosaves, one fingerprint
     session.adata.obs_names = [f"other{i}" for i in range(session.adata.n_obs)]
     session.autosave()
-    assert len(calls) == opened + 2  # new cell ids: fingerprinted again
+    assert len(calls) == 2  # new cell ids: fingerprinted again
     meta = json.loads(bytes(np.load(session.autosave_path)["meta"]).decode())
     assert meta["obs_fingerprint"] == real(session.adata.obs_names)
     session.close()

@@ -465,17 +465,18 @@ class LabelsBinding:
         try:
             from qtpy.QtCore import QTimer
         except ImportError:  # no Qt: save now
-            self._autosave()
+            self.autosave_in_background()
             return
         if self._autosave_timer is None:
             self._autosave_timer = QTimer()
             self._autosave_timer.setSingleShot(True)
-            self._autosave_timer.timeout.connect(self._autosave)
+            self._autosave_timer.timeout.connect(self.autosave_in_background)
         self._autosave_timer.start(AUTOSAVE_DELAY_MS)
 
-    def _autosave(self) -> None:
-        """The debounced autosave: the labels are copied now, on the UI thread, and written
-        (compressed, fingerprinted, moved into place) by a worker thread, one write at a time."""
+    def autosave_in_background(self) -> None:
+        """Autosave the session (the debounced autosave of an edit, or a new result): the
+        labels are copied now, on the UI thread, and written (compressed, fingerprinted, moved
+        into place) by a worker thread, one write at a time."""
         if self._saving:
             self._save_again = True  # written when the current write ends
             return
@@ -499,7 +500,7 @@ class LabelsBinding:
     def _autosave_finished(self) -> None:
         self._saving = False
         if self._save_again:
-            self._autosave()
+            self.autosave_in_background()
 
     def _autosave_failed(self, err) -> None:
         log.debug("autosave of %s failed", self.key, exc_info=err)

@@ -529,8 +529,8 @@ class CurationStore:
         atomic_write_bytes(target, buffer.getvalue())
         return target
 
-    def load(self, obs_names) -> Dict[str, Annotation]:
-        """The autosaved annotations ({} when there is none).
+    def load(self, obs_names, *, fingerprint: Optional[str] = None) -> Dict[str, Annotation]:
+        """The autosaved annotations ({} when there is none); ``fingerprint`` as in :meth:`save`.
 
         Raises :class:`~napari_stofm.errors.AutosaveRefused` (a StofmInputError) for an
         autosave made for other cells (``kind='refused'``) or one that cannot be read or is
@@ -543,7 +543,7 @@ class CurationStore:
         try:
             with zipfile.ZipFile(path) as archive:
                 meta, members = _read_meta(archive)
-                _check_fingerprint(path, meta, obs_names)
+                _check_fingerprint(path, meta, obs_names, fingerprint)
                 entries = _check_layout(meta, members, n_cells)
                 arrays = {name: _read_member(archive, members[name], (n_cells,),
                                              _ARRAY_KINDS[name[:-4].split("_", 1)[1]])
@@ -580,8 +580,8 @@ def _corrupt(path: Path, detail: str) -> AutosaveRefused:
         "predictions again.", path=path, kind="corrupt")
 
 
-def _check_fingerprint(path: Path, meta: dict, obs_names) -> None:
-    if meta.get("obs_fingerprint") != obs_fingerprint(obs_names):
+def _check_fingerprint(path: Path, meta: dict, obs_names, fingerprint: Optional[str] = None) -> None:
+    if meta.get("obs_fingerprint") != (fingerprint if fingerprint is not None else obs_fingerprint(obs_names)):
         raise AutosaveRefused(
             f"the autosave {path} was made for another set of cells ({meta.get('n_cells')} cells "
             f"of '{meta.get('slice')}', saved {meta.get('saved_at')}; this slice has "

@@ -201,9 +201,10 @@ class SliceSession:
         # autosaves may be written from a worker thread (a GUI's): one writes at a time, and
         # a snapshot older than one already written is not written over it
         self._autosave_mutex = threading.Lock()
+        self._snapshot_lock = threading.Lock()  # numbers snapshots without waiting for a write
         self._snapshots_taken = 0
         self._snapshot_written = 0
-        self._fingerprint = None  # (obs_names, obs_fingerprint(obs_names)) of the last autosave
+        self._fingerprint = None  # (obs_names, obs_fingerprint(obs_names)), see _obs_fingerprint
         #: undoable non-paint steps (refine, merge, re-cluster), oldest first; see :meth:`undo_change`
         self.changes: List[ChangeRecord] = []
         #: the step being announced to listeners (set only during that notification), so a
@@ -254,7 +255,7 @@ class SliceSession:
             path = self.store.path
             before = file_signature(path)
             try:
-                saved = self.store.load(self.adata.obs_names)
+                saved = self.store.load(self.adata.obs_names, fingerprint=self._obs_fingerprint())
             except AutosaveRefused as err:
                 self.restore_error = self._keep_refused(err, mine=target is self.store)
                 saved = {}
@@ -352,7 +353,8 @@ class SliceSession:
             self._release_lock()
             # a snapshot taken before closing and not yet written is not written after it (it
             # would lock the autosave again); whoever closes writes the latest state first
-            self._snapshot_written = self._snapshots_taken + 1
+            with self._snapshot_lock:
+                self._snapshot_written = self._snapshots_taken + 1
 
     def __enter__(self) -> "SliceSession":
         return self
@@ -829,7 +831,7 @@ class SliceSession:
         """The annotations as they are now, copied, for :meth:`autosave` to write later (from
         a worker thread while the user goes on editing). Cheap: a copy of each labelling's
         arrays."""
-        with self._autosave_mutex:
+        with self._snapshot_lock:
             self._snapshots_taken += 1
             number = self._snapshots_taken
         return AutosaveSnapshot(number, {k: a.copy() for k, a in self.annotations.items()})

@@ -33,7 +33,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_stofm._napari.binding import bind_viewer
+from napari_stofm._napari.binding import bind_viewer, binding_of
 from napari_stofm._napari.layers import (
     ROLE_LABELS,
     add_or_update_labels,
@@ -117,7 +117,6 @@ class RunWidget(QWidget):
         self.worker = None
         self._recluster_worker = None
         self._cache_worker = None
-        self._autosave_worker = None
         self._pending_layers: list = []  # (session, key) still to be shown after a run
         self.last_error: Optional[str] = None
         self.last_result = None
@@ -354,10 +353,14 @@ class RunWidget(QWidget):
             first_time = not any(labels_layer_for(self.viewer, session, k) for k in result.annotations)
             offer_prepared(session, displays or {})
             session.apply(result, save_cache=False, autosave=False)
-            self._autosave(session)
             keys = list(result.annotations)
             if keys:
-                self._show_layer(session, keys[0], first=True, reset_view=first_time)
+                shown = self._show_layer(session, keys[0], first=True, reset_view=first_time)
+                binding = binding_of(shown)
+                if binding is not None:
+                    binding.autosave_in_background()  # every labelling of the slice, off the UI thread
+                else:
+                    session.autosave()
                 self._pending_layers = [(session, k) for k in keys[1:]]
                 if self._pending_layers:
                     QTimer.singleShot(0, self._show_pending)
@@ -423,17 +426,6 @@ class RunWidget(QWidget):
         self._cache_worker = start_worker(session.save_embedding_cache, on_return=lambda path: None,
                                           on_error=failed,
                                           on_finish=lambda: setattr(self, "_cache_worker", None))
-
-    def _autosave(self, session):
-        """Write the new labels' autosave from a worker (copied now; compressing and writing
-        a large slice's labels would hold up the event loop)."""
-        def failed(err):
-            log.debug("the autosave after the run failed", exc_info=err)
-            show_error(f"autosave of {session.name} failed: {err}")
-
-        self._autosave_worker = start_worker(session.autosave, session.autosave_snapshot(), on_return=lambda path: None,
-                                             on_error=failed,
-                                             on_finish=lambda: setattr(self, "_autosave_worker", None))
 
     def _on_error(self, err):
         self.last_error = report_failure(err, "SToFM", self.task)
