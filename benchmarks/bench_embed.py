@@ -63,7 +63,7 @@ def main():
     from napari_stofm.model.stofm import SToFM
 
     baseline = SToFM(model.se2, model.cell_encoder, model.vocabulary, replace(model.settings, gene_windows=1),
-                     source=model.source)
+                     source=model.source, readout=model.readout)
     # paired and alternated (baseline, ours, baseline, ours), the faster of each pair kept:
     # a machine that slows down during the run slows both
     runs = {"ours": [], "base": []}

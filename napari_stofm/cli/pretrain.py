@@ -118,6 +118,10 @@ def _add_parser(sub) -> None:
     g.add_argument("--self-weight", type=bounded_float("self weight", minimum=0.0), default=d.self_weight,
                    help="weight of the stage-2 term that has every unmasked cell's output reconstruct its own "
                         f"embedding (default: {d.self_weight})")
+    g.add_argument("--readout", choices=("hidden", "context"), default=d.readout,
+                   help="what the weights' obsm['X_stofm'] is read from: the SE(2) transformer's hidden state "
+                        "(hidden, as published) or its cell and niche heads (context; needs --niche-weight > 0) "
+                        f"(default: {d.readout})")
     g.add_argument("--lr2", type=bounded_float("stage-2 learning rate", minimum=0.0, exclusive_minimum=True),
                    default=d.lr2, help=f"peak learning rate of stage 2 (default: {d.lr2})")
     g.add_argument("--warmup-steps", type=nonnegative_int("warm-up steps"), default=d.warmup_steps,
@@ -165,6 +169,7 @@ def cmd_pretrain(args) -> int:
         contrastive_weight=args.contrastive_weight,
         profile_weight=args.profile_weight, name=args.name, device=args.device,
         loader_threads=args.loader_threads, niche_weight=args.niche_weight, self_weight=args.self_weight,
+        readout=args.readout,
         init_from=args.init_from, cell_mask_value=args.cell_mask_value, lr2=args.lr2,
         warmup_steps=args.warmup_steps, dropout=args.dropout,
     )

@@ -21,6 +21,7 @@ from napari_stofm.model.multiscale import (
     normalize_coordinates,
     split_subslices,
 )
+from napari_stofm.model.readout import finish_context
 from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report
 
 
@@ -54,7 +55,11 @@ def run_se2(model, normalized_xy, cell_emb, hyper, subslices, *, batch_size=4, p
             cancel=None) -> np.ndarray:
     """SE(2) transformer over sub-slices -> (n, E) final cell representations."""
     n = normalized_xy.shape[0]
-    out = np.zeros((n, model.se2.config.embedding_dim), dtype=np.float32)
+    readout = getattr(model, "readout", None)
+    if readout is None:
+        out = np.zeros((n, model.se2.config.embedding_dim), dtype=np.float32)
+    else:  # (n, 1 + scales, D) raw parts, finished over the whole slice below
+        out = np.zeros((n, 1 + readout.scales, readout.input_dim), dtype=np.float32)
     # Similar sizes together: less padding.
     order = sorted(range(len(subslices)), key=lambda i: -len(subslices[i]))
     ordered = [subslices[i] for i in order]
@@ -70,12 +75,14 @@ def run_se2(model, normalized_xy, cell_emb, hyper, subslices, *, batch_size=4, p
                 batch["token_embeddings"].to(device), batch["attn_bias"].to(device), batch["token_types"].to(device),
                 return_pair_rep=False,
             )
-            hidden = result["last_hidden_state"].float().cpu().numpy()
             idx = batch["indices"].numpy()
             sel = idx >= 0
-            out[idx[sel]] = hidden[sel]
+            hidden = result["last_hidden_state"][torch.from_numpy(sel).to(device)]
+            if readout is not None:
+                hidden = readout(hidden)
+            out[idx[sel]] = hidden.float().cpu().numpy()
             done += int(sel.sum())
             report(progress, done, n, "SE(2) transformer")
     if done < n:
         raise StofmInputError(f"{n - done} cells were not covered by any sub-slice; this is a bug, please report it")
-    return out
+    return out if readout is None else finish_context(out)

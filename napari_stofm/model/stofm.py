@@ -30,6 +30,7 @@ from napari_stofm.model.checkpoint import (
     load_se2_transformer,
     save_se2_transformer,
 )
+from napari_stofm.model.readout import READOUTS, ContextReadout
 from napari_stofm.model.se2_transformer import SE2Transformer
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
@@ -61,6 +62,9 @@ class PipelineSettings:
     #: windows of ``max_genes`` genes, their embeddings averaged (1: the top ``max_genes`` only,
     #: as published; see :meth:`~napari_stofm.genes.tokenizer.TokenizedCells.interleaved`)
     gene_windows: int = 1
+    #: what ``obsm['X_stofm']`` is read from (see :mod:`napari_stofm.model.readout`): the last
+    #: hidden state (``"hidden"``, published) or the stage-2 heads' cell and niche (``"context"``)
+    readout: str = "hidden"
     name: str = "SToFM"
     info: Dict[str, Any] = field(default_factory=dict)
 
@@ -81,6 +85,9 @@ class PipelineSettings:
                                  fix="genes per cell read by the cell encoder, 2047 in the published model", **kw)
         self.gene_windows = integer(self.gene_windows, "gene_windows", minimum=1, maximum=64,
                                     fix="windows of max_genes genes read per cell, 1 in the published model", **kw)
+        if not isinstance(self.readout, str) or self.readout not in READOUTS:
+            raise CheckpointError(f"pipeline settings ({SETTINGS_NAME}): readout={self.readout!r} is not one of "
+                                  f"{', '.join(READOUTS)}")
         if not isinstance(self.name, str):
             raise CheckpointError(f"pipeline settings ({SETTINGS_NAME}): name must be a string, got {self.name!r}")
         if not isinstance(self.info, dict):
@@ -124,6 +131,7 @@ class SToFM:
         *,
         source: str = "in memory",
         fingerprint: Optional[str] = None,
+        readout: Optional[ContextReadout] = None,
     ):
         if cell_encoder.embedding_dim != se2.config.input_dim:
             raise CheckpointError(
@@ -134,8 +142,18 @@ class SToFM:
         self.cell_encoder = cell_encoder.eval()
         self.vocabulary = vocabulary
         self.settings = settings or PipelineSettings()
+        if self.settings.readout == "context" and readout is None:
+            raise CheckpointError("readout 'context' needs the SE(2) stage's readout heads; none were given")
+        #: the heads ``obsm['X_stofm']`` is read through (``readout: context``), else None
+        self.readout = readout.eval() if readout is not None and self.settings.readout == "context" else None
         self.source = source
-        self.fingerprint = fingerprint or _state_fingerprint(se2, cell_encoder)
+        extra = [self.readout] if self.readout is not None else []
+        self.fingerprint = fingerprint or _state_fingerprint(se2, cell_encoder, *extra)
+
+    @property
+    def representation_dim(self) -> int:
+        """Numbers per cell in ``obsm['X_stofm']``."""
+        return self.readout.dim if self.readout is not None else self.se2.config.embedding_dim
 
     def __repr__(self) -> str:
         cfg = self.se2.config
@@ -165,6 +183,8 @@ class SToFM:
         """Move this model (in place) to ``device``."""
         self.se2.to(device)
         self.cell_encoder.to(device)
+        if self.readout is not None:
+            self.readout.to(device)
         return self
 
     def on(self, device) -> "SToFM":
@@ -176,23 +196,30 @@ class SToFM:
             return self
         import copy
 
+        readout = copy.deepcopy(self.readout).to(device) if self.readout is not None else None
         return SToFM(copy.deepcopy(self.se2).to(device), copy.deepcopy(self.cell_encoder).to(device),
-                     self.vocabulary, self.settings, source=self.source, fingerprint=self.fingerprint)
+                     self.vocabulary, self.settings, source=self.source, fingerprint=self.fingerprint,
+                     readout=readout)
 
     @classmethod
     def load(cls, path: str | Path, device: Optional[str] = None) -> "SToFM":
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"checkpoint directory {path} does not exist")
-        se2 = load_se2_transformer(path)
+        se2, heads = load_se2_transformer(path, return_heads=True)
         encoder = CellEncoder.from_pretrained(path)
         vocabulary = _load_vocabulary(path)
         settings_file = path / SETTINGS_NAME
         settings = PipelineSettings()
         if settings_file.is_file():
             settings = PipelineSettings.from_json(settings_file)
+        readout = None
+        if settings.readout == "context":
+            readout = ContextReadout.from_heads(heads, se2.config.embedding_dim, se2.config.input_dim,
+                                                str(find_se2_weights(path)))
         files = [find_se2_weights(path), path / "config.json"] + sorted((path / "cell_encoder").rglob("*.*"))
-        model = cls(se2, encoder, vocabulary, settings, source=str(path), fingerprint=fingerprint_files(files))
+        model = cls(se2, encoder, vocabulary, settings, source=str(path), fingerprint=fingerprint_files(files),
+                    readout=readout)
         if device is not None:
             model.to(resolve_device(device))
         return model
@@ -201,7 +228,7 @@ class SToFM:
         """Write our layout (safetensors + config + vocabulary + settings)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_se2_transformer(self.se2, path)
+        save_se2_transformer(self.se2, path, heads=self.readout.state_dict() if self.readout is not None else None)
         self.cell_encoder.save_pretrained(path / "cell_encoder")
         self.vocabulary.save(path / VOCABULARY_NAME)
         (path / SETTINGS_NAME).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")

@@ -279,7 +279,8 @@ def compute_embedding(
     positions = np.ascontiguousarray(np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2])
     run_key = "|".join([
         gene_scale_key, hashlib.sha1(positions.tobytes()).hexdigest()[:16], str(split_num), split_mode, str(seed),
-    ] + ([f"adapt{adapt:g}"] if adapt > 0 else []))
+    ] + ([f"adapt{adapt:g}"] if adapt > 0 else [])
+        + ([f"readout-{settings.readout}"] if settings.readout != "hidden" else []))
     final = adata.obsm.get(STOFM_KEY)
     meta_before = adata.uns.get(UNS_KEY, {}) or {}
     if (use_cache and cell.reused and final is not None and meta_before.get("run_key") == run_key

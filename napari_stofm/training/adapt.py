@@ -147,6 +147,14 @@ def adapt_model(
                                                ("self", cfg.self_weight)) if w > 0)
     info = Adaptation(seconds=time.monotonic() - t0, steps=step, first_loss=losses[0] if losses else None,
                       last_loss=float(np.mean(losses[-5:])) if losses else None, terms=terms)
+    readout = None
+    if model.readout is not None:  # X_stofm is read through the heads: the adapted ones
+        from napari_stofm.model.readout import ContextReadout
+
+        tensors = {f"{name}.{k}": v.detach() for name in ("lm_head", "niche_head")
+                   for k, v in heads[name].state_dict().items()}
+        readout = ContextReadout.from_heads(tensors, model.se2.config.embedding_dim, model.cell_encoder.embedding_dim,
+                                            str(model.source)).to(device)
     adapted = SToFM(se2, model.cell_encoder, model.vocabulary, model.settings,
-                    source=f"{model.source} (adapted for {info.seconds:.0f} s, {step} steps)")
+                    source=f"{model.source} (adapted for {info.seconds:.0f} s, {step} steps)", readout=readout)
     return adapted, info

@@ -12,7 +12,7 @@ STATE_DIR = "state"
 #: settings a resumed run may change (the model's shapes and the vocabulary stay)
 RESUME_OVERRIDABLE = ("train_split_num", "batch_subslices", "batch_cells", "stage1_share", "crop_prob",
                       "subsample_min", "contrastive_weight", "profile_weight", "pair_weight", "device",
-                      "loader_threads", "niche_weight", "self_weight", "lr2")
+                      "loader_threads", "niche_weight", "self_weight", "lr2", "readout")
 
 
 @dataclass
@@ -57,6 +57,9 @@ class PretrainConfig:
     # every unmasked cell token's output also reconstructs its own input (``lm_head``, cosine):
     # the output keeps the cell's state beside its niche; 0 (default) scores only the masked cells
     self_weight: float = 0.0
+    # what the exported stofm.json reads X_stofm from (napari_stofm.model.readout): "hidden"
+    # (default, published) or "context" (the trained lm_head and niche_head; needs niche_weight > 0)
+    readout: str = "hidden"
     crop_prob: float = 0.5
     min_crop: float = 0.5
     subsample_min: float = 0.7

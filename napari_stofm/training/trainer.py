@@ -139,6 +139,9 @@ class Trainer:
         self.cfg = cfg
         self.vocabulary = vocabulary
         self.slices = list(slices)
+        if cfg.readout == "context" and cfg.niche_weight <= 0:
+            raise StofmInputError("readout 'context' reads X_stofm through the niche head, which a run with "
+                                  "niche_weight 0 does not train: give a niche weight (e.g. 2) or readout 'hidden'")
         self.settings = PipelineSettings(split_num=cfg.split_num, split_mode="spatial", max_genes=cfg.max_genes,
                                          name=cfg.name)
         model = build_model(
@@ -422,7 +425,16 @@ class Trainer:
         self.device = torch.device("cpu")
         settings = self.settings
         settings.info = info
-        model = SToFM(self.se2, self.encoder, self.vocabulary, settings, source=str(self.out))
+        settings.readout = self.cfg.readout
+        readout = None
+        if settings.readout == "context":
+            from napari_stofm.model.readout import ContextReadout
+
+            tensors = {f"{name}.{k}": v for name in ("lm_head", "niche_head")
+                       for k, v in self.stage2_heads()[name].state_dict().items()}
+            readout = ContextReadout.from_heads(tensors, self.se2.config.embedding_dim, self.encoder.embedding_dim,
+                                                str(self.out))
+        model = SToFM(self.se2, self.encoder, self.vocabulary, settings, source=str(self.out), readout=readout)
         model.save(self.out)
         save_se2_transformer(self.se2, self.out, heads=self.heads_state())
         log_data = {"config": asdict(self.cfg), "slices": self.slices, "history": self.history,

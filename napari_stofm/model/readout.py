@@ -1,0 +1,89 @@
+"""What ``obsm['X_stofm']`` is read from: the SE(2) transformer's output tokens, one way or another.
+
+``readout`` in a checkpoint's ``stofm.json`` picks one of :data:`READOUTS`:
+
+- ``"hidden"`` (the published computation, and the default): the transformer's last hidden
+  state, ``embedding_dim`` numbers per cell.
+- ``"context"``: the transformer's own stage-2 heads read each cell's output token: the cell's
+  reconstructed state (``lm_head``, the masked-cell head) and its predicted niche, the mean
+  input embedding of its nearest cells at each trained scale (``niche_head``). The niche
+  predictions are centred on the slice's mean, as they were trained, and each part is
+  unit-normalised, so that the cell's own state and each scale of its surroundings weigh
+  the same; the parts are concatenated, ``(1 + scales) x input_dim`` numbers per cell.
+
+Why a second readout: a transformer trained to predict its cells' niches carries them in its
+output, but in a minor share of the hidden state's variance, under the cell's own state
+(see the model card); a clustering or a classifier on the hidden state then reads mostly the
+cell. The context readout gives the niche as much weight as the cell.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+import torch
+from torch import nn
+
+from napari_stofm.errors import CheckpointError
+
+READOUTS = ("hidden", "context")
+
+
+class ContextReadout(nn.Module):
+    """``lm_head`` + ``niche_head`` of stage 2 (the layouts of :mod:`napari_stofm.training.heads`)."""
+
+    def __init__(self, embedding_dim: int, input_dim: int, scales: int):
+        super().__init__()
+        self.input_dim = int(input_dim)
+        self.scales = int(scales)
+        self.lm_head = nn.Sequential(nn.Linear(embedding_dim, embedding_dim), nn.ReLU(),
+                                     nn.Linear(embedding_dim, input_dim))
+        self.niche_head = nn.Sequential(nn.Linear(embedding_dim, embedding_dim), nn.ReLU(),
+                                        nn.Linear(embedding_dim, input_dim * scales))
+
+    @property
+    def dim(self) -> int:
+        """Numbers per cell in the finished readout."""
+        return (1 + self.scales) * self.input_dim
+
+    @classmethod
+    def from_heads(cls, heads: Dict[str, torch.Tensor], embedding_dim: int, input_dim: int,
+                   source: str) -> "ContextReadout":
+        """The readout from a checkpoint's saved pretraining heads (``lm_head.*``, ``niche_head.*``)."""
+        need = ("lm_head.0.weight", "lm_head.2.weight", "niche_head.0.weight", "niche_head.2.weight")
+        missing = [k for k in need if k not in heads]
+        if missing:
+            raise CheckpointError(
+                f"{source}: stofm.json asks for readout 'context', but the SE(2) weights have no "
+                f"{', '.join(missing)} (a checkpoint trained with a niche term carries them); set "
+                "\"readout\": \"hidden\" in stofm.json to read the transformer's hidden state instead")
+        out_rows = int(heads["niche_head.2.weight"].shape[0])
+        if out_rows % input_dim:
+            raise CheckpointError(f"{source}: niche_head.2.weight has {out_rows} rows, not a multiple of the "
+                                  f"cell embedding size {input_dim}; the checkpoint is damaged")
+        readout = cls(embedding_dim, input_dim, out_rows // input_dim)
+        state = {k: v for k, v in heads.items() if k.startswith(("lm_head.", "niche_head."))}
+        try:
+            readout.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{source}: the readout heads do not fit the transformer ({exc})") from None
+        return readout.eval()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(cells, 1 + scales, input_dim): the raw self reconstruction and niche predictions."""
+        own = self.lm_head(hidden).unsqueeze(1)
+        niche = self.niche_head(hidden).view(hidden.shape[0], self.scales, self.input_dim)
+        return torch.cat([own, niche], dim=1)
+
+
+def finish_context(parts: np.ndarray) -> np.ndarray:
+    """(cells, 1 + scales, D) raw readout of a whole slice -> (cells, (1 + scales) x D), in place:
+    niche predictions centred on the slice's mean (the training target was centred too), every
+    part unit-normalised."""
+    if parts.shape[0]:
+        parts[:, 1:] -= parts[:, 1:].mean(axis=0, dtype=np.float64).astype(np.float32)
+    norms = np.linalg.norm(parts, axis=2, keepdims=True)
+    np.maximum(norms, 1e-6, out=norms)
+    parts /= norms
+    return parts.reshape(parts.shape[0], -1)
+
