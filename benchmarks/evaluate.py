@@ -247,7 +247,8 @@ def load_models(checkpoint: Optional[str], slices: Sequence[Slice]) -> Models:
             settings=PipelineSettings(split_num=cfg.split_num, split_mode="spatial", max_genes=cfg.max_genes))
         trained.source = "random init (seed 1), no trained weights"
     random = build_model(trained.vocabulary, se2_config=_se2_sizes(trained), encoder_config=_encoder_sizes(trained),
-                         settings=trained.settings, seed=0)
+                         settings=trained.settings, seed=0,
+                         readout_scales=trained.readout.scales if trained.readout is not None else 2)
     return Models(trained, random, note)
 
 

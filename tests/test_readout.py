@@ -111,3 +111,19 @@ def test_a_context_run_needs_the_niche_term(slices, tmp_path):
     with pytest.raises(StofmInputError, match="niche"):
         pretrain([], tmp_path / "out", cfg, adatas=slices, show_progress=False)
     assert not (tmp_path / "out" / "se2transformer.safetensors").exists()
+
+
+def test_a_random_model_of_a_context_model_has_random_heads_of_its_size(context_run, slices):
+    """The untrained baseline of a context checkpoint (benchmarks/evaluate.py) reads the same way."""
+    from napari_stofm.model.stofm import build_model, load_model
+    from napari_stofm.pipeline.embed import compute_embedding
+
+    model = load_model(context_run)
+    random = build_model(model.vocabulary, settings=model.settings, seed=0, readout_scales=model.readout.scales,
+                         se2_config=dict(num_hidden_layers=2, embedding_dim=32, ffn_embedding_dim=64,
+                                         num_attention_heads=4, gaussian_hidden_dim=16),
+                         encoder_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64, max_position_embeddings=64))
+    assert random.representation_dim == model.representation_dim
+    x = compute_embedding(slices[0][1].copy(), random).representations
+    assert x.shape == (300, model.representation_dim) and np.isfinite(x).all()

@@ -336,9 +336,11 @@ def build_model(
     encoder_config: Optional[Dict[str, Any]] = None,
     settings: Optional[PipelineSettings] = None,
     seed: int = 0,
+    readout_scales: int = 2,
 ) -> SToFM:
     """A randomly initialised SToFM for a vocabulary (the start of pretraining, and the
-    untrained baseline). Sizes default to a small CPU-friendly model."""
+    untrained baseline). Sizes default to a small CPU-friendly model; settings with
+    ``readout: context`` get random readout heads of ``readout_scales`` niche scales."""
     from napari_stofm.model.cell_encoder import BertConfig
     from napari_stofm.model.config import SToFMConfig
 
@@ -353,4 +355,8 @@ def build_model(
     se2_kw.update(se2_config or {})
     se2_kw["input_dim"] = encoder.embedding_dim
     se2 = SE2Transformer(SToFMConfig(**se2_kw)).init_weights(seed=seed)
-    return SToFM(se2, encoder, vocabulary, settings or PipelineSettings(split_mode="spatial"), source="random init")
+    settings = settings or PipelineSettings(split_mode="spatial")
+    readout = None
+    if settings.readout == "context":
+        readout = ContextReadout(se2.config.embedding_dim, encoder.embedding_dim, readout_scales)
+    return SToFM(se2, encoder, vocabulary, settings, source="random init", readout=readout)
