@@ -52,3 +52,10 @@ def noisy_cell_types(session, seed=0):
     session.annotations[CELL_TYPE] = Annotation.from_prediction(CELL_TYPE, names, noisy, conf,
                                                                 provenance={"model": "SToFM"})
     return true_codes
+
+
+#: the model and batch sizes of a pretraining run small enough for a test (PretrainConfig keywords)
+TINY_PRETRAIN = dict(bert_hidden=32, bert_layers=1, bert_heads=2, bert_intermediate=64, se2_layers=2, se2_dim=32,
+                     se2_ffn=64, se2_heads=4, se2_gaussians=16, batch_cells=16, train_split_num=100,
+                     batch_subslices=2, warmup_steps=3, min_cells_per_gene=1, max_genes=63, threads=1,
+                     checkpoint_minutes=0.0)

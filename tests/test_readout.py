@@ -8,15 +8,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from builders import TINY_PRETRAIN
 
 from napari_stofm.errors import CheckpointError, StofmInputError
 from napari_stofm.io.sample import make_sample_slice
 from napari_stofm.training.config import PretrainConfig
 from napari_stofm.training.trainer import pretrain
 
-TINY = dict(bert_hidden=32, bert_layers=1, bert_heads=2, bert_intermediate=64, se2_layers=2, se2_dim=32, se2_ffn=64,
-            se2_heads=4, se2_gaussians=16, batch_cells=16, train_split_num=100, batch_subslices=2, warmup_steps=1,
-            min_cells_per_gene=1, max_genes=63, threads=1, checkpoint_minutes=0.0)
+TINY = {**TINY_PRETRAIN, "warmup_steps": 1}
 
 
 @pytest.fixture(scope="module")

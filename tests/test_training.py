@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from builders import TINY_PRETRAIN as TINY
 
 from napari_stofm.errors import StofmInputError
 from napari_stofm.io.sample import make_sample_slice
@@ -13,10 +14,6 @@ from napari_stofm.training.config import STATE_DIR, PretrainConfig
 from napari_stofm.training.corpus import HELD_OUT_SLICES, SpatialSlice, find_slices, load_corpus, pack_corpus
 from napari_stofm.training.report import CURVE_NAME, LOG_NAME
 from napari_stofm.training.trainer import Trainer, pretrain
-
-TINY = dict(bert_hidden=32, bert_layers=1, bert_heads=2, bert_intermediate=64, se2_layers=2, se2_dim=32, se2_ffn=64,
-            se2_heads=4, se2_gaussians=16, batch_cells=16, train_split_num=100, batch_subslices=2, warmup_steps=3,
-            min_cells_per_gene=1, max_genes=63, threads=1, checkpoint_minutes=0.0)
 
 
 @pytest.fixture(scope="module")

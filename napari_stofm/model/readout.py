@@ -31,17 +31,26 @@ from napari_stofm.errors import CheckpointError
 READOUTS = ("hidden", "context")
 
 
+def make_lm_head(e: int, input_dim: int) -> nn.Sequential:
+    """Stage 2's masked-cell head: an output token (``e``) -> the cell's input embedding."""
+    return nn.Sequential(nn.Linear(e, e), nn.ReLU(), nn.Linear(e, input_dim))
+
+
+def make_niche_head(e: int, input_dim: int, scales: int) -> nn.Sequential:
+    """Predicts, from a cell's output token, the mean input embedding of its neighbours at
+    each of ``scales`` neighbourhood sizes (concatenated)."""
+    return nn.Sequential(nn.Linear(e, e), nn.ReLU(), nn.Linear(e, input_dim * scales))
+
+
 class ContextReadout(nn.Module):
-    """``lm_head`` + ``niche_head`` of stage 2 (the layouts of :mod:`napari_stofm.training.heads`)."""
+    """``lm_head`` + ``niche_head`` of stage 2 (:func:`make_lm_head`, :func:`make_niche_head`)."""
 
     def __init__(self, embedding_dim: int, input_dim: int, scales: int):
         super().__init__()
         self.input_dim = int(input_dim)
         self.scales = int(scales)
-        self.lm_head = nn.Sequential(nn.Linear(embedding_dim, embedding_dim), nn.ReLU(),
-                                     nn.Linear(embedding_dim, input_dim))
-        self.niche_head = nn.Sequential(nn.Linear(embedding_dim, embedding_dim), nn.ReLU(),
-                                        nn.Linear(embedding_dim, input_dim * scales))
+        self.lm_head = make_lm_head(embedding_dim, input_dim)
+        self.niche_head = make_niche_head(embedding_dim, input_dim, scales)
 
     @property
     def dim(self) -> int:
@@ -71,6 +80,14 @@ class ContextReadout(nn.Module):
             raise CheckpointError(f"{source}: the readout heads do not fit the transformer ({exc})") from None
         return readout.eval()
 
+    @classmethod
+    def from_modules(cls, lm_head: nn.Module, niche_head: nn.Module, embedding_dim: int, input_dim: int,
+                     source: str) -> "ContextReadout":
+        """The readout from a run's own (trained or adapted) heads; they are copied, not shared."""
+        named = (("lm_head", lm_head), ("niche_head", niche_head))
+        tensors = {f"{name}.{k}": v.detach().clone() for name, head in named for k, v in head.state_dict().items()}
+        return cls.from_heads(tensors, embedding_dim, input_dim, source)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(cells, 1 + scales, input_dim): the raw self reconstruction and niche predictions."""
         own = self.lm_head(hidden).unsqueeze(1)
@@ -88,4 +105,3 @@ def finish_context(parts: np.ndarray) -> np.ndarray:
     np.maximum(norms, 1e-6, out=norms)
     parts /= norms
     return parts.reshape(parts.shape[0], -1)
-

@@ -151,10 +151,8 @@ def adapt_model(
     if model.readout is not None:  # X_stofm is read through the heads: the adapted ones
         from napari_stofm.model.readout import ContextReadout
 
-        tensors = {f"{name}.{k}": v.detach() for name in ("lm_head", "niche_head")
-                   for k, v in heads[name].state_dict().items()}
-        readout = ContextReadout.from_heads(tensors, model.se2.config.embedding_dim, model.cell_encoder.embedding_dim,
-                                            str(model.source)).to(device)
+        readout = ContextReadout.from_modules(heads["lm_head"], heads["niche_head"], model.se2.config.embedding_dim,
+                                              model.cell_encoder.embedding_dim, str(model.source)).to(device)
     adapted = SToFM(se2, model.cell_encoder, model.vocabulary, model.settings,
                     source=f"{model.source} (adapted for {info.seconds:.0f} s, {step} steps)", readout=readout)
     return adapted, info

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# built where the context readout (X_stofm read through them) needs them too
+from napari_stofm.model.readout import make_lm_head, make_niche_head  # noqa: F401
+
 # --------------------------------------------------------------------------- stage 1
 
 
@@ -77,15 +80,5 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
 # --------------------------------------------------------------------------- stage 2
 
 
-def make_lm_head(e: int, input_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(e, e), nn.ReLU(), nn.Linear(e, input_dim))
-
-
 def make_pair_head(heads: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(heads, heads), nn.ReLU(), nn.Linear(heads, 1))
-
-
-def make_niche_head(e: int, input_dim: int, scales: int) -> nn.Sequential:
-    """Predicts, from a cell's output token, the mean input embedding of its neighbours at
-    each of ``scales`` neighbourhood sizes (concatenated)."""
-    return nn.Sequential(nn.Linear(e, e), nn.ReLU(), nn.Linear(e, input_dim * scales))

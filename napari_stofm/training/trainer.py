@@ -430,10 +430,8 @@ class Trainer:
         if settings.readout == "context":
             from napari_stofm.model.readout import ContextReadout
 
-            tensors = {f"{name}.{k}": v for name in ("lm_head", "niche_head")
-                       for k, v in self.stage2_heads()[name].state_dict().items()}
-            readout = ContextReadout.from_heads(tensors, self.se2.config.embedding_dim, self.encoder.embedding_dim,
-                                                str(self.out))
+            readout = ContextReadout.from_modules(self.lm_head, self.niche_head, self.se2.config.embedding_dim,
+                                                  self.encoder.embedding_dim, str(self.out))
         model = SToFM(self.se2, self.encoder, self.vocabulary, settings, source=str(self.out), readout=readout)
         model.save(self.out)
         save_se2_transformer(self.se2, self.out, heads=self.heads_state())
