@@ -126,3 +126,53 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_se2_transformer(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_se2_transformer(tmp_path / "nope")
+
+
+def test_kernel_far_from_every_distance_matches_the_dense_formula():
+    """Gaussians so narrow and far that exp underflows: the kernel's clamped exponent (which
+    keeps subnormal floats out of the hot loop) gives the dense formula's numbers."""
+    model = SE2Transformer(small_config()).init_weights(seed=7).eval()
+    batch = batch_for(*random_slice(seed=8))
+    with torch.no_grad():
+        model.gaussian.means.weight[0, :4] = torch.tensor([-5.0, 40.0, 99.0, 400.0])
+        model.gaussian.stds.weight[0, :4] = 0.05
+        dist = batch["attn_bias"]
+        torch.testing.assert_close(model.gaussian(dist), model.gaussian.dense_forward(dist), rtol=1e-5, atol=1e-6)
+        d = torch.tensor([0.5, 3.0, 100.0, 1e4])
+        exponent = ((model.gaussian.linear(d[:, None]) - model.gaussian.means.weight) / 0.05) ** 2 * -0.5
+        assert float(exponent.min()) < -1e3  # far below where float32 exp leaves the normal range
+        assert torch.isfinite(model.gaussian.basis(d)).all()
+
+
+@pytest.mark.parametrize("suffix", [True, False])
+def test_padded_key_fill_equals_masked_fill(suffix):
+    from napari_stofm.model.se2_transformer import fill_padded_keys
+
+    lengths = torch.tensor([7, 4, 10])
+    mask = torch.arange(10)[None, :] >= lengths[:, None]
+    if not suffix:
+        mask[0, 2] = True  # a hole: not a suffix of the row
+    scores = torch.randn(3, 2, 10, 10)
+    expected = scores.masked_fill(mask[:, None, None, :], float("-inf"))
+    torch.testing.assert_close(fill_padded_keys(scores.clone(), mask, float("-inf")), expected)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_virtual_cell_blocks_give_the_dense_kernel(symmetric):
+    """The virtual cells' rows and columns evaluated as blocks (columns mirrored when the
+    distances are symmetric, evaluated on their own when not) give the dense formula."""
+    model = SE2Transformer(small_config()).init_weights(seed=9).eval()
+    batch = batch_for(*random_slice(seed=10))
+    types = batch["token_types"]
+    span = model._virtual_cell_positions(types)
+    n_virtual = int(types[0].eq(model.config.hyper_type_id).sum())
+    assert span == slice(1, 1 + n_virtual) and n_virtual > 1
+    dist = batch["attn_bias"].clone()
+    if not symmetric:
+        dist[:, 3, 1 + n_virtual] += 0.25  # one virtual cell -> cell pair differs from its mirror
+    with torch.no_grad():
+        torch.testing.assert_close(model.gaussian(dist, dense=span), model.gaussian.dense_forward(dist),
+                                   rtol=1e-5, atol=1e-6)
+    mixed = types.clone()
+    mixed[0, 1] = model.config.norm_type_id  # virtual cells not at the same place in every row
+    assert model._virtual_cell_positions(mixed) is None
