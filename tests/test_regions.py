@@ -184,3 +184,20 @@ def test_min_region_size_merges_specks_into_their_neighbour():
     assert RegionClusterer(emb, xy, seed=0).min_region_size == 12  # default: 1 % of the cells
     with pytest.raises(StofmInputError, match="min_region_size"):
         RegionClusterer(emb, xy, min_region_size=-1)
+
+
+def test_in_place_pca_gives_the_straightforward_numbers_and_leaves_the_embeddings():
+    """The memory-lean z-score + PCA (one scratch copy, PCA in place) is the textbook one."""
+    from sklearn.decomposition import PCA
+
+    from napari_stofm.heads.regions import _standardised_pca
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(6000, 48)).astype(np.float32)
+    emb[:, 5] = 2.0  # a constant dimension: z-score 0
+    before = emb.copy()
+    std = emb.std(axis=0)
+    z = (emb - emb.mean(axis=0)) / np.where(std > 1e-8, std, 1.0)
+    expected = PCA(n_components=30, svd_solver="randomized", random_state=3).fit_transform(z)
+    np.testing.assert_allclose(_standardised_pca(emb, 30, 3), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(emb, before)

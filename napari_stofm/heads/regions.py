@@ -243,17 +243,23 @@ def _validated(embeddings, xy) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _standardised_pca(emb: np.ndarray, n_pcs: int, seed: int) -> np.ndarray:
-    """Per-dimension z-score (constant dimensions become 0), then PCA to ``n_pcs``."""
+    """Per-dimension z-score (constant dimensions become 0), then PCA to ``n_pcs``.
+
+    One scratch array of the embeddings' size: the z-scores are formed in place and PCA
+    works on them in place (``copy=False``), so a 1M-cell slice holds one copy, not three.
+    """
     from sklearn.decomposition import PCA
 
     mean = emb.mean(axis=0)
     std = emb.std(axis=0)
-    z = (emb - mean) / np.where(std > 1e-8, std, 1.0)
+    z = emb - mean
+    z /= np.where(std > 1e-8, std, 1.0)
     n_comp = min(int(n_pcs), z.shape[1], z.shape[0] - 1)
     if n_comp >= z.shape[1]:
-        return z.astype(np.float32)
+        return z.astype(np.float32, copy=False)
     solver = "randomized" if z.shape[0] > 5000 else "full"
-    return PCA(n_components=n_comp, svd_solver=solver, random_state=seed).fit_transform(z).astype(np.float32)
+    pca = PCA(n_components=n_comp, svd_solver=solver, random_state=seed, copy=False)
+    return pca.fit_transform(z).astype(np.float32)
 
 
 def spatial_neighbors(xy: np.ndarray, k: int) -> np.ndarray:
