@@ -201,3 +201,22 @@ def test_in_place_pca_gives_the_straightforward_numbers_and_leaves_the_embedding
     expected = PCA(n_components=30, svd_solver="randomized", random_state=3).fit_transform(z)
     np.testing.assert_allclose(_standardised_pca(emb, 30, 3), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(emb, before)
+
+
+def test_large_slice_regions_pca_is_the_exact_z_scored_pca(monkeypatch):
+    """Above LARGE_SLICE cells the regions' PCA comes from the covariance matrix (no copy of
+    the embeddings): the exact PCA of the z-scores, signed as scikit-learn signs it."""
+    from sklearn.decomposition import PCA
+
+    from napari_stofm import pca
+    from napari_stofm.heads.regions import _standardised_pca
+
+    rng = np.random.default_rng(1)
+    latent = rng.normal(size=(3000, 6)) * np.array([6.0, 5.0, 4.0, 3.0, 2.0, 1.0])  # a clear spectrum
+    emb = (latent @ rng.normal(size=(6, 20)) + 0.1 * rng.normal(size=(3000, 20))).astype(np.float32)
+    emb[:, 7] = -1.0  # a constant column
+    std = emb.std(axis=0)
+    z = (emb - emb.mean(axis=0)) / np.where(std > 1e-8, std, 1.0)
+    expected = PCA(n_components=6, svd_solver="full").fit_transform(z.astype(np.float64))
+    monkeypatch.setattr(pca, "LARGE_SLICE", 1000)
+    np.testing.assert_allclose(_standardised_pca(emb, 6, 0), expected, rtol=1e-4, atol=1e-4)

@@ -173,11 +173,12 @@ def test_large_slice_virtual_cells_are_the_pca_ones(bundled_model, monkeypatch):
     from sklearn.decomposition import PCA
 
     from napari_stofm.model import multiscale
+    from napari_stofm.pca import covariance_pca
     from napari_stofm.pipeline.embed import compute_cell_embedding
 
     adata = make_sample_slice(2500, seed=6)
     emb = compute_cell_embedding(adata, bundled_model).embeddings
-    ours = multiscale._covariance_pca2(emb)
+    ours = covariance_pca(emb, 2)
     ref = PCA(n_components=2).fit_transform(emb.astype(np.float64))
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
     xy = normalize_coordinates(adata.obsm["spatial"])

@@ -246,15 +246,20 @@ def _standardised_pca(emb: np.ndarray, n_pcs: int, seed: int) -> np.ndarray:
     """Per-dimension z-score (constant dimensions become 0), then PCA to ``n_pcs``.
 
     One scratch array of the embeddings' size: the z-scores are formed in place and PCA
-    works on them in place (``copy=False``), so a 1M-cell slice holds one copy, not three.
+    works on them in place (``copy=False``); above :data:`~napari_stofm.pca.LARGE_SLICE`
+    cells none (the exact PCA from the covariance matrix, :func:`~napari_stofm.pca.covariance_pca`).
     """
     from sklearn.decomposition import PCA
 
+    from napari_stofm.pca import LARGE_SLICE, covariance_pca
+
+    n_comp = min(int(n_pcs), emb.shape[1], emb.shape[0] - 1)
+    if emb.shape[0] > LARGE_SLICE and n_comp < emb.shape[1]:  # no full-size scratch array at all
+        return covariance_pca(emb, n_comp, standardize=True).astype(np.float32)
     mean = emb.mean(axis=0)
     std = emb.std(axis=0)
     z = emb - mean
     z /= np.where(std > 1e-8, std, 1.0)
-    n_comp = min(int(n_pcs), z.shape[1], z.shape[0] - 1)
     if n_comp >= z.shape[1]:
         return z.astype(np.float32, copy=False)
     solver = "randomized" if z.shape[0] > 5000 else "full"
@@ -276,9 +281,11 @@ def spatial_neighbors(xy: np.ndarray, k: int) -> np.ndarray:
 def neighbor_mean_operator(neighbors: np.ndarray) -> sp.csr_matrix:
     """Sparse (n, n) matrix whose product with X averages X over each cell's neighbours."""
     n, k = neighbors.shape
-    rows = np.repeat(np.arange(n), k)
+    # built as CSR directly (rows in column order, as a COO conversion would sort them)
+    indices = np.sort(neighbors, axis=1).ravel()
+    indices = indices.astype(np.int32) if n < np.iinfo(np.int32).max else indices
     data = np.full(n * k, 1.0 / k, dtype=np.float32)
-    return sp.csr_matrix((data, (rows, neighbors.ravel())), shape=(n, n))
+    return sp.csr_matrix((data, indices, np.arange(0, n * k + 1, k, dtype=indices.dtype)), shape=(n, n))
 
 
 def _smooth(z: np.ndarray, neighbors: np.ndarray, weight: float) -> np.ndarray:
@@ -414,17 +421,20 @@ def _co_membership_graph(features: np.ndarray, centroids: np.ndarray, top: int =
     m = centroids.shape[0]
     top = min(top, m)
     c_sq = (centroids**2).sum(axis=1)
-    rows, cols, vals = [], [], []
-    for start in range(0, n, 20000):
-        x = features[start : start + 20000].astype(np.float64)
+    weights = sp.csr_matrix((m, m))
+    # W summed block by block: the (n, top) memberships are never held at once
+    for start in range(0, n, _MEMBERSHIP_BLOCK):
+        x = features[start : start + _MEMBERSHIP_BLOCK].astype(np.float64)
         d2 = np.maximum((x * x).sum(axis=1)[:, None] + c_sq[None, :] - 2.0 * x @ centroids.T, 0.0)
         idx = np.argpartition(d2, top - 1, axis=1)[:, :top]
         u = _fuzzy_memberships(np.sqrt(np.take_along_axis(d2, idx, axis=1)))
-        rows.append(np.repeat(np.arange(start, start + len(x)), top))
-        cols.append(idx.ravel())
-        vals.append(u.ravel())
-    memb = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, m))
-    return (memb.T @ memb).tocoo()
+        memb = sp.csr_matrix((u.ravel(), idx.ravel(), np.arange(0, u.size + 1, top)), shape=(len(x), m))
+        weights = weights + memb.T @ memb
+    return weights.tocoo()
+
+
+#: cells per block of :func:`_co_membership_graph`
+_MEMBERSHIP_BLOCK = 20000
 
 
 def _fuzzy_memberships(dist: np.ndarray) -> np.ndarray:
@@ -526,7 +536,7 @@ def _gaussian_posterior(features: np.ndarray, labels: np.ndarray, k: int) -> np.
     """Posterior of a spherical Gaussian mixture with one component per region."""
     n, p = features.shape
     centroids, sizes = _cluster_means(features, labels, k)
-    f_sq = (features.astype(np.float64) ** 2).sum(axis=1)
+    f_sq = np.einsum("ij,ij->i", features, features, dtype=np.float64)  # no float64 copy of the features
     d2 = np.maximum(f_sq[:, None] + (centroids**2).sum(axis=1)[None, :] - 2.0 * features @ centroids.T, 0.0)
     var = max(float(d2[np.arange(n), labels].mean()) / p, 1e-12)
     logit = np.log(np.maximum(sizes, 1.0) / n)[None, :] - d2 / (2.0 * var)

@@ -22,6 +22,7 @@ from scipy.spatial.distance import cdist
 
 from napari_stofm.errors import StofmInputError
 from napari_stofm.leiden import leiden
+from napari_stofm.pca import LARGE_SLICE, covariance_pca
 
 NORM_TYPE, CLS_TYPE, HYPER_TYPE, PAD_TYPE = 0, 1, 2, 3
 
@@ -225,7 +226,7 @@ def build_hypernodes(
     if emb.shape[1] < 2 or not np.ptp(emb, axis=0).max() > 0:
         pca = np.zeros((n, 2))
     elif n > LARGE_SLICE:
-        pca = _covariance_pca2(emb)
+        pca = covariance_pca(emb, 2)
     else:
         pca = PCA(n_components=2, random_state=seed).fit_transform(np.asarray(emb, dtype=np.float64))
     pca = pca / _max_row_norm(pca)
@@ -240,33 +241,6 @@ def build_hypernodes(
     hyper = hypernodes_from_assignment(xy, emb, labels)
     hyper.resolution = res
     return hyper
-
-
-#: above this many cells the virtual cells' PCA is computed from the covariance matrix,
-#: accumulated over blocks of rows (no float64 copy of the embeddings)
-LARGE_SLICE = 200_000
-
-
-def _covariance_pca2(emb: np.ndarray) -> np.ndarray:
-    """The first two principal components of ``emb`` (float64 arithmetic, blocks of rows),
-    signed as scikit-learn signs them (each component's largest loading positive): the
-    projection ``PCA(2).fit_transform`` gives, to float rounding."""
-    n, d = emb.shape
-    total = np.zeros(d)
-    for start in range(0, n, _SUM_CHUNK):
-        total += np.asarray(emb[start:start + _SUM_CHUNK], dtype=np.float64).sum(axis=0)
-    mean = total / n
-    cov = np.zeros((d, d))
-    for start in range(0, n, _SUM_CHUNK):
-        block = np.asarray(emb[start:start + _SUM_CHUNK], dtype=np.float64) - mean
-        cov += block.T @ block
-    _values, vectors = np.linalg.eigh(cov)
-    top = vectors[:, ::-1][:, :2]
-    top = top * np.sign(top[np.argmax(np.abs(top), axis=0), [0, 1]])
-    out = np.empty((n, 2))
-    for start in range(0, n, _SUM_CHUNK):
-        out[start:start + _SUM_CHUNK] = (np.asarray(emb[start:start + _SUM_CHUNK], dtype=np.float64) - mean) @ top
-    return out
 
 
 def umap_connectivities(features: np.ndarray, n_neighbors: int):
