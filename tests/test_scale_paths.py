@@ -203,10 +203,12 @@ def test_leiden_of_a_large_graph_runs_in_a_child_process_with_the_same_partition
     xy = np.random.default_rng(3).uniform(size=(3000, 2))
     graph = umap_connectivities(xy, 10)
     upper = sp.triu(graph, k=1).tocoo()
-    args = (3000, upper.row.astype(np.int64), upper.col.astype(np.int64), upper.data.astype(np.float64), 1.0, 4, 2)
-    in_line = leiden_module.leiden_edges(*args)
-    assert in_line.max() > 5
-    np.testing.assert_array_equal(leiden_module._in_child(args), in_line)
+    args = (3000, upper.row.astype(np.int64), upper.col.astype(np.int64), upper.data.astype(np.float64), 1.0, 4, 2, 0)
+    in_line, res = leiden_module.leiden_edges(*args)
+    assert in_line.max() > 5 and res == 1.0
+    child, child_res = leiden_module._in_child(args)
+    np.testing.assert_array_equal(child, in_line)
+    assert child_res == res
     calls = []
     monkeypatch.setattr(leiden_module, "_in_child", lambda a: calls.append(a) or leiden_module.leiden_edges(*a))
     np.testing.assert_array_equal(leiden_module.leiden(graph, 1.0, 4), in_line)
@@ -214,6 +216,15 @@ def test_leiden_of_a_large_graph_runs_in_a_child_process_with_the_same_partition
     monkeypatch.setattr(leiden_module, "PROCESS_NODES", 1000)
     np.testing.assert_array_equal(leiden_module.leiden(graph, 1.0, 4), in_line)
     assert len(calls) == 1
+    # the cap: halving on one graph (in the child) gives what halving call by call gives
+    cap = int(in_line.max()) // 2
+    capped, capped_res = leiden_module.leiden_at_most(graph, cap, resolution=1.0, seed=4)
+    assert len(calls) == 2 and capped.max() + 1 <= cap and capped_res < 1.0
+    by_hand = 1.0
+    while leiden_module.leiden_edges(*args[:4], by_hand, 4, 2)[0].max() + 1 > cap:
+        by_hand /= 2
+    assert capped_res == by_hand
+    np.testing.assert_array_equal(capped, leiden_module.leiden_edges(*args[:4], by_hand, 4, 2)[0])
 
 
 def test_bfloat16_cell_encoder_is_close_and_cached_apart(bundled_model):

@@ -21,7 +21,7 @@ from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 
 from napari_stofm.errors import StofmInputError
-from napari_stofm.leiden import leiden
+from napari_stofm.leiden import leiden_at_most
 from napari_stofm.pca import LARGE_SLICE, covariance_pca
 
 NORM_TYPE, CLS_TYPE, HYPER_TYPE, PAD_TYPE = 0, 1, 2, 3
@@ -232,12 +232,7 @@ def build_hypernodes(
     pca = pca / _max_row_norm(pca)
     features = alpha * pos + (1 - alpha) * pca
     graph = umap_connectivities(features, min(n_neighbors, n - 1))
-    res = float(resolution)
-    while True:
-        labels = leiden(graph, resolution=res, seed=seed)
-        if labels.max() + 1 <= max_hypernodes or res < 1e-6:
-            break
-        res /= 2
+    labels, res = leiden_at_most(graph, max_hypernodes, resolution=float(resolution), seed=seed)
     hyper = hypernodes_from_assignment(xy, emb, labels)
     hyper.resolution = res
     return hyper
