@@ -179,7 +179,9 @@ def child_stofm(path: str, regions: int, floors: bool, backed: bool = False) -> 
     }
     if floors:
         out["floor_cell_encoder"] = _cell_encoder_floor(model, adata)
-        out["floor_se2"] = _se2_floor(model, adata, emb.meta, batch_size=4)
+        from napari_stofm.model.stofm import batch_sizes
+
+        out["floor_se2"] = _se2_floor(model, adata, emb.meta, batch_size=batch_sizes(model)[0])  # the run's batches
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
