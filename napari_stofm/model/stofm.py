@@ -291,14 +291,13 @@ def check_precision(precision) -> str:
 
 
 #: batch sizes on a CPU: sub-slices per SE(2) pass, cells per cell-encoder pass
-CPU_BATCHES = (2, 64)
+CPU_BATCHES = (4, 64)
 
 
 def batch_sizes(model: "SToFM", tokens_per_subslice: int = 1201) -> tuple[int, int]:
     """``(sub-slices, cells)`` per forward pass for the model's device.
 
-    CPU: :data:`CPU_BATCHES` (larger batches are no faster on a few cores, and two sub-slices
-    hold half the (B, heads, L, L) tensors of four). CUDA: sized to
+    CPU: :data:`CPU_BATCHES` (larger batches are no faster on a few cores). CUDA: sized to
     the free GPU memory, a quarter of it for the SE(2) stage's ``(B, heads, L, L)`` float32
     tensors (about six live at once) and the cell encoder's ``(B, heads, 256, 256)``
     attention plus activations; between 4 and 64 sub-slices, 64 and 4,096 cells.
