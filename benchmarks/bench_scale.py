@@ -148,7 +148,7 @@ def child_stofm(path: str, regions: int, floors: bool, backed: bool = False) -> 
 
     from napari_stofm.heads.regions import RegionClusterer
     from napari_stofm.io.slices import read_slice
-    from napari_stofm.model.stofm import load_model
+    from napari_stofm.model.stofm import batch_sizes, load_model
     from napari_stofm.pipeline.embed import compute_embedding
 
     t0 = time.perf_counter()
@@ -179,8 +179,6 @@ def child_stofm(path: str, regions: int, floors: bool, backed: bool = False) -> 
     }
     if floors:
         out["floor_cell_encoder"] = _cell_encoder_floor(model, adata)
-        from napari_stofm.model.stofm import batch_sizes
-
         out["floor_se2"] = _se2_floor(model, adata, emb.meta, batch_size=batch_sizes(model)[0])  # the run's batches
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)

@@ -171,7 +171,7 @@ def test_virtual_cell_blocks_give_the_dense_kernel(symmetric):
     if not symmetric:
         dist[:, 3, 1 + n_virtual] += 0.25  # one virtual cell -> cell pair differs from its mirror
     with torch.no_grad():
-        torch.testing.assert_close(model.gaussian(dist, dense=span), model.gaussian.dense_forward(dist),
+        torch.testing.assert_close(model.gaussian(dist, block_span=span), model.gaussian.dense_forward(dist),
                                    rtol=1e-5, atol=1e-6)
     mixed = types.clone()
     mixed[0, 1] = model.config.norm_type_id  # virtual cells not at the same place in every row

@@ -84,14 +84,14 @@ class GaussianKernel(nn.Module):
             out[start : start + _KERNEL_CHUNK] = self.proj(g)
         return out
 
-    def forward(self, dist: torch.Tensor, dense: Optional[slice] = None) -> torch.Tensor:
+    def forward(self, dist: torch.Tensor, block_span: Optional[slice] = None) -> torch.Tensor:
         """(B, L, L) distances -> (B, heads, L, L) bias, zero wherever the distance is 0.
 
         Same numbers as :meth:`dense_forward`, evaluated on few values: every pair at the
         far distance (100) shares one kernel value, pairs at distance 0 get 0, and only the
         remaining (neighbour and virtual-cell) pairs are evaluated one by one.
 
-        ``dense`` names token positions (the virtual cells, whose every pair has its own
+        ``block_span`` names token positions (the virtual cells, whose every pair has its own
         distance) whose rows and columns are evaluated as whole blocks, the columns mirrored
         from the rows where the distances are symmetric. It changes the cost, not the result.
         """
@@ -101,16 +101,16 @@ class GaussianKernel(nn.Module):
         far_value = self.basis(torch.tensor([FAR], dtype=dtype, device=dist.device))[0]  # (H,)
         out = (far.unsqueeze(1).to(dtype) * far_value.view(1, -1, 1, 1)).contiguous()
         rest = ~far & (dist != 0)
-        blocks = dense is not None and dense.stop > dense.start
+        blocks = block_span is not None and block_span.stop > block_span.start
         if blocks:
-            rows = dist[:, dense, :]  # (B, h, L)
+            rows = dist[:, block_span, :]  # (B, h, L)
             row_block = self._dense_block(rows)  # (B, h, L, H)
-            out[:, :, dense, :] = row_block.permute(0, 3, 1, 2)
-            cols = dist[:, :, dense].transpose(1, 2)
+            out[:, :, block_span, :] = row_block.permute(0, 3, 1, 2)
+            cols = dist[:, :, block_span].transpose(1, 2)
             col_block = row_block if torch.equal(cols, rows) else self._dense_block(cols)
-            out[:, :, :, dense] = col_block.permute(0, 3, 2, 1)
-            rest[:, dense, :] = False
-            rest[:, :, dense] = False
+            out[:, :, :, block_span] = col_block.permute(0, 3, 2, 1)
+            rest[:, block_span, :] = False
+            rest[:, :, block_span] = False
         bi, ii, jj = rest.nonzero(as_tuple=True)
         if bi.numel():
             values = dist[bi, ii, jj].to(dtype)
@@ -144,10 +144,10 @@ def fill_padded_keys(scores: torch.Tensor, key_padding_mask: torch.Tensor, value
     makes) is filled as one slice per padded row: the cost of the padded columns only, not a
     pass over the whole (B, H, L, L) tensor. Any other mask falls back to ``masked_fill_``.
     """
-    b, length = key_padding_mask.shape
+    length = key_padding_mask.shape[1]
     valid = (~key_padding_mask).sum(dim=1)
     positions = torch.arange(length, device=key_padding_mask.device)
-    if not bool(torch.equal(key_padding_mask, positions[None, :] >= valid[:, None])):
+    if not torch.equal(key_padding_mask, positions[None, :] >= valid[:, None]):
         return scores.masked_fill_(key_padding_mask[:, None, None, :], value)
     for row in torch.nonzero(valid < length).view(-1).tolist():
         scores[row, :, :, int(valid[row]):].fill_(value)
@@ -342,7 +342,7 @@ class SE2Transformer(nn.Module):
         if dense_kernel:
             bias = self.gaussian.dense_forward(attn_bias.to(x.dtype))
         else:
-            bias = self.gaussian(attn_bias.to(x.dtype), dense=self._virtual_cell_positions(token_types))
+            bias = self.gaussian(attn_bias.to(x.dtype), block_span=self._virtual_cell_positions(token_types))
         padding = token_types.eq(self.config.pad_type_id)
         x, logits = self.encoder(x, bias, padding, need_last_logits=return_pair_rep, bias_is_scratch=True)
         out = {"last_hidden_state": x}
