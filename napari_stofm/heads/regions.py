@@ -188,7 +188,7 @@ class RegionClusterer:
         )
         confidence = probabilities[np.arange(self.n_cells), labels]
         names = [f"Region {i + 1}" for i in range(k)]
-        return LabelPrediction(names, labels.astype(np.int32), confidence, probabilities.astype(np.float32))
+        return LabelPrediction(names, labels.astype(np.int32), confidence, probabilities.astype(np.float32, copy=False))
 
 
 def cluster_regions(
@@ -270,12 +270,17 @@ def _standardised_pca(emb: np.ndarray, n_pcs: int, seed: int) -> np.ndarray:
 def spatial_neighbors(xy: np.ndarray, k: int) -> np.ndarray:
     """(n, k) indices of each cell's k nearest other cells (self removed even among duplicates)."""
     n = xy.shape[0]
-    _, idx = cKDTree(xy).query(xy, k=k + 1)
-    idx = idx.reshape(n, k + 1)
-    is_self = idx == np.arange(n)[:, None]
-    no_self = ~is_self.any(axis=1)
-    is_self[no_self, -1] = True  # self lost among duplicates: drop the farthest instead
-    return idx[~is_self].reshape(n, k).astype(np.int64)
+    tree = cKDTree(xy)
+    out = np.empty((n, k), dtype=np.int32 if n < np.iinfo(np.int32).max else np.int64)
+    for start in range(0, n, _ROW_BLOCK):  # queried by blocks: no (n, k + 1) distances held at once
+        stop = min(start + _ROW_BLOCK, n)
+        _, idx = tree.query(xy[start:stop], k=k + 1)
+        idx = idx.reshape(stop - start, k + 1)
+        is_self = idx == np.arange(start, stop)[:, None]
+        no_self = ~is_self.any(axis=1)
+        is_self[no_self, -1] = True  # self lost among duplicates: drop the farthest instead
+        out[start:stop] = idx[~is_self].reshape(stop - start, k)
+    return out
 
 
 def neighbor_mean_operator(neighbors: np.ndarray) -> sp.csr_matrix:
@@ -291,7 +296,10 @@ def neighbor_mean_operator(neighbors: np.ndarray) -> sp.csr_matrix:
 def _smooth(z: np.ndarray, neighbors: np.ndarray, weight: float) -> np.ndarray:
     if weight == 0.0:
         return z
-    return ((1.0 - weight) * z + weight * (neighbor_mean_operator(neighbors) @ z)).astype(np.float32)
+    smoothed = np.asarray(neighbor_mean_operator(neighbors) @ z, dtype=np.float32)
+    smoothed *= weight
+    smoothed += (1.0 - weight) * z
+    return smoothed
 
 
 def _micro_clusters(features: np.ndarray, n_micro: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -435,6 +443,8 @@ def _co_membership_graph(features: np.ndarray, centroids: np.ndarray, top: int =
 
 #: cells per block of :func:`_co_membership_graph`
 _MEMBERSHIP_BLOCK = 20000
+#: cells per block of the neighbour query, the cluster means and the posterior
+_ROW_BLOCK = 65536
 
 
 def _fuzzy_memberships(dist: np.ndarray) -> np.ndarray:
@@ -481,9 +491,14 @@ def _leiden(graph: sp.coo_matrix, resolution: float, seed: int) -> np.ndarray:
 
 def _vote_counts(labels: np.ndarray, neighbors: np.ndarray, k: int) -> np.ndarray:
     """(n, k) number of each cell's spatial neighbours carrying each label."""
-    n = labels.shape[0]
-    flat = (np.arange(n)[:, None] * k + labels[neighbors]).ravel()
-    return np.bincount(flat, minlength=n * k).reshape(n, k).astype(np.float32)
+    n = neighbors.shape[0]
+    votes = np.zeros(n * k, dtype=np.float32)
+    base = np.arange(n, dtype=np.intp) * k
+    # one neighbour column at a time: each row occurs once per column, so the indexed += counts
+    # every vote (and no (n, n_neighbors) index array is made)
+    for j in range(neighbors.shape[1]):
+        votes[base + labels[neighbors[:, j]]] += 1.0
+    return votes.reshape(n, k)
 
 
 def _majority_smooth(labels: np.ndarray, neighbors: np.ndarray, k: int, iterations: int,
@@ -525,24 +540,38 @@ def _order_by_size(labels: np.ndarray, xy: np.ndarray) -> np.ndarray:
 
 def _cluster_means(features: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(k, p) float64 mean of the features in each cluster and (k,) cluster sizes."""
-    n = features.shape[0]
-    onehot = sp.csr_matrix((np.ones(n, dtype=np.float64), (np.arange(n), labels)), shape=(n, k))
-    sizes = np.asarray(onehot.sum(axis=0)).ravel()
-    means = np.asarray(onehot.T @ features.astype(np.float64)) / np.maximum(sizes, 1.0)[:, None]
-    return means, sizes
+    n, p = features.shape
+    sizes = np.bincount(labels, minlength=k).astype(np.float64)
+    sums = np.zeros((k, p), dtype=np.float64)
+    for start in range(0, n, _ROW_BLOCK):  # summed in float64 by blocks: no float64 copy of the features
+        block = labels[start : start + _ROW_BLOCK]
+        onehot = sp.csr_matrix((np.ones(block.size), (np.arange(block.size), block)), shape=(block.size, k))
+        sums += onehot.T @ features[start : start + _ROW_BLOCK].astype(np.float64)
+    return sums / np.maximum(sizes, 1.0)[:, None], sizes
 
 
 def _gaussian_posterior(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Posterior of a spherical Gaussian mixture with one component per region."""
+    """(n, k) float32 posterior of a spherical Gaussian mixture with one component per region."""
     n, p = features.shape
     centroids, sizes = _cluster_means(features, labels, k)
-    f_sq = np.einsum("ij,ij->i", features, features, dtype=np.float64)  # no float64 copy of the features
-    d2 = np.maximum(f_sq[:, None] + (centroids**2).sum(axis=1)[None, :] - 2.0 * features @ centroids.T, 0.0)
-    var = max(float(d2[np.arange(n), labels].mean()) / p, 1e-12)
-    logit = np.log(np.maximum(sizes, 1.0) / n)[None, :] - d2 / (2.0 * var)
-    logit -= logit.max(axis=1, keepdims=True)
-    post = np.exp(logit)
-    return post / post.sum(axis=1, keepdims=True)
+    c_sq = (centroids**2).sum(axis=1)
+    blocks = [slice(start, min(start + _ROW_BLOCK, n)) for start in range(0, n, _ROW_BLOCK)]
+
+    def sq_distances(rows: slice) -> np.ndarray:  # (rows, k) float64, without a float64 copy of the features
+        f = features[rows]
+        f_sq = np.einsum("ij,ij->i", f, f, dtype=np.float64)
+        return np.maximum(f_sq[:, None] + c_sq[None, :] - 2.0 * (f @ centroids.T), 0.0)
+
+    own = sum(float(np.take_along_axis(sq_distances(b), labels[b, None], axis=1).sum()) for b in blocks)
+    var = max(own / n / p, 1e-12)
+    log_prior = np.log(np.maximum(sizes, 1.0) / n)[None, :]
+    post = np.empty((n, k), dtype=np.float32)
+    for b in blocks:
+        logit = log_prior - sq_distances(b) / (2.0 * var)
+        logit -= logit.max(axis=1, keepdims=True)
+        e = np.exp(logit)
+        post[b] = e / e.sum(axis=1, keepdims=True)
+    return post
 
 
 def _neighbor_votes(labels: np.ndarray, neighbors: np.ndarray, k: int) -> np.ndarray:
