@@ -220,3 +220,44 @@ def test_large_slice_regions_pca_is_the_exact_z_scored_pca(monkeypatch):
     expected = PCA(n_components=6, svd_solver="full").fit_transform(z.astype(np.float64))
     monkeypatch.setattr(pca, "LARGE_SLICE", 1000)
     np.testing.assert_allclose(_standardised_pca(emb, 6, 0), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_blockwise_neighbours_votes_means_and_posterior_are_the_straightforward_ones(monkeypatch):
+    """The memory-lean forms (neighbour query, cluster means and posterior by blocks of rows,
+    vote counts one neighbour column at a time) give the dense formulas' numbers."""
+    from scipy.spatial import cKDTree
+
+    from napari_stofm.heads import regions
+
+    rng = np.random.default_rng(2)
+    n, k, p = 3000, 5, 12
+    xy = rng.uniform(0, 100, size=(n, 2))
+    xy[10] = xy[11]  # a duplicate position: self must still be the one removed
+    features = rng.normal(size=(n, p)).astype(np.float32)
+    labels = rng.integers(0, k, n)
+    monkeypatch.setattr(regions, "_ROW_BLOCK", 700)  # several blocks, the last one partial
+
+    nbrs = regions.spatial_neighbors(xy, 8)
+    _, idx = cKDTree(xy).query(xy, k=9)
+    assert nbrs.shape == (n, 8) and not (nbrs == np.arange(n)[:, None]).any()
+    rows_ok = (idx == np.arange(n)[:, None]).any(axis=1)
+    np.testing.assert_array_equal(np.sort(nbrs[rows_ok], axis=1),
+                                  np.sort(idx[rows_ok][idx[rows_ok] != np.arange(n)[rows_ok, None]].reshape(-1, 8),
+                                          axis=1))
+
+    votes = regions._vote_counts(labels, nbrs, k)
+    expected_votes = np.zeros((n, k))
+    np.add.at(expected_votes, (np.repeat(np.arange(n), 8), labels[nbrs].ravel()), 1.0)
+    np.testing.assert_array_equal(votes, expected_votes)
+
+    means, sizes = regions._cluster_means(features, labels, k)
+    f64 = features.astype(np.float64)
+    np.testing.assert_array_equal(sizes, np.bincount(labels, minlength=k))
+    np.testing.assert_allclose(means, [f64[labels == c].mean(axis=0) for c in range(k)], rtol=1e-12, atol=1e-12)
+
+    d2 = ((f64[:, None, :] - means[None, :, :]) ** 2).sum(axis=2)
+    var = d2[np.arange(n), labels].mean() / p
+    logit = np.log(sizes / n)[None, :] - d2 / (2 * var)
+    post = np.exp(logit - logit.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(regions._gaussian_posterior(features, labels, k), post / post.sum(axis=1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)
