@@ -172,6 +172,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--stub-model", action="store_true",
                         help="random labels instead of the model (times what happens around a run, quickly)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile the main thread (cProfile) from the click and print its N costliest calls")
+    parser.add_argument("--profile-out", default=None, help="with --profile: also write the profile (pstats) here")
     args = parser.parse_args()
 
     import numpy as np
@@ -232,8 +235,16 @@ def main() -> None:
         if "shown" in marks and now - marks["shown"][0] >= args.settle or now - marks["click"][0] > args.timeout:
             loop.quit()
 
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+
     def click():
         marks["click"] = (time.perf_counter(), len(monitor.ticks))
+        if profiler is not None:
+            profiler.enable()
         widget.run_button.click()
 
     monitor.on_tick = on_tick
@@ -241,6 +252,14 @@ def main() -> None:
     QTimer.singleShot(200, click)
     loop.exec()
     monitor.stop()
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        if args.profile_out:
+            profiler.dump_stats(args.profile_out)
+        print(f"the main thread's {args.profile} costliest calls from the click (cProfile, cumulative):")
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(args.profile)
     if widget.last_error:
         print(f"the run failed: {widget.last_error}")
 

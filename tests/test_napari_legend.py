@@ -13,11 +13,7 @@ def _swatches(legend):
     """The colour of each swatch the panel draws, in order."""
     import re
 
-    from qtpy.QtWidgets import QLabel
-
-    labels = [w for w in legend.panel.findChildren(QLabel) if "background-color" in w.styleSheet()]
-    labels.sort(key=lambda w: w.y())
-    return [re.search(r"background-color: (#[0-9a-fA-F]{6})", w.styleSheet()).group(1).lower() for w in labels]
+    return [c.lower() for c in re.findall(r'bgcolor="(#[0-9a-fA-F]{6})"', legend.panel.label.text())]
 
 
 def test_the_legend_follows_a_rename_a_recolour_a_merge_and_the_visible_layer(make_napari_viewer, qtbot):

@@ -58,9 +58,24 @@ def shown_label_layers(viewer) -> list:
     return out
 
 
+def legend_html(legends) -> str:
+    """The panel's content as Qt rich text: per legend a bold title, then one row per class
+    (a colour swatch, the name), then "+ N more". One label draws it all: a widget per
+    swatch and name costs napari's event loop a visible moment when a result is shown."""
+    rows = []
+    for legend in legends:
+        rows.append(f'<tr><td colspan="2"><b>{_escape(legend.title)}</b></td></tr>')
+        for entry in legend.entries:
+            rows.append(f'<tr><td bgcolor="{_escape(entry.color)}" width="12">&nbsp;&nbsp;&nbsp;</td>'
+                        f"<td>{_escape(entry.name)}</td></tr>")
+        if legend.n_more:
+            rows.append(f"<tr><td></td><td>+ {legend.n_more} more</td></tr>")
+    return '<table cellspacing="2" cellpadding="0">' + "".join(rows) + "</table>"
+
+
 def _legend_widget_class():
     from qtpy.QtCore import QEvent, QObject, Qt
-    from qtpy.QtWidgets import QFrame, QGridLayout, QLabel
+    from qtpy.QtWidgets import QFrame, QLabel, QVBoxLayout
 
     class _Panel(QFrame):
         def __init__(self, parent):
@@ -70,44 +85,19 @@ def _legend_widget_class():
             self.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)
             self.setStyleSheet("#stofm_canvas_legend { background-color: rgba(20, 20, 24, 200); border-radius: 6px; }"
                                " QLabel { color: #f0f0f0; background: transparent; font-size: 11px; }")
-            self.grid = QGridLayout(self)
-            self.grid.setContentsMargins(8, 6, 8, 6)
-            self.grid.setHorizontalSpacing(6)
-            self.grid.setVerticalSpacing(2)
-
-        def clear(self):
-            while self.grid.count():
-                item = self.grid.takeAt(0)
-                widget = item.widget()
-                if widget is not None:
-                    widget.setParent(None)  # gone from the panel now, deleted later
-                    widget.deleteLater()
+            layout = QVBoxLayout(self)
+            layout.setContentsMargins(8, 6, 8, 6)
+            self.label = QLabel(self)
+            self.label.setTextFormat(Qt.TextFormat.RichText)
+            layout.addWidget(self.label)
 
         def show_legends(self, legends) -> List[str]:
-            self.clear()
-            row, texts = 0, []
-            for legend in legends:
-                title = QLabel(f"<b>{_escape(legend.title)}</b>")
-                self.grid.addWidget(title, row, 0, 1, 2)
-                row += 1
-                texts.append(legend.title)
-                for entry in legend.entries:
-                    swatch = QLabel()
-                    swatch.setFixedSize(12, 12)
-                    swatch.setStyleSheet(f"background-color: {entry.color}; border: 1px solid rgba(255,255,255,90);")
-                    self.grid.addWidget(swatch, row, 0)
-                    self.grid.addWidget(QLabel(_escape(entry.name)), row, 1)
-                    texts.append(entry.name)
-                    row += 1
-                if legend.n_more:
-                    self.grid.addWidget(QLabel(f"+ {legend.n_more} more"), row, 1)
-                    row += 1
-            for i in range(self.grid.count()):  # children added to a shown panel stay hidden otherwise
-                widget = self.grid.itemAt(i).widget()
-                if widget is not None:
-                    widget.show()
-            self.grid.activate()
+            self.label.setText(legend_html(legends))
             self.adjustSize()
+            texts = []
+            for legend in legends:
+                texts.append(legend.title)
+                texts.extend(entry.name for entry in legend.entries)
             return texts
 
     class _Follower(QObject):

@@ -65,6 +65,9 @@ SOURCE_NONE = "none"
 SOURCE_REFERENCE = "reference slice"
 SOURCE_COLUMN = "labels column of this slice"
 RECLUSTER_DELAY_MS = 400
+#: the delay before the next layer of a result is added: a timer, not a zero-delay call (Qt
+#: delivers those with the event that scheduled them, before any paint or input in between)
+_NEXT_TURN_MS = 1
 
 #: the Run widget's adaptation time when the box is ticked
 DEFAULT_ADAPT_SECONDS = 60
@@ -363,7 +366,7 @@ class RunWidget(QWidget):
                     session.autosave()
                 self._pending_layers = [(session, k) for k in keys[1:]]
                 if self._pending_layers:
-                    QTimer.singleShot(0, self._show_pending)
+                    QTimer.singleShot(_NEXT_TURN_MS, self._show_pending)
                 else:
                     discard_prepared(session)
             if not result.embedding_reused:
@@ -386,7 +389,8 @@ class RunWidget(QWidget):
         if first:
             for other in layers:
                 if (other.metadata or {}).get("stofm_role") == ROLE_LABELS and session_of(other) is session:
-                    other.visible = other is layer
+                    if other.visible != (other is layer):  # napari redraws on every assignment
+                        other.visible = other is layer
             self._shown_layer = layer
             if reset_view:
                 self.viewer.reset_view()
@@ -412,7 +416,7 @@ class RunWidget(QWidget):
         except Exception as err:  # noqa: BLE001 - UI callback: reported, the other layers are still shown
             self.last_error = report_failure(err, "Showing the SToFM result")
         if self._pending_layers:
-            QTimer.singleShot(0, self._show_pending)
+            QTimer.singleShot(_NEXT_TURN_MS, self._show_pending)
         else:
             discard_prepared(session)
             self._update_enabled()
