@@ -31,18 +31,21 @@ class TaskProgress(QWidget):
     :meth:`start` returns the ``progress`` callback and ``cancel`` Event to give the call.
     The bar follows the call's reports (one overall count, see
     :class:`napari_stofm.progress.StagedProgress`; a step that cannot be measured, reported
-    as ``0 of 1``, shows as a busy bar), the message says the stage and the time left, and
-    napari's activity dock shows the same. :meth:`finish` leaves bar and message in a clean
+    as ``0 of 1``, shows as a busy bar), and the message says the stage and the time left.
+    The call is not mirrored in napari's activity dock: while any napari progress is open,
+    its status-bar indicator plays an animation whose every frame recomposes the window, which
+    on a software-rendered display (Mesa llvmpipe: virtual machines, remote desktops) took
+    most of two CPU cores from the run. :meth:`finish` leaves bar and message in a clean
     state: full and the outcome when done, empty and "cancelled" / the error otherwise.
     Reports that arrive after :meth:`finish` (or from an earlier call) are ignored.
     ``cancel_button`` is laid out by the owner (next to its Run button, say).
     """
 
     STATES = ("done", "cancelled", "failed")
-    #: the bar, message and napari's activity dock are redrawn at most this often (each
-    #: redraw repaints the window, and napari's own progress bar runs the event loop); the
-    #: latest report is shown when the interval is over
-    MIN_INTERVAL_S = 0.1
+    #: the bar and message are redrawn at most this often (each redraw recomposes the window:
+    #: on a software-rendered display, 10 redraws a second took 0.64 CPU cores, 2 took 0.13);
+    #: the latest report is shown when the interval is over
+    MIN_INTERVAL_S = 0.5
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -60,7 +63,6 @@ class TaskProgress(QWidget):
         self.state: Optional[str] = None  # the outcome of the last call
         self.history: list = []  # (done, total) of every report shown, for scripts and tests
         self._call = 0
-        self._pbar = None
         self._latest = None  # the last report not shown yet: (done, total, message)
         self._shown_at = float("-inf")
         self._flush = QTimer(self)
@@ -85,7 +87,6 @@ class TaskProgress(QWidget):
         self.bar.setValue(0)
         self.message.setText(f"{description}: starting…")
         self.cancel_button.setEnabled(True)
-        self._open_activity(description)
         return relay, self.cancel_event
 
     def cancel(self) -> None:
@@ -122,7 +123,6 @@ class TaskProgress(QWidget):
             self.bar.setValue(done)
         if message and not self.cancelling:
             self.message.setText(message)
-        self._update_activity(done, total, message)
 
     def finish(self, state: str, message: str = "") -> None:
         """The call is over (``state``: 'done', 'cancelled' or 'failed')."""
@@ -137,35 +137,6 @@ class TaskProgress(QWidget):
         self.bar.setValue(OVERALL_TOTAL if state == "done" else 0)
         self.message.setText(message or {"done": "done", "cancelled": "cancelled: nothing was changed",
                                           "failed": "failed"}[state])
-        self._close_activity()
-
-    # ------------------------------------------------------------------ napari's activity dock
-    def _open_activity(self, description: str) -> None:
-        from napari.utils import progress
-
-        self._close_activity()
-        self._pbar = progress(total=OVERALL_TOTAL, desc=description)
-
-    def _update_activity(self, done: int, total: int, message: str) -> None:
-        if self._pbar is None:
-            return
-        try:
-            if self._pbar.total != total:
-                self._pbar.total = total
-            self._pbar.n = done
-            if message:
-                self._pbar.set_description(message)
-            self._pbar.refresh()
-        except Exception:  # noqa: BLE001 - best-effort mirror in napari's activity dock; the widget's bar is updated
-            log.debug("the napari progress bar could not be updated", exc_info=True)
-
-    def _close_activity(self) -> None:
-        if self._pbar is not None:
-            try:
-                self._pbar.close()
-            except Exception:  # noqa: BLE001 - best-effort close of the napari progress bar
-                log.debug("the napari progress bar could not be closed", exc_info=True)
-            self._pbar = None
 
 
 def button_row(*widgets) -> QHBoxLayout:

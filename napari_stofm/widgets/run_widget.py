@@ -2,7 +2,7 @@
 
 The run (:meth:`napari_stofm.review.session.SliceSession.compute`) goes to a worker thread;
 its one overall progress (every stage on one bar, with the stage's name and the time left)
-shows in the dock and in napari's activity dock, and Cancel sets the ``cancel`` Event
+shows in the dock, and Cancel sets the ``cancel`` Event
 (:class:`~napari_stofm.widgets._common.TaskProgress`). The worker also makes what the
 layers will show (label images, colours, feature tables:
 :func:`~napari_stofm._napari.layers.prepare_labels`); the result is then shown one layer per
