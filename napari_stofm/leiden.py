@@ -2,8 +2,9 @@
 
 igraph's C code holds Python's GIL for the whole optimisation (about 5 s on 300k cells on
 a laptop core), so a GUI that runs SToFM in a worker thread would stop drawing for that
-long. On a graph of at least :data:`PROCESS_NODES` nodes the same call therefore runs in a
-child Python process; this module imports neither torch nor napari, so the child starts
+long. On a graph of at least :data:`PROCESS_NODES` nodes (:data:`WORKER_PROCESS_NODES` when
+called from a thread other than the main one, as a GUI's worker is) the same call therefore
+runs in a child Python process; this module imports neither torch nor napari, so the child starts
 quickly. The child runs exactly the code this process would (same edges, weights,
 resolution and seed), so the partition is the same; where no child can be started the
 call runs here.
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 _EDGE_CHUNK = 1_000_000
 #: graphs with at least this many nodes are clustered in a child process (None: never)
 PROCESS_NODES = 100_000
+#: off the main thread the limit is lower: in line, Leiden on 20k nodes holds the GIL for
+#: about a third of a second, a visible stall of a GUI (the child costs ~1 s more, off the UI)
+WORKER_PROCESS_NODES = 20_000
 
 
 def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int = 2) -> np.ndarray:
@@ -40,12 +44,23 @@ def leiden_at_most(graph, max_clusters: Optional[int], resolution: float = 1.0, 
     args = (int(graph.shape[0]), upper.row.astype(np.int64), upper.col.astype(np.int64),
             upper.data.astype(np.float64), float(resolution), int(seed), int(n_iterations),
             0 if max_clusters is None else int(max_clusters))
-    if PROCESS_NODES is not None and graph.shape[0] >= PROCESS_NODES:
+    if _in_child_process(int(graph.shape[0])):
         try:
             return _in_child(args)
         except (OSError, RuntimeError, ValueError, EOFError) as err:  # no child process here: the same call in line
             log.debug("Leiden in a child process failed (%s); running it in this process", err)
     return leiden_edges(*args)
+
+
+def _in_child_process(n_nodes: int) -> bool:
+    import threading
+
+    if PROCESS_NODES is None:
+        return False
+    limit = PROCESS_NODES
+    if threading.current_thread() is not threading.main_thread():
+        limit = min(limit, WORKER_PROCESS_NODES)
+    return n_nodes >= limit
 
 
 def leiden_edges(n: int, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, resolution: float, seed: int,

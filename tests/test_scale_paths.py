@@ -213,6 +213,15 @@ def test_leiden_of_a_large_graph_runs_in_a_child_process_with_the_same_partition
     monkeypatch.setattr(leiden_module, "_in_child", lambda a: calls.append(a) or leiden_module.leiden_edges(*a))
     np.testing.assert_array_equal(leiden_module.leiden(graph, 1.0, 4), in_line)
     assert calls == []  # a small graph: in this process
+    monkeypatch.setattr(leiden_module, "WORKER_PROCESS_NODES", 1000)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # from a worker thread (a GUI's), a smaller graph goes to the child
+        np.testing.assert_array_equal(pool.submit(leiden_module.leiden, graph, 1.0, 4).result(), in_line)
+    assert len(calls) == 1
+    calls.clear()
+    np.testing.assert_array_equal(leiden_module.leiden(graph, 1.0, 4), in_line)
+    assert calls == []  # the main thread keeps the higher limit
     monkeypatch.setattr(leiden_module, "PROCESS_NODES", 1000)
     np.testing.assert_array_equal(leiden_module.leiden(graph, 1.0, 4), in_line)
     assert len(calls) == 1
