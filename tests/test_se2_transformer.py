@@ -176,3 +176,101 @@ def test_virtual_cell_blocks_give_the_dense_kernel(symmetric):
     mixed = types.clone()
     mixed[0, 1] = model.config.norm_type_id  # virtual cells not at the same place in every row
     assert model._virtual_cell_positions(mixed) is None
+
+
+def _one_layer_outputs(scope, emb_change=None):
+    model = SE2Transformer(small_config(num_hidden_layers=1, attention_scope=scope)).init_weights(seed=7).eval()
+    xy, emb, groups = random_slice(n=300, seed=8)
+    nxy = normalize_coordinates(xy)
+    hyper = hypernodes_from_assignment(nxy, emb, groups)
+    batch = collate(list(build_subslice_inputs(nxy, emb, hyper, [np.arange(300)])))
+    if emb_change is not None:
+        batch["token_embeddings"][0, emb_change] += 5.0
+    with torch.no_grad():
+        out = model(batch["token_embeddings"], batch["attn_bias"], batch["token_types"])
+    return out, batch
+
+
+@pytest.mark.parametrize("scope", ["all", "neighbours"])
+def test_neighbours_scope_reads_only_the_tokens_a_cell_has_a_distance_to(scope):
+    """One layer: with the ``neighbours`` scope a cell's output ignores a cell it has no
+    distance to (no neighbour: the far distance) and follows one of its neighbours; with the
+    published ``all`` scope it follows both."""
+    from napari_stofm.model.se2_transformer import FAR
+
+    base, batch = _one_layer_outputs(scope)
+    dist = batch["attn_bias"][0]
+    cells = torch.nonzero(batch["token_types"][0] == 0).view(-1)
+    i = int(cells[0])
+    far = int(cells[torch.nonzero(dist[i, cells] == FAR).view(-1)[0]])
+    near = int(cells[torch.nonzero((dist[i, cells] != FAR) & (dist[i, cells] > 0)).view(-1)[0]])
+    moved_far, _ = _one_layer_outputs(scope, emb_change=far)
+    moved_near, _ = _one_layer_outputs(scope, emb_change=near)
+    h = base["last_hidden_state"][0, i]
+    change_far = float((moved_far["last_hidden_state"][0, i] - h).abs().max())
+    change_near = float((moved_near["last_hidden_state"][0, i] - h).abs().max())
+    assert change_near > 1e-4
+    if scope == "neighbours":
+        assert change_far == 0.0
+    else:
+        assert change_far > 1e-4
+    # the scope changes which keys are attended, not the logits (the next layer's bias and
+    # the pair representation): in one layer they are those of the published rule
+    torch.testing.assert_close(base["pair_rep"], _one_layer_outputs("all")[0]["pair_rep"])
+
+
+def test_neighbours_scope_matches_a_masked_softmax_and_ignores_padding():
+    """The scoped attention is softmax over the allowed keys only (a straightforward
+    reference), and padding a batch changes no real token."""
+    import torch.nn.functional as F
+
+    model = SE2Transformer(small_config(num_hidden_layers=1, attention_scope="neighbours")).init_weights(seed=9).eval()
+    xy, emb, groups = random_slice(n=200, seed=10)
+    nxy = normalize_coordinates(xy)
+    hyper = hypernodes_from_assignment(nxy, emb, groups)
+    items = list(build_subslice_inputs(nxy, emb, hyper, [np.arange(200)]))
+    tight, padded = collate(items), collate(items, pad_to=len(items[0]) + 29)
+    with torch.no_grad():
+        a = model(tight["token_embeddings"], tight["attn_bias"], tight["token_types"])["last_hidden_state"]
+        b = model(padded["token_embeddings"], padded["attn_bias"], padded["token_types"])["last_hidden_state"]
+        # reference: the layer by hand, keys outside the scope dropped from each row's softmax
+        layer, att = model.encoder.layers[0], model.encoder.layers[0].self_attn
+        dist = tight["attn_bias"]
+        x = model.embedding_layer(tight["token_embeddings"]) + model.token_type_embeddings(tight["token_types"])
+        bias = model.gaussian.dense_forward(dist)
+        l, h, d = x.shape[1], att.num_heads, att.head_dim
+        q = (att.q_proj(x) * att.scaling).view(1, l, h, d).transpose(1, 2)
+        k = att.k_proj(x).view(1, l, h, d).transpose(1, 2)
+        v = att.v_proj(x).view(1, l, h, d).transpose(1, 2)
+        scores = bias + q @ k.transpose(-1, -2)
+        allowed = (dist != 100.0).unsqueeze(1)
+        probs = torch.where(allowed, scores, torch.full_like(scores, -1e30)).softmax(-1)
+        y = att.out_proj((probs @ v).transpose(1, 2).reshape(1, l, h * d))
+        y = layer.self_attn_layer_norm(x + y)
+        y = layer.final_layer_norm(y + layer.fc2(F.gelu(layer.fc1(y))))
+    torch.testing.assert_close(a, y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a, b[:, : a.shape[1]], rtol=1e-5, atol=1e-5)
+
+
+def test_neighbours_scope_inference_path_gives_the_training_path_outputs():
+    """Without the pair representation (what ``embed`` asks for) the scope is applied once to
+    the first bias and carried by the logits; the outputs are those of the per-layer mask."""
+    model = SE2Transformer(small_config(num_hidden_layers=3, attention_scope="neighbours")).init_weights(seed=12).eval()
+    xy, emb, groups = random_slice(n=400, seed=13)
+    batch = batch_for(xy, emb, groups, split_num=120)
+    args = (batch["token_embeddings"], batch["attn_bias"], batch["token_types"])
+    with torch.no_grad():
+        per_layer = model(*args, return_pair_rep=True)["last_hidden_state"]
+    with torch.inference_mode():
+        carried = model(*args, return_pair_rep=False)["last_hidden_state"]
+    assert bool((batch["token_types"] == 3).any())  # the batch is padded
+    torch.testing.assert_close(carried, per_layer, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_scope_round_trips_and_published_files_stay_unchanged(tmp_path):
+    published = small_config()
+    assert "attention_scope" not in published.to_dict()  # a published config.json is written as it was read
+    save_se2_transformer(SE2Transformer(small_config(attention_scope="neighbours")).init_weights(seed=11), tmp_path)
+    assert load_se2_transformer(tmp_path).config.attention_scope == "neighbours"
+    with pytest.raises(CheckpointError, match="attention_scope"):
+        small_config(attention_scope="local")

@@ -192,6 +192,21 @@ def test_stage2_can_start_from_a_checkpoint_without_touching_it(run, slices, tmp
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+def test_stage2_continued_with_neighbour_attention_keeps_that_scope(run, slices, tmp_path):
+    """--se2-attention neighbours on a continued run: finite losses, and the exported model
+    attends within the scope it was trained with (its config.json says so)."""
+    from napari_stofm.model.stofm import load_model
+
+    cfg = PretrainConfig(stage1_steps=0, stage2_steps=3, init_from=str(run), se2_attention="neighbours",
+                         niche_weight=1.0, self_weight=0.5, **TINY)
+    out = pretrain([], tmp_path / "local", cfg, adatas=slices, show_progress=False)
+    rows = json.loads((out / LOG_NAME).read_text())["history"]["stage2"]
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+    assert json.loads((out / "config.json").read_text())["attention_scope"] == "neighbours"
+    assert load_model(out).se2.config.attention_scope == "neighbours"
+    assert load_model(run).se2.config.attention_scope == "all"
+
+
 def test_adaptation_trains_a_copy_and_changes_the_embedding(run, slices):
     from napari_stofm.model.stofm import load_model
     from napari_stofm.pipeline.embed import compute_embedding

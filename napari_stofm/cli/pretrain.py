@@ -103,6 +103,9 @@ def _add_parser(sub) -> None:
                    help=f"cell encoder layers (default: {d.bert_layers})")
     g.add_argument("--se2-dim", type=positive_int("SE(2) transformer width"), default=d.se2_dim,
                    help=f"SE(2) transformer width E (default: {d.se2_dim})")
+    g.add_argument("--se2-attention", choices=("all", "neighbours"), default=d.se2_attention,
+                   help="which tokens each SE(2) token attends to: all (as published) or neighbours (its nearest "
+                        f"cells, the virtual cells and CLS) (default: {d.se2_attention})")
     g.add_argument("--se2-layers", type=positive_int("SE(2) transformer layers"), default=d.se2_layers,
                    help=f"SE(2) transformer layers (default: {d.se2_layers})")
     g.add_argument("--se2-heads", type=positive_int("SE(2) attention heads"), default=d.se2_heads,
@@ -165,7 +168,7 @@ def cmd_pretrain(args) -> int:
         train_split_num=args.train_split_num if args.train_split_num is not None else d.train_split_num,
         batch_subslices=args.batch_subslices if args.batch_subslices is not None else d.batch_subslices,
         bert_hidden=args.bert_hidden, bert_layers=args.bert_layers,
-        se2_dim=args.se2_dim, se2_layers=args.se2_layers, se2_heads=args.se2_heads,
+        se2_dim=args.se2_dim, se2_layers=args.se2_layers, se2_heads=args.se2_heads, se2_attention=args.se2_attention,
         contrastive_weight=args.contrastive_weight,
         profile_weight=args.profile_weight, name=args.name, device=args.device,
         loader_threads=args.loader_threads, niche_weight=args.niche_weight, self_weight=args.self_weight,

@@ -22,6 +22,8 @@ N_TOKEN_TYPES = 4
 MAX_SIZE = 65_536
 MAX_LAYERS = 1_024
 MAX_PARAMETERS = 1_000_000_000
+#: values of ``attention_scope`` (see :class:`SToFMConfig`)
+ATTENTION_SCOPES = ("all", "neighbours")
 
 
 @dataclass
@@ -56,6 +58,10 @@ class SToFMConfig:
     cls_type_id: int = 1
     hyper_type_id: int = 2
     pad_type_id: int = 3
+    # which token pairs attend to each other: "all" (published: every pair; far pairs only get
+    # the kernel's value at distance 100) or "neighbours" (a cell attends to the tokens it has a
+    # distance to: its nearest cells, the virtual cells, the CLS token and itself)
+    attention_scope: str = "all"
     extra: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +114,9 @@ class SToFMConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise CheckpointError(f"{CONFIG_NAME}: {name} must be true or false, got {value!r}; fix config.json")
+        if self.attention_scope not in ATTENTION_SCOPES:
+            raise CheckpointError(f"{CONFIG_NAME}: attention_scope must be one of {list(ATTENTION_SCOPES)}, got "
+                                  f"{self.attention_scope!r}; fix config.json (published: 'all')")
         if not isinstance(self.activation_fn, str):
             raise CheckpointError(f"{CONFIG_NAME}: activation_fn must be a string, got {self.activation_fn!r}")
         if self.embed_scale is not None:
@@ -152,6 +161,8 @@ class SToFMConfig:
         for f in fields(self):
             if f.name != "extra":
                 out[f.name] = getattr(self, f.name)
+        if out.get("attention_scope") == "all":  # the published behaviour: not a key of published files
+            del out["attention_scope"]
         out["hidden_size"] = self.embedding_dim
         return dict(sorted(out.items()))
 

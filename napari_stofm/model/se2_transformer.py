@@ -177,6 +177,7 @@ class SelfAttention(nn.Module):
         need_logits: bool = True,
         logits_out: Optional[torch.Tensor] = None,
         bias_writable: bool = False,
+        scope_mask: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x (B, L, E), bias (B, H, L, L), key_padding_mask (B, L) bool -> (out, logits).
 
@@ -185,6 +186,8 @@ class SelfAttention(nn.Module):
         The attention itself runs through the fused ``scaled_dot_product_attention``.
         ``logits_out`` (inference only) is a spare (B, H, L, L) buffer to write them into;
         ``bias_writable`` says ``bias`` is scratch that may be changed in place.
+        ``scope_mask`` (B, 1, L, L), 0 or -inf, is added to the attention scores only (not to
+        the logits): the pairs a ``neighbours`` attention scope leaves out.
         """
         b, l, e = x.shape
         h, d = self.num_heads, self.head_dim
@@ -193,10 +196,14 @@ class SelfAttention(nn.Module):
         v = self.v_proj(x).view(b, l, h, d).transpose(1, 2)
         has_padding = key_padding_mask is not None and bool(key_padding_mask.any())
         mask = bias
+        fresh = False
+        if scope_mask is not None:
+            mask, fresh = bias + scope_mask, True
         if has_padding:
             # A consumed scratch bias may take the -inf in place: the logits below get 0 at
             # those keys either way.
-            mask = fill_padded_keys(bias if bias_writable else bias.clone(), key_padding_mask, float("-inf"))
+            mask = fill_padded_keys(mask if (fresh or bias_writable) else bias.clone(), key_padding_mask,
+                                    float("-inf"))
         attn = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask.to(q.dtype), dropout_p=self.dropout.p if self.training else 0.0, scale=1.0
         )
@@ -225,11 +232,12 @@ class EncoderLayer(nn.Module):
         self.activation_dropout = nn.Dropout(config.activation_dropout)
         self.activation = _ACT[config.activation_fn]
 
-    def forward(self, x, bias, key_padding_mask, need_logits=True, logits_out=None, bias_writable=False):
+    def forward(self, x, bias, key_padding_mask, need_logits=True, logits_out=None, bias_writable=False,
+                scope_mask=None):
         residual = x
         if self.pre_layernorm:
             x = self.self_attn_layer_norm(x)
-        x, logits = self.self_attn(x, bias, key_padding_mask, need_logits, logits_out, bias_writable)
+        x, logits = self.self_attn(x, bias, key_padding_mask, need_logits, logits_out, bias_writable, scope_mask)
         x = residual + self.dropout(x)
         if not self.pre_layernorm:
             x = self.self_attn_layer_norm(x)
@@ -253,7 +261,7 @@ class Encoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.layerdrop = config.layerdrop
 
-    def forward(self, x, bias, key_padding_mask, need_last_logits=True, bias_is_scratch=False):
+    def forward(self, x, bias, key_padding_mask, need_last_logits=True, bias_is_scratch=False, scope_mask=None):
         """Returns the last hidden states and the last layer's logits (None if not needed)."""
         x = self.dropout(x)
         last = len(self.layers) - 1
@@ -269,7 +277,8 @@ class Encoder(nn.Module):
             need = need_last_logits or i < last
             writable = reuse and (i > 0 or bias_is_scratch)
             x, logits = layer(
-                x, bias, key_padding_mask, need_logits=need, logits_out=spare if need else None, bias_writable=writable
+                x, bias, key_padding_mask, need_logits=need, logits_out=spare if need else None, bias_writable=writable,
+                scope_mask=scope_mask,
             )
             if logits is not None:
                 if writable:
@@ -321,6 +330,16 @@ class SE2Transformer(nn.Module):
         expected[span] = True
         return span if bool((hyper == expected).all()) else None
 
+    def scope_mask(self, distances: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """(B, L, L) distances -> the (B, 1, L, L) additive attention mask of the configured
+        scope: None for ``all`` (published); for ``neighbours``, -inf at every pair the distance
+        rules give the far distance (not neighbours, no virtual cell, no CLS), 0 elsewhere.
+        Every token keeps itself, so no row is left without a key."""
+        if self.config.attention_scope == "all":
+            return None
+        mask = torch.zeros(distances.shape, dtype=dtype, device=distances.device)
+        return mask.masked_fill_(distances == FAR, float("-inf")).unsqueeze(1)
+
     def forward(
         self,
         token_embeddings: torch.Tensor,
@@ -344,7 +363,15 @@ class SE2Transformer(nn.Module):
         else:
             bias = self.gaussian(attn_bias.to(x.dtype), block_span=self._virtual_cell_positions(token_types))
         padding = token_types.eq(self.config.pad_type_id)
-        x, logits = self.encoder(x, bias, padding, need_last_logits=return_pair_rep, bias_is_scratch=True)
+        scope = self.scope_mask(attn_bias, x.dtype)
+        if scope is not None and not return_pair_rep and not torch.is_grad_enabled():
+            # Inference: the out-of-scope pairs get -inf in the first bias itself; each layer's
+            # logits (bias + q k^T) carry it on to the next layer's bias, so no layer needs the
+            # mask again. Only the logits differ (-inf there), and they are not returned.
+            bias.masked_fill_(attn_bias.unsqueeze(1) == FAR, float("-inf"))
+            scope = None
+        x, logits = self.encoder(x, bias, padding, need_last_logits=return_pair_rep, bias_is_scratch=True,
+                                 scope_mask=scope)
         out = {"last_hidden_state": x}
         if return_pair_rep:
             out["pair_rep"] = logits.permute(0, 2, 3, 1).contiguous()

@@ -82,6 +82,9 @@ class PretrainConfig:
     se2_ffn: int = 256
     se2_heads: int = 8
     se2_gaussians: int = 64
+    # the SE(2) transformer's attention scope (SToFMConfig.attention_scope): "all" (published)
+    # or "neighbours" (each cell attends to its nearest cells, the virtual cells and CLS only)
+    se2_attention: str = "all"
     min_cells_per_gene: int = 10
     # start from this checkpoint directory (its vocabulary, sizes, cell encoder, SE(2) transformer
     # and pretraining heads) instead of a random model; with stage1_steps=0 only stage 2 trains

@@ -152,7 +152,8 @@ class Trainer:
                                 attention_probs_dropout_prob=cfg.attention_dropout, hidden_dropout_prob=cfg.dropout),
             se2_config=dict(num_hidden_layers=cfg.se2_layers, embedding_dim=cfg.se2_dim,
                             ffn_embedding_dim=cfg.se2_ffn, num_attention_heads=cfg.se2_heads,
-                            gaussian_hidden_dim=cfg.se2_gaussians, attention_dropout=cfg.attention_dropout,
+                            gaussian_hidden_dim=cfg.se2_gaussians, attention_scope=cfg.se2_attention,
+                            attention_dropout=cfg.attention_dropout,
                             dropout=cfg.dropout, activation_dropout=cfg.dropout),
             settings=self.settings, seed=cfg.seed,
         )
