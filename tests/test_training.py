@@ -194,12 +194,20 @@ def test_stage2_can_start_from_a_checkpoint_without_touching_it(run, slices, tmp
 
 def test_stage2_continued_with_neighbour_attention_keeps_that_scope(run, slices, tmp_path):
     """--se2-attention neighbours on a continued run: finite losses, and the exported model
-    attends within the scope it was trained with (its config.json says so)."""
+    attends within the scope it was trained with (its config.json says so); the start's gene
+    windows (an inference setting of the gene scale, which stage 2 does not change) are kept."""
+    import shutil
+
     from napari_stofm.model.stofm import load_model
 
-    cfg = PretrainConfig(stage1_steps=0, stage2_steps=3, init_from=str(run), se2_attention="neighbours",
+    start = tmp_path / "start"
+    shutil.copytree(run, start, ignore=shutil.ignore_patterns("state"))
+    settings = json.loads((start / "stofm.json").read_text())
+    (start / "stofm.json").write_text(json.dumps({**settings, "gene_windows": 3}))
+    cfg = PretrainConfig(stage1_steps=0, stage2_steps=3, init_from=str(start), se2_attention="neighbours",
                          niche_weight=1.0, self_weight=0.5, **TINY)
     out = pretrain([], tmp_path / "local", cfg, adatas=slices, show_progress=False)
+    assert json.loads((out / "stofm.json").read_text())["gene_windows"] == 3
     rows = json.loads((out / LOG_NAME).read_text())["history"]["stage2"]
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
     assert json.loads((out / "config.json").read_text())["attention_scope"] == "neighbours"

@@ -92,6 +92,9 @@ class PretrainConfig:
     # output
     name: str = "napari-stofm-small"
     split_num: int = 1000  # inference sub-slice size written into stofm.json
+    # gene windows per cell written into stofm.json (PipelineSettings.gene_windows); a run
+    # started from a checkpoint keeps that checkpoint's value
+    gene_windows: int = 1
 
     @classmethod
     def from_dict(cls, data: dict) -> "PretrainConfig":

@@ -143,7 +143,7 @@ class Trainer:
             raise StofmInputError("readout 'context' reads X_stofm through the niche head, which a run with "
                                   "niche_weight 0 does not train: give a niche weight (e.g. 2) or readout 'hidden'")
         self.settings = PipelineSettings(split_num=cfg.split_num, split_mode="spatial", max_genes=cfg.max_genes,
-                                         name=cfg.name)
+                                         gene_windows=cfg.gene_windows, name=cfg.name)
         model = build_model(
             vocabulary,
             encoder_config=dict(hidden_size=cfg.bert_hidden, num_hidden_layers=cfg.bert_layers,
@@ -579,6 +579,7 @@ def init_config(cfg: PretrainConfig):
     cfg.bert_hidden, cfg.bert_layers = int(get("hidden_size")), int(get("num_hidden_layers"))
     cfg.bert_heads, cfg.bert_intermediate = int(get("num_attention_heads")), int(get("intermediate_size"))
     cfg.max_genes = int(get("max_position_embeddings")) - 1
+    cfg.gene_windows = int(model.settings.gene_windows)  # how its gene scale reads long cells
     if se2 is not None:
         sget = se2.get if hasattr(se2, "get") else (lambda k, d=None: getattr(se2, k, d))
         cfg.se2_layers, cfg.se2_dim = int(sget("num_hidden_layers")), int(sget("embedding_dim"))
