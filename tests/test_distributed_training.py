@@ -23,6 +23,7 @@ SIZES = ["--device", "cpu", "--threads", "1", "--bert-hidden", "32", "--bert-lay
          "--se2-layers", "2", "--se2-heads", "4", "--batch-cells", "16", "--batch-subslices", "2",
          # sub-slices of 250 cells: some stage-2 batches hold one sub-slice only, and one process then has none
          "--train-split-num", "250", "--warmup-steps", "3", "--niche-weight", "1", "--self-weight", "0.5",
+         "--neighbour-weight", "0.5",
          # dropout off: with it, each process draws its own masks and the losses cannot match one process's
          "--dropout", "0", "--checkpoint-minutes", "0.0001", "-q"]
 #: Float32 sums split over two processes and gradients averaged by DDP round differently from one
@@ -159,12 +160,12 @@ def test_shares_of_a_stage2_batch_cover_it(corpus, world):
     emb = rng.normal(size=(xy.shape[0], 8)).astype(np.float32)
     sl = SpatialSlice("generated/a", xy, emb / np.linalg.norm(emb, axis=1, keepdims=True),
                       (xy[:, 0] // 200).astype(int))
-    cfg = PretrainConfig(train_split_num=150, batch_subslices=2, niche_weight=1.0)
+    cfg = PretrainConfig(train_split_num=150, batch_subslices=2, niche_weight=1.0, neighbour_weight=1.0)
     batch = make_training_batch(sl, np.random.default_rng(1), cfg)
     shares = [distributed.shard_stage2(batch, r, world) for r in range(world)]
     b = batch["token_embeddings"].shape[0]
     assert sum(s["token_embeddings"].shape[0] for s in shares) == b + max(0, world - b)
-    for key in ("target", "niche_target", "unmasked_target", "pair_target"):
+    for key in ("target", "niche_target", "unmasked_target", "pair_target", "neighbour_pos"):
         torch.testing.assert_close(torch.cat([s[key] for s in shares]), batch[key])
     assert sum(int(s["selected"].sum()) for s in shares) == int(batch["selected"].sum())
     offset, pairs = 0, []

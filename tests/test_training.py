@@ -25,7 +25,8 @@ def slices():
 @pytest.fixture(scope="module")
 def run(slices, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain") / "weights"
-    cfg = PretrainConfig(stage1_steps=6, stage2_steps=5, niche_weight=1.0, self_weight=0.5, **TINY)
+    cfg = PretrainConfig(stage1_steps=6, stage2_steps=5, niche_weight=1.0, self_weight=0.5, neighbour_weight=0.5,
+                         **TINY)
     pretrain([], out, cfg, adatas=slices, show_progress=False)
     return out
 
@@ -162,12 +163,63 @@ def test_niche_targets_are_the_mean_of_the_nearest_other_cells():
     np.testing.assert_allclose(out[1, 1], [0, 0.5, 0.5, 0])  # cell 3: cells 2 and 1
 
 
-def test_niche_and_self_terms_are_trained_and_saved(run, slices):
+def test_spatial_agreement_positives_are_near_cells_of_the_same_sub_slice(slices):
+    """Each cell token's positive is another cell token of its own sub-slice, one of its
+    ``neighbour_k`` nearest cells there; a run without the term draws the batches it drew before."""
+    from scipy.spatial import cKDTree
+
+    from napari_stofm.training.batches import neighbour_positives
+
+    rng = np.random.default_rng(0)
+    xy = rng.random((60, 2)) * 100
+    pos = neighbour_positives(xy, np.random.default_rng(1), 4)
+    _, nbr = cKDTree(xy).query(xy, k=5)
+    assert all(p != i and p in nbr[i, 1:] for i, p in enumerate(pos))
+    assert np.array_equal(neighbour_positives(xy[:1], rng, 4), [0])
+
+    adata = slices[0][1]
+    emb = rng.normal(size=(adata.n_obs, 8)).astype(np.float32)
+    sl = SpatialSlice("generated/a", adata.obsm["spatial"], emb / np.linalg.norm(emb, axis=1, keepdims=True),
+                      (adata.obsm["spatial"][:, 0] // 200).astype(int))
+    cfg = PretrainConfig(train_split_num=150, batch_subslices=2, neighbour_weight=1.0, neighbour_k=3)
+    batch = make_training_batch(sl, np.random.default_rng(2), cfg)
+    rows = batch["cells"].nonzero()
+    assert batch["neighbour_pos"].shape[0] == rows.shape[0]
+    for (b, i), j in zip(rows.tolist(), batch["neighbour_pos"].tolist(), strict=True):
+        assert j != i and bool(batch["cells"][b, j])
+        cells = batch["indices"][b][batch["cells"][b]].numpy()
+        _, near = cKDTree(sl.xy[cells]).query(sl.xy[batch["indices"][b, i]], k=4)
+        assert int(batch["indices"][b, j]) in cells[near[1:]]
+    off = PretrainConfig(train_split_num=150, batch_subslices=2)
+    a, b_ = (make_training_batch(sl, np.random.default_rng(2), off) for _ in range(2))
+    assert all(np.array_equal(a[k].numpy(), b_[k].numpy()) for k in ("selected", "token_embeddings"))
+
+
+def test_spatial_agreement_logits_contrast_a_cell_with_the_other_cells_only():
+    import torch
+
+    from napari_stofm.training.trainer import neighbour_logits
+
+    last = torch.randn(2, 6, 4)
+    cells = torch.tensor([[False, True, True, True, False, False], [False, False, True, True, True, True]])
+    logits = neighbour_logits(last, cells, 0.5)
+    assert logits.shape == (7, 6)
+    finite = torch.isfinite(logits)
+    # row 0 = sub-slice 0, token 1: the other cell tokens 2 and 3 only
+    assert finite[0].tolist() == [False, False, True, True, False, False]
+    assert finite[3].tolist() == [False, False, False, True, True, True]  # sub-slice 1, token 2
+    z = torch.nn.functional.normalize(last[0], dim=-1)
+    assert torch.isclose(logits[0, 2], (z[1] @ z[2]) / 0.5)
+
+
+def test_niche_self_and_agreement_terms_are_trained_and_saved(run, slices):
     from napari_stofm.model.checkpoint import load_se2_transformer
 
     log = json.loads((run / LOG_NAME).read_text())
     rows = log["history"]["stage2"]
     assert all(0 < r["niche"] <= 2 and 0 < r["self"] <= 2 for r in rows)
+    # InfoNCE over a sub-slice's other cells: between 0 and far below ln(cells) for any output
+    assert all(0 < r["neighbour"] < np.log(400) for r in rows)
     _, heads = load_se2_transformer(run, return_heads=True)
     assert any(k.startswith("niche_head.") for k in heads)
 

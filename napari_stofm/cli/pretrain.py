@@ -121,6 +121,15 @@ def _add_parser(sub) -> None:
     g.add_argument("--self-weight", type=bounded_float("self weight", minimum=0.0), default=d.self_weight,
                    help="weight of the stage-2 term that has every unmasked cell's output reconstruct its own "
                         f"embedding (default: {d.self_weight})")
+    g.add_argument("--neighbour-weight", type=bounded_float("neighbour weight", minimum=0.0),
+                   default=d.neighbour_weight,
+                   help="weight of the stage-2 spatial-agreement term (each cell's output must pick out one of "
+                        "its nearest cells among the other cells of its sub-slice), 0 to switch it off "
+                        f"(default: {d.neighbour_weight})")
+    g.add_argument("--neighbour-temperature", type=bounded_float("neighbour temperature", minimum=0.0,
+                                                                 exclusive_minimum=True),
+                   default=d.neighbour_temperature,
+                   help=f"temperature of the spatial-agreement term (default: {d.neighbour_temperature})")
     g.add_argument("--readout", choices=("hidden", "context"), default=d.readout,
                    help="what the weights' obsm['X_stofm'] is read from: the SE(2) transformer's hidden state "
                         "(hidden, as published) or its cell and niche heads (context; needs --niche-weight > 0) "
@@ -172,6 +181,7 @@ def cmd_pretrain(args) -> int:
         contrastive_weight=args.contrastive_weight,
         profile_weight=args.profile_weight, name=args.name, device=args.device,
         loader_threads=args.loader_threads, niche_weight=args.niche_weight, self_weight=args.self_weight,
+        neighbour_weight=args.neighbour_weight, neighbour_temperature=args.neighbour_temperature,
         readout=args.readout,
         init_from=args.init_from, cell_mask_value=args.cell_mask_value, lr2=args.lr2,
         warmup_steps=args.warmup_steps, dropout=args.dropout,

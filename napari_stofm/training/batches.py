@@ -119,10 +119,15 @@ def make_training_batch(sl: SpatialSlice, rng: np.random.Generator, cfg: Pretrai
     h = hyper.xy.shape[0]
     d = emb.shape[1]
     items, masks, keeps = [], [], []
-    true_dists = []
+    true_dists, neighbour_pos = [], []
     for c in chosen:
         cells = np.asarray(parts[c], dtype=np.int64)
         m = cells.size
+        # drawn before the masks, from the stream only a run with the term uses: a run
+        # without it gets the batches it got before the term existed
+        nb = neighbour_positives(xy[cells], rng, cfg.neighbour_k) if cfg.neighbour_weight > 0 \
+            else np.zeros(m, dtype=np.int64)
+        neighbour_pos.append(1 + hyper.xy.shape[0] + nb)
         r = rng.random(m)
         masked = r < cfg.cell_mask_prob
         kept = (r >= cfg.cell_mask_prob) & (r < cfg.cell_mask_prob + cfg.cell_keep_prob)
@@ -177,11 +182,27 @@ def make_training_batch(sl: SpatialSlice, rng: np.random.Generator, cfg: Pretrai
     # every cell token, in sub-slice then cell order (the order of ``niche``)
     batch["cells"] = cell_mask
     batch["niche_target"] = torch.from_numpy(niche)
+    # for every cell token (the order of ``cells``): the token index, in its sub-slice, of
+    # the neighbour the spatial-agreement term asks it to pick out
+    batch["neighbour_pos"] = torch.from_numpy(np.concatenate(neighbour_pos).astype(np.int64))
     batch["unmasked"] = unmasked_mask
     batch["unmasked_target"] = torch.cat(unmasked_targets)
     batch["pairs"] = tuple(torch.from_numpy(np.concatenate(a).astype(np.int64)) for a in (pair_b, pair_i, pair_j))
     batch["pair_target"] = torch.from_numpy(np.concatenate(pair_t).astype(np.float32))
     return batch
+
+
+def neighbour_positives(xy: np.ndarray, rng: np.random.Generator, k: int) -> np.ndarray:
+    """For each of the sub-slice's cells (positions ``xy``), the index of one of its ``k``
+    nearest other cells, drawn uniformly: the positive of the spatial-agreement term. A
+    sub-slice of one cell points at itself (the term then has nothing to contrast it with)."""
+    m = xy.shape[0]
+    k = min(int(k), m - 1)
+    if k < 1:
+        return np.zeros(m, dtype=np.int64)
+    _, nbr = cKDTree(xy).query(xy, k=k + 1)
+    nbr = np.asarray(nbr).reshape(m, k + 1)[:, 1:]
+    return nbr[np.arange(m), rng.integers(0, k, size=m)].astype(np.int64)
 
 
 def niche_targets(xy: np.ndarray, emb: np.ndarray, cells: np.ndarray, scales: Sequence[int]) -> np.ndarray:

@@ -12,7 +12,8 @@ STATE_DIR = "state"
 #: settings a resumed run may change (the model's shapes and the vocabulary stay)
 RESUME_OVERRIDABLE = ("train_split_num", "batch_subslices", "batch_cells", "stage1_share", "crop_prob",
                       "subsample_min", "contrastive_weight", "profile_weight", "pair_weight", "device",
-                      "loader_threads", "niche_weight", "self_weight", "lr2", "readout")
+                      "loader_threads", "niche_weight", "self_weight", "neighbour_weight", "neighbour_temperature",
+                      "lr2", "readout")
 
 
 @dataclass
@@ -57,6 +58,13 @@ class PretrainConfig:
     # every unmasked cell token's output also reconstructs its own input (``lm_head``, cosine):
     # the output keeps the cell's state beside its niche; 0 (default) scores only the masked cells
     self_weight: float = 0.0
+    # spatial agreement: every cell token's output (the hidden state X_stofm is read from,
+    # L2-normalised) must pick out one of its ``neighbour_k`` nearest cells among the other
+    # cells of its sub-slice (InfoNCE at ``neighbour_temperature``), so that the output's whole
+    # geometry, not a head's reading of it, varies with the niche; 0 (default) turns it off
+    neighbour_weight: float = 0.0
+    neighbour_k: int = 10
+    neighbour_temperature: float = 0.1
     # what the exported stofm.json reads X_stofm from (napari_stofm.model.readout): "hidden"
     # (default, published) or "context" (the trained lm_head and niche_head; needs niche_weight > 0)
     readout: str = "hidden"

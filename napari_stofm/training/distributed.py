@@ -316,7 +316,7 @@ def shard_stage1(batch: dict, rank: int, world: int) -> dict:
 _PER_SUBSLICE = ("token_embeddings", "attn_bias", "token_types", "indices", "spatial", "selected", "cells",
                  "unmasked")
 #: the flat targets, concatenated in sub-slice order, and the mask whose rows count them
-_FLAT = {"target": "selected", "niche_target": "cells", "unmasked_target": "unmasked"}
+_FLAT = {"target": "selected", "niche_target": "cells", "unmasked_target": "unmasked", "neighbour_pos": "cells"}
 
 
 def shard_stage2(batch: dict, rank: int, world: int) -> dict:

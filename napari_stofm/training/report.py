@@ -21,7 +21,7 @@ LOG_NAME = "training_log.json"
 CURVE_NAME = "loss_curve.png"
 #: what the progress bar, the final summary and the log report of each stage
 STAGE1_TERMS = ("mlm", "mlm_acc", "profile_kl", "contrastive", "cell_cos")
-STAGE2_TERMS = ("cosine", "pair_mse", "niche", "self")
+STAGE2_TERMS = ("cosine", "pair_mse", "niche", "self", "neighbour")
 
 
 # --------------------------------------------------------------------------- progress

@@ -51,7 +51,11 @@ Two stages, as in the paper, run on the CPU in minutes for a small model (or on 
      tissue regions are read from;
    * self reconstruction (weight ``self_weight``, 0 by default): ``lm_head`` on every unmasked cell's output
      gives back its own input embedding (cosine), so the output keeps the cell's state beside
-     its niche.
+     its niche;
+   * spatial agreement (weight ``neighbour_weight``, 0 by default): every cell token's output,
+     L2-normalised, must pick out one of its ``neighbour_k`` nearest cells (drawn per step)
+     among the other cell tokens of its sub-slice (InfoNCE): the output itself, not a head's
+     reading of it, is asked to vary with the tissue around the cell.
 
    ``init_from`` starts a run from a checkpoint (its vocabulary, sizes, encoder, SE(2)
    transformer and heads); with ``stage1_steps=0`` only stage 2 trains.
@@ -526,8 +530,24 @@ def stage2_loss(se2: nn.Module, heads: Dict[str, nn.Module], batch: dict, cfg: P
     if cfg.self_weight > 0 and (batch["unmasked_target"].numel() or red.sharded):
         pred_s = F.normalize(lm_head(last[batch["unmasked"]]), dim=-1)
         self_rec = red.one_minus_mean((pred_s * F.normalize(batch["unmasked_target"], dim=-1)).sum(-1), "unmasked")
-    loss = cos + cfg.pair_weight * pair + cfg.niche_weight * niche + cfg.self_weight * self_rec
-    return loss, {"cosine": cos, "pair_mse": pair, "niche": niche, "self": self_rec}
+    agree = zero
+    if cfg.neighbour_weight > 0 and (batch["neighbour_pos"].numel() or red.sharded):
+        agree = red.cross_entropy(neighbour_logits(last, batch["cells"], cfg.neighbour_temperature),
+                                  batch["neighbour_pos"], "cells")
+    loss = cos + cfg.pair_weight * pair + cfg.niche_weight * niche + cfg.self_weight * self_rec \
+        + cfg.neighbour_weight * agree
+    return loss, {"cosine": cos, "pair_mse": pair, "niche": niche, "self": self_rec, "neighbour": agree}
+
+
+def neighbour_logits(last: torch.Tensor, cells: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(cell tokens, L): each cell token's cosine to every token of its sub-slice over
+    ``temperature``, kept only for the sub-slice's other cell tokens (-inf elsewhere: itself,
+    CLS, virtual cells, padding). Rows in the order of ``cells`` (sub-slice, then token)."""
+    z = F.normalize(last, dim=-1)
+    logits = z @ z.transpose(1, 2) / temperature
+    n = last.shape[1]
+    others = cells[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=last.device)[None]
+    return logits.masked_fill(~others, float("-inf"))[cells]
 
 
 def stage2_step(se2: nn.Module, heads: Dict[str, nn.Module], opt: torch.optim.Optimizer, batch: dict,
