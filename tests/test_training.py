@@ -176,6 +176,9 @@ def test_spatial_agreement_positives_are_near_cells_of_the_same_sub_slice(slices
     _, nbr = cKDTree(xy).query(xy, k=5)
     assert all(p != i and p in nbr[i, 1:] for i, p in enumerate(pos))
     assert np.array_equal(neighbour_positives(xy[:1], rng, 4), [0])
+    # cells at one position (spots of a grid, duplicated rows): never their own positive
+    same = np.zeros((5, 2))
+    assert all(p != i for i, p in enumerate(neighbour_positives(same, np.random.default_rng(3), 2)))
 
     adata = slices[0][1]
     emb = rng.normal(size=(adata.n_obs, 8)).astype(np.float32)
@@ -210,6 +213,8 @@ def test_spatial_agreement_logits_contrast_a_cell_with_the_other_cells_only():
     assert finite[3].tolist() == [False, False, False, True, True, True]  # sub-slice 1, token 2
     z = torch.nn.functional.normalize(last[0], dim=-1)
     assert torch.isclose(logits[0, 2], (z[1] @ z[2]) / 0.5)
+    alone = neighbour_logits(last[:1], torch.tensor([[False, False, True, False, False, False]]), 0.5)
+    assert torch.isfinite(alone).tolist() == [[False, False, True, False, False, False]]
 
 
 def test_niche_self_and_agreement_terms_are_trained_and_saved(run, slices):

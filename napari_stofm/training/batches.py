@@ -201,7 +201,11 @@ def neighbour_positives(xy: np.ndarray, rng: np.random.Generator, k: int) -> np.
     if k < 1:
         return np.zeros(m, dtype=np.int64)
     _, nbr = cKDTree(xy).query(xy, k=k + 1)
-    nbr = np.asarray(nbr).reshape(m, k + 1)[:, 1:]
+    nbr = np.asarray(nbr).reshape(m, k + 1)
+    # the cell itself is not always first: cells at the same position tie at distance 0
+    own = nbr == np.arange(m)[:, None]
+    own[~own.any(1), -1] = True  # no self among them: the farthest goes instead
+    nbr = nbr[~own].reshape(m, k)
     return nbr[np.arange(m), rng.integers(0, k, size=m)].astype(np.int64)
 
 

@@ -542,11 +542,14 @@ def stage2_loss(se2: nn.Module, heads: Dict[str, nn.Module], batch: dict, cfg: P
 def neighbour_logits(last: torch.Tensor, cells: torch.Tensor, temperature: float) -> torch.Tensor:
     """(cell tokens, L): each cell token's cosine to every token of its sub-slice over
     ``temperature``, kept only for the sub-slice's other cell tokens (-inf elsewhere: itself,
-    CLS, virtual cells, padding). Rows in the order of ``cells`` (sub-slice, then token)."""
+    CLS, virtual cells, padding). Rows in the order of ``cells`` (sub-slice, then token); a cell
+    alone in its sub-slice is compared with itself."""
     z = F.normalize(last, dim=-1)
     logits = z @ z.transpose(1, 2) / temperature
-    n = last.shape[1]
-    others = cells[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=last.device)[None]
+    eye = torch.eye(last.shape[1], dtype=torch.bool, device=last.device)[None]
+    others = cells[:, None, :] & ~eye
+    # a cell alone in its sub-slice keeps its own logit (its positive, then): a loss of 0, not inf
+    others |= eye & ~others.any(-1, keepdim=True)
     return logits.masked_fill(~others, float("-inf"))[cells]
 
 
