@@ -4,13 +4,16 @@ Stages are timed separately in one process: gene scale (tokenize + cell encoder)
 scale (virtual cells), SE(2) stage, and (with ``--predict``) region clustering. The
 gene-scale cache is measured too (a second ``embed`` on the same data and weights).
 
-Every figure is printed beside a baseline measured in the same run: the same weights read
-the way the previous bundled model did (one window of ``max_genes`` genes per cell,
-``gene_windows=1``), so the ratio is the cost of the pipeline settings, on the same data.
+Every figure is printed beside a baseline measured in the same run: by default the same
+weights read the way the previous bundled model did (one window of ``max_genes`` genes per
+cell, ``gene_windows=1``), so the ratio is the cost of the pipeline settings, on the same
+data; with ``--baseline scope`` the same weights with the other SE(2) attention scope
+(``all`` <-> ``neighbours``), so the ratio is the cost of the scope.
 
 Run:
     python benchmarks/bench_embed.py ../shared/data/seqfish_mouse_embryo/embryo2_z2.h5ad
     python benchmarks/bench_embed.py SLICE --checkpoint DIR --predict
+    python benchmarks/bench_embed.py SLICE --baseline scope
 Without a bundled model and without ``--checkpoint``, a randomly initialised model of the
 bundled size is used (same cost).
 """
@@ -33,6 +36,9 @@ def main():
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--predict", action="store_true", help="also predict regions (K = true region count or 7)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--baseline", choices=("windows", "scope"), default="windows",
+                    help="what the model is timed against: the same weights with one gene window per cell "
+                         "(windows) or with the other SE(2) attention scope (scope)")
     ap.add_argument("--repeats", type=int, default=2, help="alternated runs of each model (the fastest is shown)")
     args = ap.parse_args()
 
@@ -62,8 +68,19 @@ def main():
 
     from napari_stofm.model.stofm import SToFM
 
-    baseline = SToFM(model.se2, model.cell_encoder, model.vocabulary, replace(model.settings, gene_windows=1),
-                     source=model.source, readout=model.readout)
+    if args.baseline == "windows":
+        baseline = SToFM(model.se2, model.cell_encoder, model.vocabulary, replace(model.settings, gene_windows=1),
+                         source=model.source, readout=model.readout)
+        described = "gene_windows 1"
+    else:
+        import copy
+
+        se2 = copy.deepcopy(model.se2)
+        se2.config = replace(se2.config, attention_scope="all" if se2.config.attention_scope == "neighbours"
+                             else "neighbours")
+        baseline = SToFM(se2, model.cell_encoder, model.vocabulary, model.settings, source=model.source,
+                         readout=model.readout)
+        described = f"attention_scope {se2.config.attention_scope}"
     # paired and alternated (baseline, ours, baseline, ours), the faster of each pair kept:
     # a machine that slows down during the run slows both
     runs = {"ours": [], "base": []}
@@ -77,8 +94,9 @@ def main():
         print(f"{name:<34}{sec:>9.2f}{n / sec if sec > 0 else float('inf'):>10.0f}{bsec:>12.2f}"
               f"{n / bsec if bsec > 0 else float('inf'):>10.0f}{sec / bsec if bsec > 0 else float('nan'):>8.2f}")
     meta = ours["meta"]
-    print(f"settings: max_genes {model.settings.max_genes}, gene_windows {model.settings.gene_windows} "
-          f"(baseline: gene_windows 1); sub-slices {meta['n_subslices']}, virtual cells {meta['n_virtual_cells']}, "
+    print(f"settings: max_genes {model.settings.max_genes}, gene_windows {model.settings.gene_windows}, "
+          f"attention_scope {model.se2.config.attention_scope} (baseline: {described}); "
+          f"sub-slices {meta['n_subslices']}, virtual cells {meta['n_virtual_cells']}, "
           f"genes in vocabulary {meta['genes_matched']}/{meta['genes_total']}; peak RSS {peak_rss_mb():.0f} MB")
 
 
