@@ -26,7 +26,8 @@ import pandas as pd
 
 from napari_stofm.errors import StofmInputError
 from napari_stofm.heads.prediction import LabelPrediction, encode_labels
-from napari_stofm.heads.regions import neighbor_mean_operator, spatial_neighbors
+from napari_stofm.heads.regions import neighbor_mean_operator
+from napari_stofm.knn import spatial_neighbors
 
 
 class LabelHead:

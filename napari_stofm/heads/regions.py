@@ -53,10 +53,10 @@ from typing import Optional
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.spatial import cKDTree
 
 from napari_stofm.errors import StofmInputError
 from napari_stofm.heads.prediction import LabelPrediction
+from napari_stofm.knn import spatial_neighbors
 from napari_stofm.progress import CancelToken, ProgressCallback, check_cancelled, report
 
 DEFAULT_SPATIAL_WEIGHT = 0.8
@@ -265,22 +265,6 @@ def _standardised_pca(emb: np.ndarray, n_pcs: int, seed: int) -> np.ndarray:
     solver = "randomized" if z.shape[0] > 5000 else "full"
     pca = PCA(n_components=n_comp, svd_solver=solver, random_state=seed, copy=False)
     return pca.fit_transform(z).astype(np.float32)
-
-
-def spatial_neighbors(xy: np.ndarray, k: int) -> np.ndarray:
-    """(n, k) indices of each cell's k nearest other cells (self removed even among duplicates)."""
-    n = xy.shape[0]
-    tree = cKDTree(xy)
-    out = np.empty((n, k), dtype=np.int32 if n < np.iinfo(np.int32).max else np.int64)
-    for start in range(0, n, _ROW_BLOCK):  # queried by blocks: no (n, k + 1) distances held at once
-        stop = min(start + _ROW_BLOCK, n)
-        _, idx = tree.query(xy[start:stop], k=k + 1)
-        idx = idx.reshape(stop - start, k + 1)
-        is_self = idx == np.arange(start, stop)[:, None]
-        no_self = ~is_self.any(axis=1)
-        is_self[no_self, -1] = True  # self lost among duplicates: drop the farthest instead
-        out[start:stop] = idx[~is_self].reshape(stop - start, k)
-    return out
 
 
 def neighbor_mean_operator(neighbors: np.ndarray) -> sp.csr_matrix:

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 from scipy.spatial import cKDTree
 
+from napari_stofm.knn import spatial_neighbors
 from napari_stofm.model.multiscale import (
     CLS_TYPE,
     FAR_DISTANCE,
@@ -200,12 +201,7 @@ def neighbour_positives(xy: np.ndarray, rng: np.random.Generator, k: int) -> np.
     k = min(int(k), m - 1)
     if k < 1:
         return np.zeros(m, dtype=np.int64)
-    _, nbr = cKDTree(xy).query(xy, k=k + 1)
-    nbr = np.asarray(nbr).reshape(m, k + 1)
-    # the cell itself is not always first: cells at the same position tie at distance 0
-    own = nbr == np.arange(m)[:, None]
-    own[~own.any(1), -1] = True  # no self among them: the farthest goes instead
-    nbr = nbr[~own].reshape(m, k)
+    nbr = spatial_neighbors(xy, k)
     return nbr[np.arange(m), rng.integers(0, k, size=m)].astype(np.int64)
 
 

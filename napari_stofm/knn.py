@@ -1,0 +1,26 @@
+"""Each cell's nearest other cells by position: the one k-nearest-neighbour query that the
+region clustering, the neighbour-context features and the pretraining batches share. Numpy
+and scipy only (a training node without the scverse stack imports it too)."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+#: rows queried at a time: no (n, k + 1) distances of a 1M-cell slice held at once
+ROW_BLOCK = 65536
+
+
+def spatial_neighbors(xy: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) indices of each cell's k nearest other cells (self removed even among duplicates)."""
+    n = xy.shape[0]
+    tree = cKDTree(xy)
+    out = np.empty((n, k), dtype=np.int32 if n < np.iinfo(np.int32).max else np.int64)
+    for start in range(0, n, ROW_BLOCK):
+        stop = min(start + ROW_BLOCK, n)
+        _, idx = tree.query(xy[start:stop], k=k + 1)
+        idx = idx.reshape(stop - start, k + 1)
+        is_self = idx == np.arange(start, stop)[:, None]
+        no_self = ~is_self.any(axis=1)
+        is_self[no_self, -1] = True  # self lost among duplicates: drop the farthest instead
+        out[start:stop] = idx[~is_self].reshape(stop - start, k)
+    return out
