@@ -161,6 +161,11 @@ def test_niche_targets_are_the_mean_of_the_nearest_other_cells():
     np.testing.assert_allclose(out[0, 0], [0, 1, 0, 0])  # cell 0: its nearest other cell is 1
     np.testing.assert_allclose(out[0, 1], [0, 0.5, 0.5, 0])  # then 1 and 2, never itself
     np.testing.assert_allclose(out[1, 1], [0, 0.5, 0.5, 0])  # cell 3: cells 2 and 1
+    # two cells at one position: each one's niche is the other, never itself, whichever the
+    # k-d tree returns first
+    xy = np.array([[0.0, 0.0], [0.0, 0.0], [5.0, 0.0], [9.0, 0.0]])
+    out = niche_targets(xy, emb, np.array([0, 1]), (1,)) + 0.25
+    np.testing.assert_allclose(out[:, 0], [[0, 1, 0, 0], [1, 0, 0, 0]])
 
 
 def test_spatial_agreement_positives_are_near_cells_of_the_same_sub_slice(slices, monkeypatch):

@@ -13,7 +13,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import scipy.sparse as sp
 import torch
-from scipy.spatial import cKDTree
 
 from napari_stofm.knn import spatial_neighbors
 from napari_stofm.model.multiscale import (
@@ -221,8 +220,7 @@ def niche_targets(xy: np.ndarray, emb: np.ndarray, cells: np.ndarray, scales: Se
     k_max = min(int(max(scales)), xy.shape[0] - 1)
     if k_max < 1:
         return np.zeros((cells.size, len(scales), d), dtype=np.float32)
-    _, nbr = cKDTree(xy).query(xy[cells], k=k_max + 1)
-    nbr = nbr[:, 1:]  # the nearest is the cell itself
+    nbr = spatial_neighbors(xy, k_max, rows=cells)
     out = np.empty((cells.size, len(scales), d), dtype=np.float32)
     for j, k in enumerate(scales):
         k = min(int(k), k_max)
