@@ -70,6 +70,10 @@ FALLBACK_RESULTS = REPO / "benchmarks" / "results.md"
 START, END = "<!-- evaluation:start -->", "<!-- evaluation:end -->"
 
 METHODS = ["stofm", "stofm-gene", "stofm-gene+nbr", "stofm-random", "pca", "pca+nbr", "banksy"]
+#: on request only (``--methods``; in the JSON, not the card's tables): does the SE(2) output
+#: smooth better than its input ("stofm+nbr" against "stofm-gene+nbr"), and does it add to it
+#: ("stofm+gene": ``[X_stofm, X_stofm_cell]``)?
+DIAGNOSTICS = ["stofm+nbr", "stofm+gene"]
 NBR_K = 10  # "+nbr" methods: the embedding beside its mean over this many nearest cells
 N_PCS = 50
 N_HVG = 2000
@@ -439,6 +443,9 @@ class Embeddings:
             return stofm_embeddings(self.models.trained, s, self.use_cache, genes)["final"]
         if method == "stofm-gene":
             return stofm_embeddings(self.models.trained, s, self.use_cache, genes)["cell"]
+        if method == "stofm+gene":
+            both = stofm_embeddings(self.models.trained, s, self.use_cache, genes)
+            return np.hstack([both["final"], both["cell"]])
         if method == "stofm-random":
             return stofm_embeddings(self.models.random, s, self.use_cache, genes)["final"]
         if method in ("pca", "banksy"):
@@ -713,7 +720,8 @@ TASKS = [
 PER_DATASET = {("regions-kmeans", "ari"), ("regions-unsup", "ari"), ("regions-8:2", "macro_f1"),
                ("regions-cross", "macro_f1"), ("celltype-8:2", "macro_f1"), ("celltype-cross", "macro_f1")}
 METRIC_SHORT = {"ari": "ARI", "nmi": "NMI", "macro_f1": "F1", "accuracy": "acc"}
-COLUMNS = ["stofm", "stofm-gene", "stofm-gene+nbr", "stofm-random", "pca", "pca+nbr", "pca-kmeans", "banksy"]
+COLUMNS = ["stofm", "stofm-gene", "stofm-gene+nbr", "stofm-random", "pca", "pca+nbr", "pca-kmeans", "banksy",
+           *DIAGNOSTICS]  # a diagnostic column only where it was asked for
 #: the held-out slices' own rows, one per slice (the issue's per-slice verdict)
 HELD_OUT_TASKS = [("regions-kmeans", "ari", "regions, KMeans on the embedding, ARI"),
                   ("regions-unsup", "ari", "regions, RegionClusterer, ARI"),
@@ -944,7 +952,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help=f"smoke test on {', '.join(QUICK)}")
     ap.add_argument("--training-only", action="store_true",
                     help="leave the held-out slices out (A/B comparisons of a recipe: never decided on the test set)")
-    ap.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    ap.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS + DIAGNOSTICS)
     ap.add_argument("--tasks", nargs="*", default=None, metavar="TASK",
                     help="only these within-slice tasks (e.g. regions-kmeans regions-unsup celltype-8:2; "
                          "default: all, and the cross-slice ones)")

@@ -78,3 +78,21 @@ def test_means_and_card_section(ev, sample, tmp_path):
     text = card.read_text()
     assert text.count(ev.START) == 1 and "second" in text and "first" not in text and text.startswith("# Card")
     assert text.index("intro") < text.index(ev.START) < text.index("## Known limits")
+
+
+def test_diagnostic_readings_of_the_stofm_embeddings(ev, sample, monkeypatch):
+    """``stofm+gene`` is ``[X_stofm, X_stofm_cell]`` cell by cell; ``stofm+nbr`` is X_stofm beside
+    its mean over the NBR_K nearest cells; neither is in the default methods (the card's tables)."""
+    rng = np.random.default_rng(0)
+    final = rng.normal(size=(sample.n_obs, 3)).astype(np.float32)
+    cell = rng.normal(size=(sample.n_obs, 5)).astype(np.float32)
+    monkeypatch.setattr(ev, "stofm_embeddings", lambda model, s, use_cache, genes=None: {"final": final, "cell": cell})
+    emb = ev.Embeddings(models=ev.Models(trained=None, random=None, note=""), use_cache=False)
+    np.testing.assert_array_equal(emb.get("stofm+gene", sample), np.hstack([final, cell]))
+    with_nbr = emb.get("stofm+nbr", sample)
+    from napari_stofm.knn import spatial_neighbors
+
+    nearest = spatial_neighbors(sample.xy, ev.NBR_K)
+    np.testing.assert_array_equal(with_nbr[:, :3], final)
+    np.testing.assert_allclose(with_nbr[:, 3:], final[nearest].mean(axis=1), rtol=1e-5, atol=1e-6)
+    assert not set(ev.DIAGNOSTICS) & set(ev.METHODS)
